@@ -1,0 +1,244 @@
+"""Load a DiT: the embedded default, a user's local diffusers folder, or an untrained preset.
+
+``load_dit(spec)`` takes one string and returns a ``LoadedDiT`` (transformer, VAE, scheduler config,
+class names, identity). Specs:
+
+- ``"shapes-dit"`` (alias ``"embedded"``): tclab's own class-conditional DiT, trained by
+  ``tclab train-dit`` on the stand-in shapes set and shipped in ``tclab/weights/shapes-dit``. It
+  works in pixel space (32x32x3 with patch 2 -> a 16x16 token grid, the grid of DiT-XL/2 at 256 px),
+  so its "VAE" is the identity ``PixelSpaceVAE``.
+- a local folder: a full ``DiTPipeline`` layout (``transformer/``, ``vae/``, ``scheduler/``), e.g. a
+  user's copy of facebook/DiT-XL-2-256, or a transformer-only folder (``config.json`` + weights).
+- an architecture preset, named as in the DiT repo (``DiT-S/2`` ... ``DiT-XL/8``), with random
+  weights: **untrained**, for speed and FLOP studies only. ``resolution`` picks 256 or 512 px.
+
+Weights are read from safetensors (or ``torch.load(weights_only=True)``): no pickled code runs and
+nothing is downloaded (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from diffusers import DiTPipeline, DiTTransformer2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+EMBEDDED_NAME = "shapes-dit"
+EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_NAME
+NULL_CLASS = 1000  # DiTPipeline hard-codes class 1000 as the unconditional ("null") label.
+META_FILE = "tclab_model.json"
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what was found and what to pass."""
+
+
+class PixelSpaceVAE(ModelMixin, ConfigMixin):
+    """Identity 'VAE' for pixel-space DiTs, so diffusers' ``DiTPipeline`` (which always decodes
+    through ``vae.decode(latents / scaling_factor)``) runs on the embedded model unchanged."""
+
+    @register_to_config
+    def __init__(self, scaling_factor: float = 1.0, latent_channels: int = 3):
+        super().__init__()
+
+    def encode(self, x: torch.Tensor):  # pragma: no cover - symmetry with AutoencoderKL
+        return x
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        return DecoderOutput(sample=z) if return_dict else (z,)
+
+
+# ---- architecture presets (DiT paper, Table 1): name -> factory(resolution) -------------------
+
+def _dit_preset(depth: int, hidden: int, heads: int, patch: int, resolution: int = 256) -> DiTTransformer2DModel:
+    if resolution not in (256, 512):
+        raise ModelSpecError(f"preset resolution must be 256 or 512 px, got {resolution}")
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4, out_channels=8,
+        num_layers=depth, sample_size=resolution // 8, patch_size=patch, num_embeds_ada_norm=1000,
+    )
+
+
+PRESETS = {
+    f"DiT-{size}/{p}": partial(_dit_preset, depth, hidden, heads, p)
+    for size, (depth, hidden, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                         "XL": (28, 1152, 16)}.items()
+    for p in (2, 4, 8)
+}
+
+
+def embedded_transformer_config() -> dict:
+    """The embedded model's architecture: 6 blocks, width 192, 3 heads, pixel space 32x32x3, patch 2."""
+    return dict(num_attention_heads=3, attention_head_dim=64, in_channels=3, out_channels=3, num_layers=6,
+                sample_size=32, patch_size=2, num_embeds_ada_norm=NULL_CLASS)
+
+
+def default_scheduler_config() -> dict:
+    """DDIM over DiT's training noise schedule (linear betas 1e-4..0.02, 1000 steps)."""
+    return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=0, prediction_type="epsilon")
+
+
+@dataclass
+class LoadedDiT:
+    """A DiT ready to sample: transformer, decoder, scheduler config and who it is."""
+
+    name: str
+    transformer: DiTTransformer2DModel
+    vae: torch.nn.Module
+    scheduler_config: dict
+    trained: bool
+    source: str
+    class_names: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.transformer.config.sample_size
+
+    @property
+    def pixel_space(self) -> bool:
+        return isinstance(self.vae, PixelSpaceVAE)
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels (latent size times the VAE's downsampling)."""
+        if self.pixel_space:
+            return self.latent_size
+        return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        g = self.latent_size // self.transformer.config.patch_size
+        return g, g
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names else NULL_CLASS
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.transformer.config.out_channels == 2 * self.latent_channels
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents the transformer denoises."""
+        if self.pixel_space:
+            return images.to(self.transformer.dtype)
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (not clamped), exactly as DiTPipeline decodes."""
+        return self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample  # DiTPipeline's arithmetic
+
+    def pipeline(self, scheduler=None) -> DiTPipeline:
+        """This model inside diffusers' own ``DiTPipeline`` (for peers built on diffusers)."""
+        from .sampling import make_scheduler
+
+        return DiTPipeline(transformer=self.transformer, vae=self.vae,
+                           scheduler=scheduler or make_scheduler("ddim", self.scheduler_config))
+
+    def identity(self) -> dict:
+        """What a run's provenance records about the model."""
+        n = sum(p.numel() for p in self.transformer.parameters())
+        return {"name": self.name, "source": self.source, "trained": self.trained, "parameters": n,
+                "token_grid": list(self.token_grid), "blocks": len(self.transformer.transformer_blocks),
+                "resolution": self.resolution, "class_names": self.class_names,
+                "weights_sha256": self.meta.get("weights_sha256")}
+
+
+def _weights_sha(folder: Path) -> str | None:
+    import hashlib
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _is_dit_config(cfg: dict) -> bool:
+    return cfg.get("_class_name") == "DiTTransformer2DModel" or (
+        "patch_size" in cfg and "num_embeds_ada_norm" in cfg and cfg.get("norm_type", "ada_norm_zero") == "ada_norm_zero"
+    )
+
+
+def _load_transformer(folder: Path, dtype: torch.dtype) -> DiTTransformer2DModel:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ModelSpecError(f"{folder} has no config.json; expected a diffusers DiT transformer folder")
+    cfg = json.loads(cfg_path.read_text())
+    if not _is_dit_config(cfg):
+        raise ModelSpecError(f"{folder} holds a {cfg.get('_class_name', 'model of unknown class')}, not a DiT "
+                             "(DiTTransformer2DModel with patch_size and ada_norm_zero); tclab studies DiTs only")
+    if not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")):
+        raise ModelSpecError(f"{folder} has a DiT config but no weights (*.safetensors or *.bin)")
+    # use_safetensors=None: prefer safetensors; .bin files are read by diffusers with weights_only=True.
+    return DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+
+
+def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedDiT:
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+    if (path / "model_index.json").exists() or (path / "transformer").is_dir():
+        tdir = path / "transformer"
+        if not tdir.is_dir():
+            raise ModelSpecError(f"{path} has model_index.json but no transformer/ folder; is it a DiT pipeline?")
+        transformer = _load_transformer(tdir, dtype)
+        if (path / "vae").is_dir():
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+        else:
+            vae = PixelSpaceVAE(latent_channels=transformer.config.in_channels)
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        sched = json.loads(sched_file.read_text()) if sched_file.exists() else default_scheduler_config()
+        wsha = _weights_sha(tdir)
+    else:
+        transformer = _load_transformer(path, dtype)
+        if transformer.config.in_channels == 4:
+            raise ModelSpecError(f"{path} is a transformer-only folder of a latent DiT (4 channels) with no VAE; "
+                                 "pass the full DiTPipeline folder (with vae/) so samples can be decoded")
+        vae = PixelSpaceVAE(latent_channels=transformer.config.in_channels)
+        sched, wsha = default_scheduler_config(), _weights_sha(path)
+    class_names = meta.get("class_names")
+    if class_names is None and (path / "model_index.json").exists():
+        idx = json.loads((path / "model_index.json").read_text())
+        if isinstance(idx.get("id2label"), dict):
+            class_names = [idx["id2label"][k] for k in sorted(idx["id2label"], key=int)]
+    transformer.eval().requires_grad_(False)
+    return LoadedDiT(name=name or path.name, transformer=transformer, vae=vae.eval(), scheduler_config=sched,
+                     trained=True, source=str(path), class_names=class_names, meta={**meta, "weights_sha256": wsha})
+
+
+def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtype = torch.float32,
+             seed: int = 0) -> LoadedDiT:
+    """Load a DiT by spec (see the module docstring). ``resolution`` and ``seed`` apply to presets."""
+    if spec in (EMBEDDED_NAME, "embedded", "default"):
+        if not (EMBEDDED_DIR / "transformer").is_dir():
+            raise ModelSpecError(f"the embedded model is missing from {EMBEDDED_DIR}; reinstall tclab or "
+                                 "rebuild it with `tclab train-dit`")
+        return _load_folder(EMBEDDED_DIR, dtype, name=EMBEDDED_NAME)
+    if spec in PRESETS:
+        torch.manual_seed(seed)
+        transformer = PRESETS[spec](resolution=resolution).to(dtype).eval().requires_grad_(False)
+        return LoadedDiT(name=f"{spec}@{resolution}", transformer=transformer,
+                         vae=PixelSpaceVAE(latent_channels=4), scheduler_config=default_scheduler_config(),
+                         trained=False, source=f"preset {spec} (random weights, seed {seed}; UNTRAINED)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    presets = ", ".join(PRESETS)
+    raise ModelSpecError(f"model spec {spec!r} is neither {EMBEDDED_NAME!r}, a preset ({presets}), "
+                         "nor an existing local folder")

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from tclab.sampling import SampleConfig, current_step, make_scheduler, sample
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_matches_diffusers_dit_pipeline(latent_dit, scheduler, guidance):
+    """With nothing attached, tclab's loop reproduces DiTPipeline exactly (same seed, scheduler, CFG)."""
+    labels = [3, 7, 1]
+    pipe = latent_dit.pipeline(make_scheduler(scheduler, latent_dit.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=6,
+               generator=torch.Generator().manual_seed(5), output_type="np").images  # (N, H, W, 3) in [0, 1]
+    ours = sample(latent_dit, labels, SampleConfig(num_steps=6, scheduler=scheduler, guidance_scale=guidance,
+                                                   seed=5), progress=False)
+    ours01 = (ours.images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the pipeline's own mapping
+    assert ours01.shape == ref.shape
+    np.testing.assert_array_equal(ours01, ref)
+
+
+def test_step_context_seen_by_transformer(pixel_dit):
+    seen = []
+    pixel_dit.transformer.register_forward_pre_hook(lambda m, a: seen.append(current_step()))
+    res = sample(pixel_dit, [0, 1], SampleConfig(num_steps=4, guidance_scale=2.0), progress=False)
+    assert [c.step for c in seen] == [0, 1, 2, 3]
+    assert [c.t for c in seen] == res.timesteps and res.timesteps[0] > res.timesteps[-1]
+    assert all(c.cfg and c.batch == 2 and c.num_steps == 4 for c in seen)
+    assert len({c.run_id for c in seen}) == 1
+    assert current_step() is None
+
+
+def test_batching_does_not_change_samples(pixel_dit):
+    a = sample(pixel_dit, [0, 1, 2, 0, 1], SampleConfig(num_steps=3, batch_size=5), progress=False)
+    b = sample(pixel_dit, [0, 1, 2, 0, 1], SampleConfig(num_steps=3, batch_size=2), progress=False)
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+
+
+def test_sdedit_runs_the_tail_of_the_trajectory(pixel_dit):
+    images = torch.zeros(2, 3, 8, 8)
+    res = sample(pixel_dit, [0, 1], SampleConfig(num_steps=10, sdedit_strength=0.3), init_images=images,
+                 progress=False)
+    assert len(res.timesteps) == 3 and res.timesteps[0] < 999 * 0.35
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler"])
+def test_schedulers_run(pixel_dit, scheduler):
+    res = sample(pixel_dit, [2], SampleConfig(num_steps=3, scheduler=scheduler), progress=False)
+    assert torch.isfinite(res.images).all() and res.images.shape == (1, 3, 8, 8)
+
+
+def test_bad_labels_and_config_are_refused(pixel_dit):
+    with pytest.raises(ValueError, match="out of range"):
+        sample(pixel_dit, [5], SampleConfig(num_steps=2), progress=False)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        SampleConfig(scheduler="heun")
