@@ -24,6 +24,96 @@ def _cmd_train_dit(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .runs import ParameterError, RunFailedError, load_parameters, run_notebook
+
+    try:
+        params = load_parameters(a.params_file, a.param)
+        out = run_notebook(a.notebook, params, reports_dir=a.reports, tag=a.tag)
+    except (ParameterError, FileNotFoundError) as e:
+        print(f"tclab run: {e}", file=sys.stderr)
+        return 2
+    except RunFailedError as e:
+        print(f"tclab run: {e}", file=sys.stderr)
+        print(e.run_dir)
+        return 1
+    print(out)
+    return 0
+
+
+def _cmd_train_classifier(a: argparse.Namespace) -> int:
+    from .classifier import ClassifierConfig, train_classifier
+    from .data import load_image_folder
+
+    train = load_image_folder(a.images, a.resolution, progress=True)
+    val = load_image_folder(a.val_images, a.resolution) if a.val_images else None
+    clf = train_classifier(train, val, ClassifierConfig(epochs=a.epochs, seed=a.seed))
+    print(f"held-out accuracy: {clf.val_accuracy}" if val else "no validation set given")
+    print(clf.save(a.out))
+    return 0
+
+
+def _cmd_check_images(a: argparse.Namespace) -> int:
+    from .data import ImageSetError, load_image_folder
+
+    try:
+        s = load_image_folder(a.folder, a.resolution, min_side=a.min_side, progress=True)
+    except ImageSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = s.summary()
+    print(f"{info['usable']} usable images in {info['root']}, {info['skipped']} skipped")
+    for name, n in info["per_class"].items():
+        print(f"  {name:20s} {n}")
+    for bad in s.skipped:
+        print(f"  skipped {bad.path}: {bad.reason}")
+    print(f"manifest sha256 {info['manifest_sha256']}")
+    if a.manifest:
+        s.manifest().to_csv(a.manifest, index=False)
+        print(f"manifest written to {a.manifest}")
+    return 0
+
+
+def _cmd_flops(a: argparse.Namespace) -> int:
+    from .metrics import PAPER_GMACS, transformer_forward_flops
+    from .models import load_dit
+
+    m = load_dit(a.model, resolution=a.resolution)
+    fc = transformer_forward_flops(m.transformer)
+    print(f"{m.name}: {fc.gmacs:.2f} GMACs = {fc.gflops:.2f} GFLOPs per forward of one image "
+          f"({m.token_grid[0]}x{m.token_grid[1]} tokens, {len(m.transformer.transformer_blocks)} blocks)")
+    for op, n in sorted(fc.by_op.items(), key=lambda kv: -kv[1]):
+        print(f"  {op:55s} {n / 2e9:10.3f} GMACs")
+    paper = PAPER_GMACS.get((a.model, a.resolution))
+    if paper is not None:
+        print(f"DiT paper (Table 4): {paper} GMACs -> difference {100 * (fc.gmacs / paper - 1):+.2f}%")
+    return 0
+
+
+def _sample_config(a: argparse.Namespace):
+    from .sampling import SampleConfig
+
+    return SampleConfig(num_steps=a.steps, scheduler=a.scheduler, guidance_scale=a.guidance, seed=a.seed,
+                        batch_size=a.batch_size)
+
+
+def _cmd_sample(a: argparse.Namespace) -> int:
+    from .evaluate import sample_grid
+
+    out = sample_grid(a.model, _sample_config(a), a.num_samples, a.out)
+    print(out)
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_class_consistency
+
+    result = evaluate_class_consistency(a.model, _sample_config(a), a.num_samples, a.out, a.classifier)
+    print(json.dumps({k: result[k] for k in ("class_consistency", "per_class", "seconds")}, indent=2))
+    print(result["out"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tclab", description="Token caching workbench for diffusion transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,6 +133,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=_cmd_train_dit)
+
+    s = sub.add_parser("run", help="execute a parameterised notebook into a new reports/ run folder")
+    s.add_argument("notebook", help="the .ipynb to execute (its 'parameters' cell defines the valid names)")
+    s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set a parameter; VALUE is read as YAML (10 -> int, true -> bool, text -> str)")
+    s.add_argument("-f", "--params-file", help="YAML mapping of parameters (e.g. notebooks/params/smoke.yaml); -p wins")
+    s.add_argument("--reports", help="folder for run folders and index.html (default: reports/ at the project root)")
+    s.add_argument("--tag", help="short name for this setting (default: a hash of the parameters)")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("train-classifier", help="train the class-consistency classifier on real images")
+    s.add_argument("--images", default="data/shapes-train")
+    s.add_argument("--val-images", default="data/shapes")
+    s.add_argument("--resolution", type=int, default=32)
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="tclab/weights/shapes-classifier.safetensors")
+    s.set_defaults(func=_cmd_train_classifier)
+
+    s = sub.add_parser("check-images", help="validate an image folder; exit 2 when nothing is usable")
+    s.add_argument("folder")
+    s.add_argument("--resolution", type=int, default=32, help="preprocessing size (does not affect checks)")
+    s.add_argument("--min-side", type=int, default=16, help="smaller images are skipped as too small")
+    s.add_argument("--manifest", help="also write the manifest (path, class, size, sha256) to this CSV")
+    s.set_defaults(func=_cmd_check_images)
+
+    s = sub.add_parser("flops", help="FLOPs of one transformer forward, counted on what runs")
+    s.add_argument("model", help="'shapes-dit', a preset such as DiT-XL/2, or a local diffusers folder")
+    s.add_argument("--resolution", type=int, default=256, choices=(256, 512), help="for presets")
+    s.set_defaults(func=_cmd_flops)
+
+    for name, func, helptext in (("sample", _cmd_sample, "sample a class-balanced grid and save it"),
+                                 ("evaluate", _cmd_evaluate, "class-consistency of generated samples")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--model", default="shapes-dit")
+        s.add_argument("--num-samples", type=int, default=256 if name == "evaluate" else 48)
+        s.add_argument("--steps", type=int, default=50)
+        s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"))
+        s.add_argument("--guidance", type=float, default=4.0)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--out", default=f"reports/{name}")
+        if name == "evaluate":
+            s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one)")
+        s.set_defaults(func=func)
     return p
 
 

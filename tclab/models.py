@@ -232,7 +232,10 @@ def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtyp
         return _load_folder(EMBEDDED_DIR, dtype, name=EMBEDDED_NAME)
     if spec in PRESETS:
         torch.manual_seed(seed)
-        transformer = PRESETS[spec](resolution=resolution).to(dtype).eval().requires_grad_(False)
+        transformer = PRESETS[spec](resolution=resolution)
+        if dtype != torch.float32:
+            transformer = transformer.to(dtype)
+        transformer.eval().requires_grad_(False)
         return LoadedDiT(name=f"{spec}@{resolution}", transformer=transformer,
                          vae=PixelSpaceVAE(latent_channels=4), scheduler_config=default_scheduler_config(),
                          trained=False, source=f"preset {spec} (random weights, seed {seed}; UNTRAINED)")

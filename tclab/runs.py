@@ -1,0 +1,860 @@
+"""Run folders: execute a parameterised notebook into a self-describing, never-overwritten folder.
+
+Every experiment in tclab ends up as one folder under ``reports/``::
+
+    reports/
+      index.html                                   # all runs, newest first (rewritten after every run)
+      20250614T103015Z_01_token_changes_smoke/     # <UTC start>_<notebook stem>_<tag>
+        01_token_changes.ipynb                     # the executed notebook (outputs included)
+        report.html                                # the same, rendered without code cells
+        params.yaml                                # every parameter the run used (defaults + overrides)
+        provenance.json                            # who/what/when: versions, git commit, host, times
+        summary.json                               # written by the notebook: headline numbers, identity
+        *.png, *.csv, ...                          # figures and data the notebook wrote
+      20250614T104500Z_01_token_changes_smoke_FAILED/   # a run whose notebook raised
+        error.txt                                  # the exception, plain text
+        ...                                        # whatever it wrote before it failed
+
+Two ways to make a run folder:
+
+* ``tclab run NOTEBOOK -p NAME VALUE`` (or :func:`run_notebook`) executes the notebook with
+  papermill. The folder is built aside in ``reports/.staging/`` and renamed into place only when
+  the notebook finished, so ``reports/`` never holds half a run, a good run is never overwritten,
+  and a failure becomes a clearly marked ``*_FAILED`` folder.
+* "Run All" in JupyterLab: the notebook's ``run_dir`` parameter is ``None``, so
+  :func:`open_run` makes a fresh ``reports/<time>_<stem>_interactive/`` folder itself.
+
+How a notebook cooperates (the cells, in order; see also ``docs`` and the house style)::
+
+    # [cell tagged "parameters"] only literals; names equal config field names
+    run_dir = None          # papermill injects the run folder here; None = make one (interactive)
+    num_steps = 10
+
+    # [setup cell]
+    from tclab import runs
+    run = runs.open_run(run_dir)
+
+    # [plots] any matplotlib figure
+    run.save_figure(fig, "token_changes")          # -> <run>/token_changes.png
+
+    # [data] any file, by name inside the run folder
+    frame.to_csv(run.path("changes.csv"))
+
+    # [last cell] headline numbers show in reports/index.html; identity goes to provenance.json
+    run.write_summary({"headline": {"psnr": psnr, "speedup": speedup},
+                       "identity": {"images_manifest_sha256": manifest_hash}})
+
+Nothing here runs at import time; papermill and nbconvert are imported only when a notebook is
+executed or rendered.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import datetime as _dt
+import difflib
+import hashlib
+import html
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import yaml
+
+__all__ = [
+    "RUN_DIR_PARAMETER", "STAGING_DIRNAME", "FAILED_SUFFIX", "REPORT_NAME",
+    "ParameterError", "RunFailedError", "RunContext", "RunInfo",
+    "notebook_parameters", "validate_parameters", "parse_parameter_value", "load_parameters",
+    "parameters_hash", "run_notebook", "open_run", "provenance", "environment", "git_state",
+    "list_runs", "write_index", "render_html",
+]
+
+#: The parameter papermill injects to tell a notebook which folder it writes into.
+RUN_DIR_PARAMETER = "run_dir"
+#: Runs are assembled in ``<reports>/.staging/<name>/`` and renamed into place when complete.
+STAGING_DIRNAME = ".staging"
+#: Suffix of the folder a failed run leaves behind.
+FAILED_SUFFIX = "_FAILED"
+#: The code-free HTML rendering of the executed notebook, inside each run folder.
+REPORT_NAME = "report.html"
+#: Packages whose versions every provenance.json records (read from metadata, never imported).
+KEY_PACKAGES = ("torch", "diffusers", "numpy", "papermill", "nbformat", "nbconvert", "matplotlib",
+                "pandas", "pyyaml")
+
+_TIME_FORMAT = "%Y%m%dT%H%M%SZ"   # sorts lexically in time order, safe in file names
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# YAML 1.1 reads "1e-3" as a string (it wants "1.0e-3"); people typing -p lr 1e-3 mean a float.
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ParameterError(ValueError):
+    """A parameter name or value the notebook cannot take; raised before anything runs."""
+
+
+class RunFailedError(RuntimeError):
+    """The notebook raised. ``run_dir`` is the ``*_FAILED`` folder holding ``error.txt``."""
+
+    def __init__(self, message: str, run_dir: Path):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+def _read_notebook(notebook: str | os.PathLike):
+    import nbformat
+
+    path = Path(notebook)
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {str(path)!r} not found; give the path to an .ipynb file")
+    return nbformat.read(path, as_version=4)
+
+
+def _parameters_cell(nb, where: str):
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise ParameterError(
+            f"{where} has no cell tagged 'parameters'. Put the run's knobs (literals only, and "
+            f"'{RUN_DIR_PARAMETER} = None') in one code cell and give it the tag 'parameters' "
+            "(JupyterLab: property inspector > Cell Tags).")
+    if len(cells) > 1:
+        raise ParameterError(f"{where} has {len(cells)} cells tagged 'parameters'; keep exactly one")
+    return cells[0]
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any]:
+    """The notebook's parameters and their defaults, in the order its ``parameters`` cell sets them.
+
+    The cell tagged ``parameters`` is the contract between a notebook and ``tclab run``: the names
+    it assigns are the only names ``-p``/``-f`` may set, and its values are the defaults. House
+    style says it holds only literals (numbers, strings, booleans, ``None``, lists, tuples, dicts),
+    so the defaults are read with :func:`ast.literal_eval` without running anything. The result
+    includes ``run_dir``, which every cooperating notebook must declare (``run_dir = None``).
+
+    Raises :class:`ParameterError` if there is no such cell, if it is not plain Python, if it does
+    something other than assign literals to names, or if it lacks ``run_dir``.
+    """
+    where = f"notebook {str(notebook)!r}"
+    cell = _parameters_cell(_read_notebook(notebook), where)
+    try:
+        tree = ast.parse(cell.source)
+    except SyntaxError as e:
+        raise ParameterError(f"the parameters cell of {where} is not valid Python: {e}") from None
+    out: dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            name, value = stmt.targets[0].id, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+            name, value = stmt.target.id, stmt.value
+        else:
+            raise ParameterError(
+                f"the parameters cell of {where} line {stmt.lineno} is not 'name = literal': "
+                f"{ast.get_source_segment(cell.source, stmt)!r}. Keep only literal assignments there "
+                "and move computation to the next cell.")
+        try:
+            out[name] = ast.literal_eval(value)
+        except ValueError:
+            raise ParameterError(
+                f"parameter {name!r} in {where} has a non-literal default "
+                f"{ast.get_source_segment(cell.source, value)!r}; use a literal (number, string, "
+                "bool, None, list, dict) and derive other values in a later cell.") from None
+    if RUN_DIR_PARAMETER not in out:
+        raise ParameterError(
+            f"{where} does not declare '{RUN_DIR_PARAMETER}' in its parameters cell; add "
+            f"'{RUN_DIR_PARAMETER} = None' there and open the run with "
+            f"'run = runs.open_run({RUN_DIR_PARAMETER})' so tclab can tell it where to write.")
+    return out
+
+
+def validate_parameters(params: Mapping[str, Any], valid: Iterable[str], notebook: str = "the notebook") -> None:
+    """Refuse any name in ``params`` that the notebook's parameters cell does not define.
+
+    Papermill itself would inject an unknown name silently and the notebook would ignore it, so
+    a typo (``num_step``) would run the default and look like a result. ``run_dir`` is refused
+    too: tclab sets it. The error lists the valid names and the nearest match.
+    """
+    valid = [v for v in valid if v != RUN_DIR_PARAMETER]
+    if RUN_DIR_PARAMETER in params:
+        raise ParameterError(f"'{RUN_DIR_PARAMETER}' is set by tclab run (the run folder); do not pass it")
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParameterError(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)} for {notebook}; "
+            f"its parameters cell defines: {', '.join(valid) or '(none)'}")
+
+
+def parse_parameter_value(text: str) -> Any:
+    """Read a ``-p NAME VALUE`` value as a YAML scalar, the way papermill's ``-y`` would.
+
+    ``10`` -> int, ``0.5`` and ``1e-3`` -> float, ``true``/``false`` -> bool, ``null`` -> None,
+    ``[1, 2]`` -> list, ``shapes-dit`` -> str. Quote to force a string: ``-p name "'10'"``.
+    An empty value stays the empty string (write ``null`` for None); YAML dates stay strings.
+    """
+    if text == "":
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _SCI_FLOAT.fullmatch(text.strip()):
+        return float(text)
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        return text
+    return value
+
+
+def load_parameters(param_file: str | os.PathLike | None = None,
+                    overrides: Iterable[tuple[str, str]] = ()) -> dict[str, Any]:
+    """Merge a YAML parameter file (``-f``) and ``-p NAME VALUE`` pairs; ``-p`` wins.
+
+    The file must hold a mapping ``name: value`` (the presets in ``notebooks/params/*.yaml``).
+    The result holds only what was asked for; the notebook's defaults fill the rest at run time.
+    """
+    merged: dict[str, Any] = {}
+    if param_file is not None:
+        path = Path(param_file)
+        if not path.is_file():
+            raise ParameterError(f"parameter file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ParameterError(f"parameter file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ParameterError(f"parameter file {str(path)!r} must hold a mapping 'name: value', "
+                                 f"got a {type(loaded).__name__}")
+        merged.update({str(k): v for k, v in loaded.items()})
+    for name, text in overrides:
+        merged[name] = parse_parameter_value(text)
+    return merged
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, so YAML/JSON/hashes see plain data."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def parameters_hash(params: Mapping[str, Any], length: int = 8) -> str:
+    """A short, stable hash of a parameter set: the default tag, so equal settings group together."""
+    canon = json.dumps(_plain(dict(params)), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:length]
+
+
+def _safe_name(text: str, what: str, max_len: int = 40) -> str:
+    clean = _NAME_UNSAFE.sub("-", str(text)).strip("-._")[:max_len]
+    if not clean:
+        raise ParameterError(f"{what} {text!r} has no usable characters; use letters, digits, '-', '_' or '.'")
+    return clean
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------------
+
+def _utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _iso(t: _dt.datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Commit and dirtiness of the git checkout holding ``path`` (default: the tclab sources).
+
+    ``dirty`` counts untracked files too: an uncommitted new module changes what ran. Uses
+    ``--no-optional-locks`` so it never contends with someone committing. ``None`` outside git.
+    """
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(where), *args], capture_output=True,
+                              text=True, timeout=20, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain")
+        root = git("rev-parse", "--show-toplevel")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    changed = [line for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": bool(changed), "changed_files": len(changed), "repo": root}
+
+
+def environment() -> dict[str, Any]:
+    """Where this Python process runs: interpreter, platform, host, and :data:`KEY_PACKAGES` versions."""
+    from . import __version__
+
+    return {
+        "tclab_version": __version__,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "packages": {name: _package_version(name) for name in KEY_PACKAGES},
+    }
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """A provenance record for this process: :func:`environment` plus :func:`git_state` plus ``extra``.
+
+    :func:`run_notebook` adds notebook, parameters, times, status and the ``identity`` block the
+    notebook put in summary.json; the environment is the kernel's when the notebook opened its run
+    (the kernel is what ran the code), else the runner's.
+    """
+    env = environment()
+    return {"tclab_version": env["tclab_version"], "git": git_state(), "hostname": env["hostname"],
+            "environment": env, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# The notebook side: RunContext
+# --------------------------------------------------------------------------------------------
+
+_KERNEL_ENV_FILE = ".kernel_environment.json"   # written by open_run under papermill, merged + removed
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):        # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    if isinstance(obj, (Path, _dt.date, _dt.datetime)):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable; convert it to numbers, strings, "
+                    "lists or dicts before writing it to summary.json")
+
+
+# provenance.json reads best with the run's identity first and the long environment block last.
+_PROVENANCE_ORDER = ("status", "run", "mode", "notebook", "notebook_sha256", "tag", "tag_source", "parameters",
+                     "overrides", "start_utc", "end_utc", "duration_s", "error", "identity", "tclab_version",
+                     "hostname", "git")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    if path.name == "provenance.json":
+        obj = {**{k: obj[k] for k in _PROVENANCE_ORDER if k in obj}, **obj}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunContext:
+    """The run folder as a notebook sees it. Get one from :func:`open_run`.
+
+    ``dir`` is where everything goes. Under ``tclab run`` it is the staging folder, which is
+    renamed when the notebook ends, so refer to files by name (``run.path("x.csv")``) rather than
+    storing absolute paths in results. ``managed`` is True under ``tclab run`` and False for a run
+    folder the notebook made itself (JupyterLab "Run All").
+    """
+
+    dir: Path
+    managed: bool
+    notebook: str | None = None
+    reports_dir: Path | None = None
+    figures: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def path(self, name: str) -> Path:
+        """The path of file ``name`` inside the run folder (sub-folders are created).
+
+        Refuses absolute names and names that climb out with ``..``: everything a run writes stays
+        in its folder, which is what makes the folder self-describing.
+        """
+        p = Path(name)
+        if p.is_absolute() or ".." in p.parts or not p.parts:
+            raise ValueError(f"run file name {name!r} must be relative and stay inside the run folder, "
+                             "e.g. 'changes.csv' or 'figures/step_10.png'")
+        out = self.dir / p
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def save_figure(self, fig, name: str, dpi: int = 120) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` in the run folder and return the path.
+
+        The figure is not closed, so it still displays in the notebook (and so in report.html).
+        """
+        if Path(name).suffix.lower() not in ("", ".png"):
+            raise ValueError(f"figure name {name!r}: figures are saved as PNG; drop the suffix or use .png")
+        out = self.path(name if name.lower().endswith(".png") else name + ".png")
+        fig.savefig(out, dpi=dpi, bbox_inches="tight")
+        self.figures.append(out.name)
+        return out
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """Write ``summary.json``: the run's results in one small, machine-readable file.
+
+        Two keys have a meaning to tclab (everything else is yours):
+
+        * ``headline``: a flat dict of the few numbers (or short strings) that answer the
+          notebook's question; ``reports/index.html`` shows them and their change since the
+          previous run of the same notebook and tag.
+        * ``identity``: what pins the inputs beyond the parameters (an image-set manifest hash,
+          the weights' hash); copied into provenance.json.
+
+        numpy scalars/arrays are converted; other non-JSON values raise with a hint.
+        """
+        if not isinstance(summary, Mapping):
+            raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
+        summary = dict(summary)
+        for key in ("headline", "identity"):
+            if key in summary and not isinstance(summary[key], Mapping):
+                raise TypeError(f"summary[{key!r}] must be a dict of name -> value, got {type(summary[key]).__name__}")
+        headline = _plain(summary.get("headline", {}))
+        bad = [k for k, v in headline.items() if not isinstance(v, (int, float, str, bool, type(None)))]
+        if bad:
+            raise TypeError(f"headline values must be single numbers or short strings; {bad} are not. "
+                            "Put tables and arrays elsewhere in the summary or in a data file.")
+        if self.figures and "figures" not in summary:
+            summary["figures"] = list(self.figures)
+        out = self.path("summary.json")
+        _write_json(out, summary)
+        if not self.managed:   # nobody else will finish this folder's provenance: do it here
+            prov_path = self.dir / "provenance.json"
+            prov = json.loads(prov_path.read_text()) if prov_path.is_file() else provenance()
+            end = _utc_now()
+            prov.update(status="ok", end_utc=_iso(end), identity=summary.get("identity", {}))
+            _write_json(prov_path, prov)
+            if self.reports_dir is not None:
+                write_index(self.reports_dir)
+        return out
+
+
+def _find_reports_dir(start: Path | None = None) -> Path:
+    """``reports/`` at the project root: the nearest folder up from ``start`` with pyproject.toml or .git."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
+            return d / "reports"
+    return here / "reports"
+
+
+def _interactive_notebook_name() -> str | None:
+    # jupyter_server >= 2 tells the kernel which notebook it serves; VS Code sets a global.
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    if session.endswith(".ipynb"):
+        return session
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        if ip is not None and ip.user_ns.get("__vsc_ipynb_file__"):
+            return str(ip.user_ns["__vsc_ipynb_file__"])
+    except ImportError:
+        pass
+    return None
+
+
+def open_run(run_dir: str | os.PathLike | None = None, *, notebook: str | None = None,
+             params: Mapping[str, Any] | None = None, reports_dir: str | os.PathLike | None = None,
+             tag: str = "interactive") -> RunContext:
+    """Open the run folder a notebook writes into; call it once, right after the parameters.
+
+    Under ``tclab run``, ``run_dir`` is the folder papermill injected: it exists, and tclab writes
+    params.yaml, provenance.json and report.html around what the notebook writes.
+
+    Run by hand (``run_dir`` is ``None`` or ``""``), it makes a new folder
+    ``<reports>/<UTC time>_<notebook stem>_<tag>/`` (``reports`` at the project root, found by
+    walking up from the working directory to pyproject.toml or .git) and writes provenance.json
+    there itself; :meth:`RunContext.write_summary` completes it and refreshes index.html. The
+    notebook's name comes from ``notebook=`` or from Jupyter; its parameters are read from the
+    saved notebook file unless you pass ``params=`` (unsaved edits to the cell are not seen).
+    Such a folder is not staged: one that never reached write_summary shows as "running".
+    """
+    if run_dir not in (None, ""):
+        d = Path(run_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"run_dir {str(d)!r} does not exist; leave run_dir = None when running "
+                                    "the notebook by hand and a fresh folder is made under reports/")
+        # Record the kernel's own environment: it, not the tclab run process, executes the code.
+        _write_json(d / _KERNEL_ENV_FILE, environment())
+        return RunContext(dir=d, managed=True)
+
+    nb_path = notebook or _interactive_notebook_name()
+    stem = _safe_name(Path(nb_path).stem, "notebook name") if nb_path else "notebook"
+    reports = Path(reports_dir) if reports_dir is not None else _find_reports_dir()
+    start = _utc_now()
+    d = _unique_path(reports / f"{start.strftime(_TIME_FORMAT)}_{stem}_{_safe_name(tag, 'tag')}")
+    d.mkdir(parents=True)
+    if params is None and nb_path and Path(nb_path).is_file():
+        with contextlib.suppress(ParameterError):
+            params = notebook_parameters(nb_path)
+    used = {k: v for k, v in (params or {}).items() if k != RUN_DIR_PARAMETER}
+    (d / "params.yaml").write_text(yaml.safe_dump(_plain(used), sort_keys=False))
+    _write_json(d / "provenance.json", provenance(
+        status="running", mode="interactive", run=d.name, notebook=nb_path, tag=tag,
+        parameters=_plain(used), start_utc=_iso(start), end_utc=None))
+    return RunContext(dir=d, managed=False, notebook=nb_path, reports_dir=reports)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner side: run_notebook
+# --------------------------------------------------------------------------------------------
+
+def _unique_path(p: Path) -> Path:
+    """``p``, or ``p-2``, ``p-3``... whichever does not exist yet: a run never lands on another."""
+    if not p.exists():
+        return p
+    i = 2
+    while p.with_name(f"{p.name}-{i}").exists():
+        i += 1
+    return p.with_name(f"{p.name}-{i}")
+
+
+@contextlib.contextmanager
+def _kernel_imports_this_tclab() -> Iterator[None]:
+    """Let the kernel import the same tclab as this process, even if tclab is not installed.
+
+    The kernel is a separate process started with a copy of ``os.environ`` and its working
+    directory set to the notebook's folder, so a source checkout on ``sys.path`` here is invisible
+    there. Prepending the checkout to PYTHONPATH while the kernel starts fixes that; the variable
+    is restored afterwards so nothing leaks into the caller.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root if not old else root + os.pathsep + old
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _error_text(exc: BaseException) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        head = f"{exc.ename}: {exc.evalue}\n\nraised in cell {exc.cell_index} (execution count {exc.exec_count}):\n"
+        body = "\n".join(_ANSI.sub("", line) for line in exc.traceback)
+        return f"{head}{exc.source}\n\n{body}\n"
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _summary_line(exc: BaseException) -> str:
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    return f"{ename}: {evalue}".strip()
+
+
+def render_html(executed: str | os.PathLike, out: str | os.PathLike, title: str | None = None,
+                params: Mapping[str, Any] | None = None, overridden: Iterable[str] = ()) -> Path:
+    """Render an executed notebook to HTML without code cells (the readable report).
+
+    Markdown and outputs stay; code inputs and prompts go (nbconvert ``exclude_input=True``). If
+    ``params`` is given, a short parameters list is put at the top (names in ``overridden`` marked
+    "set for this run"), so the report stands alone.
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    if params is not None:
+        overridden = set(overridden)
+        lines = "\n".join(f"- `{k}` = `{v!r}`" + (" (set for this run)" if k in overridden else "")
+                          for k, v in params.items()) or "- (none)"
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"**Run** `{title or ''}`\n\n**Parameters**\n\n{lines}"))
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or Path(executed).stem}})
+    out = Path(out)
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None,
+                 reports_dir: str | os.PathLike | None = None, tag: str | None = None, *,
+                 kernel_name: str | None = None, progress_bar: bool = True) -> Path:
+    """Execute ``notebook`` with ``params`` into a new run folder; return the folder's path.
+
+    Steps: read the notebook's parameters cell and refuse unknown names (nothing is created if
+    that fails); build ``<reports>/.staging/<UTC time>_<stem>_<tag>/`` with params.yaml (defaults
+    merged with ``params``); execute with papermill, injecting ``params`` plus ``run_dir`` (the
+    staging folder) and using the notebook's own folder as working directory, exactly as in
+    JupyterLab; render report.html; write provenance.json; rename the folder into ``reports/``;
+    rewrite ``reports/index.html``.
+
+    ``reports_dir`` defaults to ``reports/`` at the project root (the nearest folder up from the
+    working directory holding pyproject.toml or .git), the same folder :func:`open_run` uses when
+    the notebook is run by hand. ``tag`` names the setting for humans (``smoke``, ``paper-fig3``); without it a short hash of
+    the merged parameters is used, so runs with equal settings share a tag and index.html can
+    show how their headline numbers moved between runs.
+
+    If the notebook raises, the folder becomes ``<name>_FAILED`` with ``error.txt`` and the
+    partially executed notebook, index.html lists it, and :class:`RunFailedError` is raised with
+    ``run_dir`` set. Earlier runs are never touched.
+    """
+    import papermill as pm
+
+    notebook = Path(notebook)
+    params = dict(params or {})
+    defaults = notebook_parameters(notebook)
+    validate_parameters(params, defaults, notebook=f"notebook {str(notebook)!r}")
+    used = {k: v for k, v in defaults.items() if k != RUN_DIR_PARAMETER}
+    used.update(params)
+    used = _plain(used)
+    if tag is not None:
+        tag_name, tag_source = _safe_name(tag, "tag"), "given"
+    else:
+        tag_name, tag_source = parameters_hash(used), "parameters-hash"
+    stem = _safe_name(notebook.stem, "notebook name", max_len=80)
+    if kernel_name is None:
+        kernel_name = _read_notebook(notebook).metadata.get("kernelspec", {}).get("name") or "python3"
+
+    reports = Path(reports_dir) if reports_dir is not None else _find_reports_dir()
+    start = _utc_now()
+    name = f"{start.strftime(_TIME_FORMAT)}_{stem}_{tag_name}"
+    staging = _unique_path(reports / STAGING_DIRNAME / name)
+    staging.mkdir(parents=True)
+    staging = staging.resolve()
+    (staging / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+    executed = staging / f"{stem}.ipynb"
+    prov = provenance(
+        status="running", mode="tclab run", run=name, notebook=str(notebook.resolve()),
+        notebook_sha256=hashlib.sha256(notebook.read_bytes()).hexdigest(), tag=tag_name, tag_source=tag_source,
+        parameters=used, overrides=_plain(params), kernel_name=kernel_name, start_utc=_iso(start), end_utc=None,
+        argv=list(sys.argv))
+    prov["environment_source"] = "runner"
+
+    error: BaseException | None = None
+    try:
+        with _kernel_imports_this_tclab():
+            pm.execute_notebook(str(notebook), str(executed), parameters={**params, RUN_DIR_PARAMETER: str(staging)},
+                                kernel_name=kernel_name, progress_bar=progress_bar, cwd=str(notebook.resolve().parent))
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed
+        error = e
+    end = _utc_now()
+
+    if executed.is_file():
+        try:
+            render_html(executed, staging / REPORT_NAME, title=name, params=used, overridden=params)
+        except Exception as e:  # noqa: BLE001 - a rendering problem must not hide the run's own result
+            (staging / "render_error.txt").write_text(_error_text(e))
+    kernel_env = staging / _KERNEL_ENV_FILE
+    if kernel_env.is_file():
+        prov["environment"] = json.loads(kernel_env.read_text())
+        prov["environment_source"] = "kernel"
+        kernel_env.unlink()
+    summary_path = staging / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    prov.update(status="failed" if error else "ok", end_utc=_iso(end),
+                duration_s=round((end - start).total_seconds(), 3), identity=summary.get("identity", {}),
+                report=REPORT_NAME if (staging / REPORT_NAME).is_file() else None, executed_notebook=executed.name)
+    if error is not None:
+        prov["error"] = _summary_line(error)
+        (staging / "error.txt").write_text(_error_text(error))
+    elif not summary_path.is_file():
+        print(f"warning: {notebook} wrote no summary.json; end it with run.write_summary({{'headline': ...}})",
+              file=sys.stderr)
+    _write_json(staging / "provenance.json", prov)
+
+    final = _unique_path(reports / (name + (FAILED_SUFFIX if error else "")))
+    os.rename(staging, final)     # same file system: atomic, the folder appears complete or not at all
+    with contextlib.suppress(OSError):
+        (reports / STAGING_DIRNAME).rmdir()    # only if empty: another run may be staging
+    write_index(reports)
+
+    if error is not None:
+        if not isinstance(error, Exception):   # KeyboardInterrupt, SystemExit: keep their meaning
+            raise error
+        raise RunFailedError(f"notebook {notebook} failed: {_summary_line(error)}; see {final / 'error.txt'}",
+                             final) from error
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# reports/index.html
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunInfo:
+    """One run folder as index.html sees it (read from provenance.json and summary.json)."""
+
+    path: Path
+    status: str                  # "ok", "failed", "running" (interactive, unfinished) or "unknown"
+    notebook: str                # the notebook's stem
+    tag: str
+    start_utc: str
+    headline: dict[str, Any]
+    report: str | None           # file name of the HTML report inside the folder, if any
+    error: str | None = None
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """Runs of the same notebook and tag are the same question asked again over time."""
+        return (self.notebook, self.tag)
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
+    """All run folders under ``reports_dir``, newest first. Staging and hidden folders are skipped."""
+    reports = Path(reports_dir)
+    runs: list[RunInfo] = []
+    if not reports.is_dir():
+        return runs
+    for d in reports.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        prov = _read_json(d / "provenance.json")
+        if not prov and not (d / "summary.json").is_file():
+            continue   # not a run folder
+        summary = _read_json(d / "summary.json")
+        status = prov.get("status") or ("failed" if d.name.endswith(FAILED_SUFFIX) else "unknown")
+        nb = prov.get("notebook") or "?"
+        report = prov.get("report") or (REPORT_NAME if (d / REPORT_NAME).is_file() else None)
+        headline = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
+        runs.append(RunInfo(path=d, status=status, notebook=Path(nb).stem, tag=str(prov.get("tag", "")),
+                            start_utc=str(prov.get("start_utc") or d.name.split("_", 1)[0]),
+                            headline=headline, report=report, error=prov.get("error")))
+    runs.sort(key=lambda r: (r.start_utc, r.path.name), reverse=True)
+    return runs
+
+
+def _when(iso: str) -> str:
+    """'2025-06-14T10:30:15.123Z' -> '2025-06-14 10:30:15' for the index (full value in provenance)."""
+    return iso.replace("T", " ")[:19]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _change(now: Any, before: Any) -> str:
+    if isinstance(now, (int, float)) and isinstance(before, (int, float)) and not isinstance(now, bool) \
+            and not isinstance(before, bool):
+        d = now - before
+        return "=" if d == 0 else f"{'+' if d > 0 else ''}{_fmt(d)}"
+    return "=" if now == before else "changed"
+
+
+_INDEX_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+.ok { color: #176b2c; font-weight: bold; } .failed { color: #b00020; font-weight: bold; }
+.running, .unknown { color: #8a6d00; font-weight: bold; }
+.moved { background: #fff4cc; } .muted { color: #888; } code { font-size: 0.95em; }
+ul.kv { margin: 0; padding-left: 1.1em; }
+"""
+
+
+def write_index(reports_dir: str | os.PathLike) -> Path:
+    """Rewrite ``<reports_dir>/index.html``: every run, newest first, with headline numbers.
+
+    Columns: start time, status, notebook, tag, links (report, folder, error), the run's headline
+    values, and the change against the previous *successful* run of the same notebook and tag
+    (same question asked again: a changed number there means the code or data changed the answer).
+    A second table counts runs per notebook+tag. Plain HTML and CSS; written atomically.
+    """
+    reports = Path(reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    runs = list_runs(reports)
+    e = html.escape
+
+    def link(run: RunInfo, file: str | None, label: str) -> str:
+        return f'<a href="{e(run.path.name)}/{e(file) if file else ""}">{e(label)}</a>'
+
+    rows = []
+    for i, run in enumerate(runs):
+        prev = next((r for r in runs[i + 1:] if r.group == run.group and r.status == "ok"), None)
+        head = "".join(f"<li>{e(str(k))}: <b>{e(_fmt(v))}</b></li>" for k, v in run.headline.items())
+        head = f'<ul class="kv">{head}</ul>' if head else '<span class="muted">-</span>'
+        if prev is None:
+            vs = '<span class="muted">first run of this notebook+tag</span>'
+        else:
+            items = []
+            for k, v in run.headline.items():
+                if k in prev.headline:
+                    ch = _change(v, prev.headline[k])
+                    cls = "" if ch == "=" else ' class="moved"'
+                    items.append(f"<li{cls}>{e(str(k))}: {e(_fmt(prev.headline[k]))} ({e(ch)})</li>")
+            vs = (f'{link(prev, None, _when(prev.start_utc))}<ul class="kv">{"".join(items)}</ul>' if items
+                  else f'{link(prev, None, _when(prev.start_utc))}')
+        links = [link(run, run.report, "report")] if run.report else []
+        links.append(link(run, None, "folder"))
+        if run.status == "failed" and (run.path / "error.txt").is_file():
+            links.append(link(run, "error.txt", "error"))
+        err = f'<br><span class="failed">{e(run.error)}</span>' if run.error else ""
+        rows.append(
+            f"<tr><td>{e(_when(run.start_utc))}</td><td class=\"{e(run.status)}\">{e(run.status)}</td>"
+            f"<td>{e(run.notebook)}</td><td><code>{e(run.tag)}</code></td><td>{' | '.join(links)}{err}</td>"
+            f"<td>{head}</td><td>{vs}</td></tr>")
+
+    groups: dict[tuple[str, str], list[RunInfo]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    group_rows = "".join(
+        f"<tr><td>{e(nb)}</td><td><code>{e(tag)}</code></td><td>{len(rs)}</td>"
+        f"<td>{sum(r.status == 'ok' for r in rs)}</td><td>{sum(r.status == 'failed' for r in rs)}</td>"
+        f"<td>{link(rs[0], rs[0].report, _when(rs[0].start_utc)) if rs[0].report else e(_when(rs[0].start_utc))}</td></tr>"
+        for (nb, tag), rs in sorted(groups.items()))
+
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>tclab runs</title><style>{_INDEX_CSS}</style></head>
+<body>
+<h1>tclab runs</h1>
+<p>{len(runs)} run(s) in <code>{e(str(reports.resolve()))}</code>, newest first; rewritten { e(_iso(_utc_now())) }.
+"vs previous" compares with the previous successful run of the same notebook and tag.</p>
+<table>
+<tr><th>started (UTC)</th><th>status</th><th>notebook</th><th>tag</th><th>links</th><th>headline</th>
+<th>vs previous (same notebook+tag)</th></tr>
+{''.join(rows) or '<tr><td colspan="7" class="muted">no runs yet</td></tr>'}
+</table>
+<h2>By notebook and tag</h2>
+<table>
+<tr><th>notebook</th><th>tag</th><th>runs</th><th>ok</th><th>failed</th><th>latest</th></tr>
+{group_rows}
+</table>
+</body></html>
+"""
+    out = reports / "index.html"
+    tmp = reports / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

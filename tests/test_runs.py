@@ -1,0 +1,304 @@
+"""Run folders (``tclab.runs`` and ``tclab run``).
+
+A tiny notebook (no torch; matplotlib on Agg) is written with nbformat and executed three times by
+a module-scoped fixture, because each papermill execution starts a kernel (seconds):
+
+1. ``run_notebook(..., tag="smoke")``             -> a good run
+2. ``tclab run -f file -p ... --tag smoke``      -> a second good run of the same notebook+tag
+3. ``tclab run -p fail true --tag smoke``         -> the notebook raises: a *_FAILED folder
+
+The other tests need no kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+import yaml
+
+from tclab import cli, runs
+
+PARAMS_CELL = 'run_dir = None\nnum_steps = 2\nscale = 0.5\nmodel = "tiny"\nfail = False\n'
+DEFAULTS = {"num_steps": 2, "scale": 0.5, "model": "tiny", "fail": False}
+
+
+def write_notebook(path: Path, params_source: str = PARAMS_CELL) -> Path:
+    """A thin notebook that cooperates with tclab.runs the way real ones should."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Tiny study\nDoes the test harness work?"),
+        nbformat.v4.new_code_cell(params_source, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('import matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt\n'
+                                  "from tclab import runs\nrun = runs.open_run(run_dir)"),
+        nbformat.v4.new_code_cell('if fail:\n    raise RuntimeError("boom on purpose")'),
+        nbformat.v4.new_code_cell(
+            'print("out" + "put-" + str(num_steps * 10))\n'
+            "fig, ax = plt.subplots(figsize=(2, 2))\n"
+            "ax.plot(range(num_steps), [scale * i for i in range(num_steps)])\n"
+            'run.save_figure(fig, "curve")\n'
+            'run.path("values.csv").write_text("step,value\\n" + "".join(f"{i},{scale * i}\\n" '
+            "for i in range(num_steps)))"),
+        nbformat.v4.new_code_cell('run.write_summary({"headline": {"loss": num_steps * scale, "model": model},\n'
+                                  '                   "identity": {"manifest_sha256": "abc123"}})'),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def cli_run(*args: str) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            rc = cli.main(["run", *args])
+        except SystemExit as e:   # argparse errors
+            rc = e.code
+    return rc, out.getvalue().strip().splitlines()
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> SimpleNamespace:
+    base = tmp_path_factory.mktemp("runs")
+    nb = write_notebook(base / "notebooks" / "tiny_study.ipynb")
+    reports = base / "reports"
+
+    good = runs.run_notebook(nb, {"num_steps": 4}, reports, tag="smoke", progress_bar=False)
+    good_digest = tree_digest(good)
+
+    preset = base / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"num_steps": 6, "scale": 2.0, "model": "from-file"}))
+    rc2, out2 = cli_run(str(nb), "-f", str(preset), "-p", "scale", "3", "-p", "model", "shapes-dit",
+                        "--reports", str(reports), "--tag", "smoke")
+
+    rc3, out3 = cli_run(str(nb), "-p", "fail", "true", "--reports", str(reports), "--tag", "smoke")
+    return SimpleNamespace(nb=nb, reports=reports, good=good, good_digest=good_digest,
+                           rc2=rc2, out2=out2, second=Path(out2[-1]) if out2 else None,
+                           rc3=rc3, out3=out3, failed=Path(out3[-1]) if out3 else None)
+
+
+# ---- executed runs ------------------------------------------------------------------------------
+
+def test_good_run_folder_holds_every_expected_file(executed):
+    d = executed.good
+    assert d.parent == executed.reports and d.name.endswith("_tiny_study_smoke")
+    names = {p.name for p in d.iterdir()}
+    assert {"tiny_study.ipynb", "report.html", "params.yaml", "provenance.json", "summary.json",
+            "curve.png", "values.csv"} <= names
+    assert not any(n.startswith(".") or n.endswith(".tmp") for n in names), names
+    assert (d / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (d / "values.csv").read_text().splitlines()[-1] == "3,1.5"   # num_steps=4, scale=0.5
+
+
+def test_params_yaml_holds_defaults_merged_with_overrides(executed):
+    used = yaml.safe_load((executed.good / "params.yaml").read_text())
+    assert used == {**DEFAULTS, "num_steps": 4}
+    assert "run_dir" not in used
+
+
+def test_summary_written_by_the_notebook(executed):
+    summary = json.loads((executed.good / "summary.json").read_text())
+    assert summary["headline"] == {"loss": 2.0, "model": "tiny"}
+    assert summary["figures"] == ["curve.png"]
+
+
+def test_report_html_has_outputs_but_no_code(executed):
+    page = (executed.good / "report.html").read_text()
+    assert "output-40" in page                          # the printed output is there...
+    assert "str(num_steps * 10)" not in page            # ...the code that printed it is not
+    assert "save_figure" not in page and "matplotlib.use" not in page
+    assert "Tiny study" in page                         # markdown stays
+
+
+def test_provenance_records_versions_git_times_params_and_identity(executed):
+    prov = json.loads((executed.good / "provenance.json").read_text())
+    assert prov["status"] == "ok"
+    assert prov["tclab_version"]
+    assert prov["hostname"]
+    assert set(runs.KEY_PACKAGES) <= set(prov["environment"]["packages"])
+    assert prov["environment"]["packages"]["papermill"]
+    assert prov["environment_source"] == "kernel"       # the notebook opened its run
+    assert prov["parameters"] == {**DEFAULTS, "num_steps": 4} and prov["overrides"] == {"num_steps": 4}
+    assert prov["start_utc"] <= prov["end_utc"]
+    assert prov["identity"] == {"manifest_sha256": "abc123"}
+    assert prov["git"] is None or len(prov["git"]["commit"]) == 40 and isinstance(prov["git"]["dirty"], bool)
+    assert prov["notebook_sha256"] == hashlib.sha256(executed.nb.read_bytes()).hexdigest()
+
+
+def test_cli_prints_run_folder_last_and_p_overrides_f(executed):
+    assert executed.rc2 == 0
+    assert executed.second.is_dir() and executed.second != executed.good
+    used = yaml.safe_load((executed.second / "params.yaml").read_text())
+    # num_steps from the file, scale and model from -p (which beats the file), fail from the notebook
+    assert used == {"num_steps": 6, "scale": 3, "model": "shapes-dit", "fail": False}
+    assert isinstance(used["scale"], int)
+
+
+def test_failing_notebook_leaves_a_marked_folder_and_exits_nonzero(executed):
+    assert executed.rc3 not in (0, None)
+    d = executed.failed
+    assert d.is_dir() and d.name.endswith(runs.FAILED_SUFFIX)
+    error = (d / "error.txt").read_text()
+    assert "RuntimeError" in error and "boom on purpose" in error
+    partial = nbformat.read(d / "tiny_study.ipynb", as_version=4)
+    assert any(o.get("ename") == "RuntimeError" for c in partial.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
+    assert not (d / "summary.json").exists() and not (d / "curve.png").exists()   # it stopped at the raise
+    assert json.loads((d / "provenance.json").read_text())["status"] == "failed"
+    # earlier good runs are untouched
+    assert tree_digest(executed.good) == executed.good_digest
+
+
+def test_index_lists_runs_newest_first_with_status_and_change(executed):
+    page = (executed.reports / "index.html").read_text()
+    pos = [page.find(d.name + "/") for d in (executed.failed, executed.second, executed.good)]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), pos
+    assert 'class="failed">failed<' in page and 'class="ok">ok<' in page
+    assert "boom on purpose" in page
+    # the second run (loss 6*3=18) is compared with the first of the same notebook+tag (loss 2.0)
+    assert "loss: 2 (+16)" in page
+    assert "first run of this notebook+tag" in page
+
+
+def test_no_staging_leftovers(executed):
+    staging = executed.reports / runs.STAGING_DIRNAME
+    assert not staging.exists() or not any(staging.iterdir())
+    assert {p.name for p in executed.reports.iterdir()} == {
+        "index.html", executed.good.name, executed.second.name, executed.failed.name}
+
+
+# ---- refusals before anything runs ---------------------------------------------------------------
+
+def test_unknown_parameter_refused_before_anything_runs(tmp_path):
+    nb = write_notebook(tmp_path / "tiny_study.ipynb")
+    reports = tmp_path / "reports"
+    with pytest.raises(runs.ParameterError) as err:
+        runs.run_notebook(nb, {"num_step": 3}, reports)
+    msg = str(err.value)
+    assert "'num_step'" in msg and "did you mean 'num_steps'" in msg
+    assert "num_steps, scale, model, fail" in msg
+    assert not reports.exists()
+
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("colour: red\n")
+    assert cli_run(str(nb), "-f", str(preset), "--reports", str(reports))[0] == 2
+    assert cli_run(str(nb), "-p", "bogus", "1", "--reports", str(reports))[0] == 2
+    assert not reports.exists()
+
+
+def test_run_dir_is_reserved(tmp_path):
+    nb = write_notebook(tmp_path / "tiny_study.ipynb")
+    with pytest.raises(runs.ParameterError, match="run_dir"):
+        runs.run_notebook(nb, {"run_dir": "/elsewhere"}, tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+
+
+def test_notebook_parameters_reads_literal_defaults_in_order(tmp_path):
+    nb = write_notebook(tmp_path / "a.ipynb", PARAMS_CELL + "sizes = (1, 2)  # a tuple\nlr: float = 1e-3\n")
+    got = runs.notebook_parameters(nb)
+    assert list(got) == ["run_dir", "num_steps", "scale", "model", "fail", "sizes", "lr"]
+    assert got["sizes"] == (1, 2) and got["lr"] == 1e-3 and got["run_dir"] is None
+
+
+@pytest.mark.parametrize("source, complaint", [
+    ("run_dir = None\nsteps = 2 * 5\n", "non-literal default"),
+    ("run_dir = None\nimport os\n", "not 'name = literal'"),
+    ("num_steps = 2\n", "does not declare 'run_dir'"),
+    ("run_dir = None\nx = (\n", "not valid Python"),
+])
+def test_notebook_parameters_refuses_bad_cells(tmp_path, source, complaint):
+    nb = write_notebook(tmp_path / "a.ipynb", source)
+    with pytest.raises(runs.ParameterError, match=complaint.replace("(", r"\(")):
+        runs.notebook_parameters(nb)
+
+
+def test_notebook_without_parameters_cell_is_refused(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(runs.ParameterError, match="no cell tagged 'parameters'"):
+        runs.notebook_parameters(tmp_path / "a.ipynb")
+
+
+# ---- parameter parsing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("10", 10), ("0.5", 0.5), ("1e-3", 1e-3), ("-2E4", -2e4), ("true", True), ("false", False),
+    ("null", None), ("shapes-dit", "shapes-dit"), ("'10'", "10"), ("[1, 2]", [1, 2]), ("", ""),
+    ("2024-01-01", "2024-01-01"),
+])
+def test_p_values_are_yaml_scalars(text, value):
+    got = runs.parse_parameter_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_p_overrides_f(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("num_steps: 6\nmodel: from-file\n")
+    assert runs.load_parameters(f, [("model", "shapes-dit"), ("scale", "2")]) == {
+        "num_steps": 6, "model": "shapes-dit", "scale": 2}
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(runs.ParameterError, match="must hold a mapping"):
+        runs.load_parameters(tmp_path / "list.yaml")
+    with pytest.raises(runs.ParameterError, match="not found"):
+        runs.load_parameters(tmp_path / "missing.yaml")
+
+
+def test_default_tag_is_a_stable_parameters_hash():
+    a = runs.parameters_hash({"x": 1, "y": (1, 2)})
+    assert a == runs.parameters_hash({"y": [1, 2], "x": 1}) and len(a) == 8
+    assert a != runs.parameters_hash({"x": 2, "y": (1, 2)})
+
+
+# ---- the notebook side, interactively ------------------------------------------------------------
+
+def test_open_run_interactive_makes_its_own_folder(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (tmp_path / "pyproject.toml").write_text("")
+    nb = write_notebook(tmp_path / "notebooks" / "tiny_study.ipynb")
+    monkeypatch.chdir(tmp_path / "notebooks")            # JupyterLab's working directory
+    run = runs.open_run(None, notebook=str(nb))
+    assert not run.managed and run.dir.parent == tmp_path / "reports"
+    assert run.dir.name.endswith("_tiny_study_interactive")
+    assert yaml.safe_load((run.dir / "params.yaml").read_text()) == DEFAULTS
+    assert json.loads((run.dir / "provenance.json").read_text())["status"] == "running"
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    assert run.save_figure(fig, "line").read_bytes()[:4] == b"\x89PNG"
+    plt.close(fig)
+    with pytest.raises(ValueError, match="inside the run folder"):
+        run.path("../escape.txt")
+    with pytest.raises(TypeError, match="headline values"):
+        run.write_summary({"headline": {"curve": [1, 2, 3]}})
+
+    run.write_summary({"headline": {"psnr": 31.5}, "identity": {"images": "h"}})
+    prov = json.loads((run.dir / "provenance.json").read_text())
+    assert prov["status"] == "ok" and prov["identity"] == {"images": "h"} and prov["end_utc"]
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert run.dir.name in index and "psnr" in index
+
+    again = runs.open_run("", notebook=str(nb))       # a second Run All never reuses the folder
+    assert again.dir != run.dir
+
+
+def test_open_run_managed_needs_an_existing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        runs.open_run(tmp_path / "nope")
+    run = runs.open_run(str(tmp_path))
+    assert run.managed and run.dir == tmp_path
