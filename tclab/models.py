@@ -46,6 +46,8 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, scaling_factor: float = 1.0, latent_channels: int = 3):
         super().__init__()
+        # diffusers finds a module's device and dtype from its first tensor; give it one.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def encode(self, x: torch.Tensor):  # pragma: no cover - symmetry with AutoencoderKL
         return x
