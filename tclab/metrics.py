@@ -111,3 +111,51 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, war
             fn()
             out[name].seconds.append(time.perf_counter() - t0)
     return out
+
+
+# ---- paired image quality (against the same-seed full-compute output) ------------------------
+
+def _to01(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> float64 in [0, 1] (metrics are computed in float64)."""
+    return ((x.double() + 1) / 2).clamp(0, 1)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error on the [0, 1] scale: (N,)."""
+    return (_to01(a) - _to01(b)).pow(2).flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, max_db: float = 100.0) -> torch.Tensor:
+    """Per-image PSNR in dB on the [0, 1] scale: (N,). Identical images give ``max_db``."""
+    m = mse(a, b)
+    return torch.where(m > 0, 10 * torch.log10(1.0 / m.clamp_min(1e-300)), torch.full_like(m, max_db)).clamp(max=max_db)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): Gaussian window, per channel, valid region, [0, 1] scale: (N,).
+
+    The window shrinks to the image side for images smaller than ``window`` pixels.
+    """
+    x, y = _to01(a), _to01(b)
+    n, c, h, w = x.shape
+    k = min(window, h, w)
+    g = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * sigma**2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, k, k)  # (C, 1, k, k) depthwise
+
+    def blur(z):
+        return torch.nn.functional.conv2d(z, kernel, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def paired_quality(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and MSE of ``test`` images against same-seed ``reference`` images."""
+    if test.shape != reference.shape:
+        raise ValueError(f"paired metrics need equal shapes, got {tuple(test.shape)} and {tuple(reference.shape)}")
+    return {"psnr": float(psnr(test, reference).mean()), "ssim": float(ssim(test, reference).mean()),
+            "mse": float(mse(test, reference).mean())}

@@ -31,3 +31,42 @@ def test_time_interleaved_runs_each_variant():
     calls = []
     t = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and len(t["a"].seconds) == 3 and t["b"].median >= 0
+
+
+# ---- paired quality --------------------------------------------------------------------------
+
+from tclab.metrics import mse, paired_quality, psnr, ssim  # noqa: E402
+
+
+def test_psnr_of_a_known_shift():
+    a = torch.zeros(2, 3, 16, 16)  # 0.5 on the [0, 1] scale
+    b = a + 0.2  # +0.1 on the [0, 1] scale -> MSE 0.01 -> 20 dB
+    torch.testing.assert_close(mse(a, b), torch.full((2,), 0.01, dtype=torch.float64))
+    torch.testing.assert_close(psnr(a, b), torch.full((2,), 20.0, dtype=torch.float64))
+    assert psnr(a, a).tolist() == [100.0, 100.0]
+
+
+def test_ssim_identical_is_one_and_noise_lowers_it():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    torch.testing.assert_close(ssim(a, a), torch.ones(3, dtype=torch.float64))
+    noisy = (a + 0.5 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    small = ssim(a, (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(-1, 1))
+    big = ssim(a, noisy)
+    assert (big < small).all() and (small < 1).all()
+    torch.testing.assert_close(ssim(a, noisy), ssim(noisy, a))  # symmetric
+
+
+def test_ssim_of_a_constant_offset_by_hand():
+    # Flat images: variances are 0, so SSIM = (2 mx my + c1) / (mx^2 + my^2 + c1).
+    a, b = torch.full((1, 3, 16, 16), 0.0), torch.full((1, 3, 16, 16), 0.2)  # 0.5 and 0.6 on [0, 1]
+    c1 = 0.01**2
+    expect = (2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1)
+    assert abs(float(ssim(a, b)) - expect) < 1e-9
+
+
+def test_paired_quality_refuses_shape_mismatch():
+    import pytest
+
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_quality(torch.zeros(1, 3, 8, 8), torch.zeros(2, 3, 8, 8))
