@@ -1,0 +1,364 @@
+"""Figures of token redundancy: each function takes records (and images) and RETURNS a figure.
+
+Readable without the code: every axis says what it shows and in which unit; a step axis is the
+step index ``s`` (0 = first, noisiest step) and, where it helps, a second axis on the opposite side
+gives the scheduler's timestep value ``t`` of the same steps (never one axis for both). Change is
+the relative change of :mod:`tclab.record` (``||dx|| / ||x||``; 0.05 = 5%).
+
+The functions use ``matplotlib.pyplot`` so figures show inline in notebooks; nothing is set at
+import (no backend, no style, no rc flags). Without a display, matplotlib picks its Agg backend
+by itself; scripts that save many figures should ``plt.close(fig)`` them. Save with
+``run.save_figure(fig, name)`` (:mod:`tclab.runs`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from . import analysis
+
+if TYPE_CHECKING:
+    from .record import TokenChangeRecord
+
+CHANGE_LABEL = {
+    "out_change": "relative change of block output ||Δx||/||x||",
+    "update_change": "relative change of block update ||Δu||/||u||",
+    "update_ratio": "update ratio ||u||/||x|| (block importance)",
+    "cos": "cosine of update with previous step's",
+}
+STEP_LABEL = "step index s (0 = noisiest)"
+T_LABEL = "timestep t (scheduler value)"
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _records(records) -> dict[str, TokenChangeRecord]:
+    if hasattr(records, "out_change") and hasattr(records, "timesteps"):  # one TokenChangeRecord
+        return {"": records}
+    if not isinstance(records, Mapping) or not records:
+        raise TypeError("pass a TokenChangeRecord or a non-empty dict {label: TokenChangeRecord}")
+    return dict(records)
+
+
+def _to_rgb(images) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] (torch or numpy) -> (N, H, W, 3) floats in [0, 1] for imshow."""
+    a = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+    if a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got shape {a.shape}")
+    return np.clip((a.transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
+
+
+def _tick_steps(steps: np.ndarray, max_ticks: int = 11) -> np.ndarray:
+    """Every step when there are few, else every k-th step from 0 (k = 2, 5, 10, ...: round numbers)."""
+    if len(steps) <= max_ticks:
+        return steps
+    span = int(steps[-1] - steps[0])
+    stride = next(k for k in (2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000) if span / k < max_ticks)
+    return steps[(steps - steps[0]) % stride == 0]
+
+
+def _add_timestep_axis(ax, record: TokenChangeRecord, which: str = "x") -> None:
+    """A second axis (top for x, right for y) labelling the same steps with their timestep ``t``."""
+    t = record.timesteps
+    if not np.isfinite(t).all():
+        return  # t unknown: leave the step axis alone rather than print NaNs
+    ticks = _tick_steps(record.steps)
+    sec = ax.secondary_xaxis("top") if which == "x" else ax.secondary_yaxis("right")
+    (sec.set_xticks if which == "x" else sec.set_yticks)(ticks, [f"{t[s]:g}" for s in ticks])
+    (sec.set_xlabel if which == "x" else sec.set_ylabel)(T_LABEL)
+
+
+def _step_ticks(ax, record: TokenChangeRecord, which: str = "x") -> None:
+    ticks = _tick_steps(record.steps)
+    (ax.set_xticks if which == "x" else ax.set_yticks)(ticks)
+
+
+# ---- step x block -------------------------------------------------------------------------------
+
+def plot_change_heatmap(record: TokenChangeRecord, measures: Sequence[str] = analysis.CHANGE_MEASURES,
+                        branch: str = "cond", title: str | None = None):
+    """Step x block heatmap of the mean change (over samples and tokens), one panel per measure.
+
+    Rows are step indices (step 0 is blank: no previous step), columns blocks; the right axis gives
+    each step's timestep t. Bright cells are where tokens move most between adjacent steps.
+    """
+    plt = _plt()
+    measures = [measures] if isinstance(measures, str) else list(measures)
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 0.28 * record.num_steps + 2.4),
+                             squeeze=False, layout="constrained")
+    for ax, m in zip(axes[0], measures):
+        mat = record.mean_over(m, ("sample", "token"), branch)  # (S, L)
+        im = ax.imshow(mat, aspect="auto", cmap="magma", interpolation="nearest",
+                       extent=(-0.5, record.num_blocks - 0.5, record.num_steps - 0.5, -0.5))
+        ax.set_xlabel("block index l (0 = first)")
+        ax.set_ylabel(STEP_LABEL)
+        ax.set_xticks(range(record.num_blocks))
+        _step_ticks(ax, record, "y")
+        _add_timestep_axis(ax, record, "y")
+        fig.colorbar(im, ax=ax, label=f"mean {CHANGE_LABEL.get(m, m)}", shrink=0.9, location="left", pad=0.12)
+        ax.set_title(m)
+    fig.suptitle(title or f"Mean change between adjacent steps, per step and block ({branch} branch)")
+    return fig
+
+
+# ---- curves -------------------------------------------------------------------------------------
+
+def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", branch: str = "cond",
+                       title: str | None = None):
+    """Left: per-step mean change (one thin line per block, bold = all blocks) with the detected
+    two-phase split (dashed line) and the phase means. Right: per-block importance (mean update
+    ratio, bars) and per-block mean change (markers)."""
+    plt = _plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained", width_ratios=(1.6, 1))
+    per_block = record.mean_over(measure, ("sample", "token"), branch)  # (S, L)
+    curve = analysis.per_step_mean_change(record, measure, branch)  # (S,)
+    steps = record.steps
+    cmap = plt.get_cmap("viridis")
+    for l in range(record.num_blocks):
+        ax.plot(steps, per_block[:, l], lw=1, alpha=0.8, color=cmap(l / max(1, record.num_blocks - 1)),
+                label=f"block {l}")
+    ax.plot(steps, curve, color="black", lw=2.5, marker="o", ms=3, label="all blocks")
+    split = analysis.detect_phase_split(curve, steps)
+    if split["split_step"] is not None:
+        s2 = split["split_step"]
+        ax.axvline(s2 - 0.5, color="tab:red", ls="--", lw=1.5,
+                   label=f"phase split: phase 2 starts at s={s2} ({s2 / record.num_steps:.0%})")
+        (a0, a1), (b0, b1) = split["phase1_steps"], split["phase2_steps"]
+        ax.hlines([split["phase1_mean"], split["phase2_mean"]], [a0 - 0.4, b0 - 0.4], [a1 + 0.4, b1 + 0.4],
+                  colors="tab:red", lw=3, alpha=0.5, label="phase means")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(f"mean {CHANGE_LABEL.get(measure, measure)}")
+    _step_ticks(ax, record)
+    _add_timestep_axis(ax, record, "x")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+    imp = analysis.measure_block_importance(record, branch)
+    blocks = np.arange(record.num_blocks)
+    bx.bar(blocks, imp["update_ratio"], color="0.75", label="mean update ratio ||u||/||x||")
+    bx.set_xlabel("block index l (0 = first)")
+    bx.set_ylabel("mean update ratio ||u||/||x|| (importance)")
+    bx.set_xticks(blocks)
+    cx = bx.twinx()
+    for m, mk in zip(analysis.CHANGE_MEASURES, ("o", "s")):
+        cx.plot(blocks, imp[m], marker=mk, lw=1.5, label=f"mean {m} (steps > 0)")
+    cx.set_ylabel("mean relative change between steps")
+    h1, l1 = bx.get_legend_handles_labels()
+    h2, l2 = cx.get_legend_handles_labels()
+    bx.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1)
+    fig.suptitle(title or f"Where along the trajectory (left: per step) and in which blocks (right) tokens change "
+                 f"({measure}, {branch})")
+    return fig
+
+
+# ---- token maps ---------------------------------------------------------------------------------
+
+def plot_token_maps(record: TokenChangeRecord, images, measure: str = "out_change", steps: Sequence[int] | None = None,
+                    blocks: Sequence[int] | None = None, samples: Sequence[int] | None = None, branch: str = "cond",
+                    title: str | None = None):
+    """The per-token change on the token grid (e.g. 16x16) next to the image it belongs to.
+
+    One row per sample id (``images[i]`` is sample id ``i``: (N, 3, H, W) in [-1, 1], e.g.
+    ``SampleResult.images``); first column the final image, then one map per (step, block). Defaults:
+    three steps spread over s > 0 (early, middle, last), the first and last block, up to 4 samples.
+    One colour scale for the whole figure (clipped at the 99th percentile) so panels compare.
+    """
+    plt = _plt()
+    rgb = _to_rgb(images)
+    vals, valid_steps = analysis.select_change_steps(record, measure, branch)
+    if steps is None:
+        pick = np.unique(np.round(np.linspace(0, len(valid_steps) - 1, min(3, len(valid_steps)))).astype(int))
+        steps = [int(valid_steps[i]) for i in pick]
+    blocks = [0, record.num_blocks - 1] if blocks is None else list(blocks)
+    blocks = sorted(set(b % record.num_blocks for b in blocks))
+    ids = np.sort(record.sample_id[record.rows(branch)])
+    samples = ids[: min(4, len(ids))].tolist() if samples is None else list(samples)
+    if max(samples) >= len(rgb):
+        raise ValueError(f"sample id {max(samples)} has no image: {len(rgb)} images given (images[i] must be "
+                         "sample id i, as returned by the sample() call that was recorded)")
+    panels = [(s, b) for s in steps for b in blocks]
+    maps = np.stack([[record.token_map(measure, s, b, i, branch) for s, b in panels] for i in samples])
+    vmax = float(np.nanpercentile(maps, 99)) if np.isfinite(maps).any() else 1.0
+    ncol = 1 + len(panels)
+    fig, axes = plt.subplots(len(samples), ncol, figsize=(1.7 * ncol + 1.0, 1.75 * len(samples) + 0.9),
+                             squeeze=False, layout="constrained")
+    t = record.timesteps
+    im = None
+    for r, i in enumerate(samples):
+        ax = axes[r, 0]
+        ax.imshow(rgb[i], interpolation="nearest")
+        ax.set_title(f"sample {i} (class {record.class_labels[record.row_of(i, branch)]})", fontsize=8)
+        for c, (s, b) in enumerate(panels, start=1):
+            ax = axes[r, c]
+            im = ax.imshow(maps[r, c - 1], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            if r == 0:
+                tt = f", t={t[s]:g}" if np.isfinite(t[s]) else ""
+                ax.set_title(f"s={s}{tt}\nblock {b}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[-1, 1].set_xlabel(f"token grid {record.grid[0]}x{record.grid[1]} (one cell = one patch)", fontsize=8,
+                           loc="left")
+    fig.colorbar(im, ax=axes[:, 1:], label=CHANGE_LABEL.get(measure, measure), shrink=0.8)
+    fig.suptitle(title or f"Which tokens change: {measure} per token vs the previous step ({branch})")
+    return fig
+
+
+# ---- distribution -------------------------------------------------------------------------------
+
+def plot_change_distribution(record: TokenChangeRecord, measures: Sequence[str] = analysis.CHANGE_MEASURES,
+                             thresholds: Sequence[float] = analysis.THRESHOLDS, branch: str = "cond",
+                             title: str | None = None):
+    """Distribution of the per-token change over all (step > 0, block, sample, token): a log-x
+    histogram (left) and the cumulative fraction below each value (right) with the 1% / 5% / 10%
+    thresholds marked and the fraction below each written in the legend."""
+    plt = _plt()
+    measures = [measures] if isinstance(measures, str) else list(measures)
+    fig, (hx, cx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for m in measures:
+        vals, _ = analysis.select_change_steps(record, m, branch)
+        v = vals[np.isfinite(vals)]
+        pos = v[v > 0]
+        lo = max(pos.min(), 1e-6) if len(pos) else 1e-6
+        bins = np.geomspace(lo, max(v.max(), lo * 10), 60)
+        hx.hist(np.clip(v, lo, None), bins=bins, histtype="step", lw=1.5, density=False,
+                weights=np.full(len(v), 1 / len(v)), label=m)
+        srt = np.sort(v)
+        cdf = np.arange(1, len(srt) + 1) / len(srt)
+        fr = ", ".join(f"<{th:.0%}: {np.mean(v < th):.1%}" for th in thresholds)
+        cx.plot(np.clip(srt, lo, None), cdf, lw=1.5, label=f"{m} ({fr})")
+    for ax in (hx, cx):
+        ax.set_xscale("log")
+        for th, ls in zip(thresholds, (":", "--", "-.")):
+            ax.axvline(th, color="0.4", ls=ls, lw=1)
+        ax.set_xlabel("relative change between adjacent steps (log scale; 0.05 = 5%)")
+        ax.grid(alpha=0.3)
+    hx.set_ylabel("fraction of (step, block, sample, token) entries")
+    cx.set_ylabel("cumulative fraction below x")
+    cx.set_ylim(0, 1)
+    hx.legend(fontsize=8)
+    cx.legend(fontsize=7, loc="upper left")
+    hx.set_title("histogram (grey lines: 1%, 5%, 10%)")
+    cx.set_title("cumulative distribution")
+    fig.suptitle(title or f"How much tokens change between adjacent steps ({branch} branch, steps s > 0)")
+    return fig
+
+
+# ---- rank correlation ---------------------------------------------------------------------------
+
+def plot_rank_correlation(records, measure: str = "out_change", branch: str = "cond", title: str | None = None):
+    """Left: Spearman rank correlation of per-token change maps at steps s and s + d vs the step
+    distance d (mean over blocks, samples and s; thin lines per block). Right: the share of the
+    top-20% changing tokens of step s still in the top 20% at s + d, with the chance level.
+    ``records`` is a record or {label: record} (e.g. pure samples and SDEdit traces, overlaid)."""
+    plt = _plt()
+    recs = _records(records)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    chance = None
+    for k, (label, rec) in enumerate(recs.items()):
+        color = f"C{k}"
+        rc = analysis.rank_correlation_by_distance(rec, measure, None, branch)
+        ov = analysis.measure_top_token_overlap(rec, measure, 0.2, None, branch)
+        if not rc["distances"]:
+            continue
+        d = np.asarray(rc["distances"])
+        by_block = np.asarray(rc["by_block"])  # (D, L)
+        for l in range(by_block.shape[1]):
+            ax.plot(d, by_block[:, l], color=color, lw=0.7, alpha=0.35)
+        ax.plot(d, rc["mean"], color=color, lw=2.2, marker="o", label=f"{label} mean over blocks".strip())
+        bx.plot(ov["distances"], ov["overlap"], color=color, lw=2.2, marker="o", label=(label or measure))
+        chance = ov["chance"]
+    from matplotlib.ticker import ScalarFormatter
+
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.set_xlabel("step distance d (steps s and s + d)")
+        a.grid(alpha=0.3)
+    ax.axhline(0, color="0.4", lw=1)
+    ax.set_ylabel("Spearman rank correlation of token change maps")
+    ax.set_ylim(-0.2, 1.0)
+    ax.legend(fontsize=8, title="thin lines: single blocks", title_fontsize=7)
+    if chance is not None:
+        bx.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.0%})")
+    bx.set_ylabel("share of top-20% tokens still top-20%")
+    bx.set_ylim(0, 1)
+    bx.legend(fontsize=8)
+    ax.set_title("does the last step predict which tokens change?")
+    bx.set_title("recall of a 'previous change' predictor")
+    fig.suptitle(title or f"Persistence of the change pattern over steps ({measure}, {branch})")
+    return fig
+
+
+# ---- pure samples vs SDEdit ---------------------------------------------------------------------
+
+def plot_trace_comparison(records, measure: str = "out_change", branch: str = "cond",
+                          threshold: float = 0.05, title: str | None = None):
+    """Several recordings side by side (e.g. pure samples vs SDEdit traces of in-house images), on a
+    shared **timestep t** axis (step indices differ: an SDEdit trace starts part-way down):
+    mean change per step, the fraction of tokens below ``threshold`` per step, and the CDF."""
+    plt = _plt()
+    recs = _records(records)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    for k, (label, rec) in enumerate(recs.items()):
+        t = rec.timesteps
+        curve = analysis.per_step_mean_change(rec, measure, branch)
+        dist = analysis.summarise_change_distribution(rec, measure, (threshold,), (0.5,), branch)
+        ps = dist["per_step"]
+        color = f"C{k}"
+        name = label or measure
+        axes[0].plot(t, curve, marker="o", ms=3, color=color, label=name)
+        axes[1].plot(ps["t"], ps[f"below_{analysis.pct_label(threshold)}"], marker="o", ms=3, color=color, label=name)
+        vals, _ = analysis.select_change_steps(rec, measure, branch)
+        v = np.sort(vals[np.isfinite(vals)])
+        axes[2].plot(np.clip(v, 1e-6, None), np.arange(1, len(v) + 1) / len(v), color=color,
+                     label=f"{name} ({np.mean(v < threshold):.1%} < {threshold:.0%})")
+    for ax in axes[:2]:
+        ax.set_xlabel(f"{T_LABEL}; noisy (left) to clean (right)")
+        if not ax.xaxis_inverted():
+            ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"mean {CHANGE_LABEL.get(measure, measure)}")
+    axes[1].set_ylabel(f"fraction of tokens changing < {threshold:.0%}")
+    axes[1].set_ylim(0, 1)
+    axes[2].set_xscale("log")
+    axes[2].axvline(threshold, color="0.4", ls="--", lw=1)
+    axes[2].set_xlabel("relative change between adjacent steps (log scale)")
+    axes[2].set_ylabel("cumulative fraction below x")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    axes[0].set_title("mean change per step")
+    axes[1].set_title(f"tokens that barely change (< {threshold:.0%})")
+    axes[2].set_title("distribution over all steps > 0")
+    fig.suptitle(title or f"Same model, different trajectories ({measure}, {branch})")
+    return fig
+
+
+def plot_image_rows(rows: Mapping[str, object], max_images: int = 8, title: str | None = None):
+    """Rows of images, one row per label (e.g. 'pure samples', 'in-house input', 'SDEdit output');
+    each value is (N, 3, H, W) in [-1, 1]. The first ``max_images`` of each row are shown."""
+    plt = _plt()
+    rows = {k: _to_rgb(v)[:max_images] for k, v in rows.items()}
+    ncol = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.3 * ncol + 1.4, 1.45 * len(rows) + 0.5), squeeze=False,
+                             layout="constrained")
+    for r, (label, imgs) in enumerate(rows.items()):
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(imgs):
+                ax.imshow(imgs[c], interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -1,0 +1,121 @@
+"""The committed notebooks: house-style checks (no kernel) and one real execution of notebook 01.
+
+Executing a notebook starts a Jupyter kernel (seconds), so notebook 01 runs once, module-scoped,
+through ``tclab.runs.run_notebook`` with tiny parameters, into a temporary reports folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import yaml
+
+from tclab import analysis, runs
+from tclab.data import load_image_folder
+from tclab.record import TokenChangeRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NB01 = ROOT / "notebooks" / "01_token_redundancy.ipynb"
+TINY = {"num_samples": 3, "num_steps": 4, "sdedit_images": 3}
+FIGURES = ("images", "change_heatmap", "change_curves", "token_maps_samples", "token_maps_sdedit",
+           "change_distribution", "rank_correlation", "samples_vs_sdedit")
+
+
+# ---- static checks (no kernel) --------------------------------------------------------------------
+
+def test_there_are_notebooks():
+    assert NB01 in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_house_style(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "title first"
+    params = runs.notebook_parameters(path)  # one 'parameters' cell of literals with run_dir
+    assert params["run_dir"] is None
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(cell.source)
+        defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                                               ast.Lambda))]
+        assert not defs, f"{path.name}: define functions in tclab, not in the notebook ({cell.source[:60]!r})"
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "notebooks" / "params").glob("01_*.yaml")), ids=lambda p: p.name)
+def test_presets_of_notebook_01_use_only_its_parameters(preset):
+    values = runs.load_parameters(preset)
+    runs.validate_parameters(values, runs.notebook_parameters(NB01), notebook=NB01.name)
+    assert values
+
+
+def test_smoke_preset_equals_the_notebook_defaults():
+    defaults = {k: v for k, v in runs.notebook_parameters(NB01).items() if k != "run_dir"}
+    assert yaml.safe_load((ROOT / "notebooks" / "params" / "01_smoke.yaml").read_text()) == defaults
+
+
+# ---- one execution ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run01(tmp_path_factory):
+    reports = tmp_path_factory.mktemp("reports")
+    return runs.run_notebook(NB01, TINY, reports_dir=reports, tag="test", progress_bar=False)
+
+
+def test_notebook_01_writes_a_complete_run_folder(run01):
+    assert run01.is_dir() and not run01.name.endswith(runs.FAILED_SUFFIX)
+    assert (run01 / runs.REPORT_NAME).is_file()
+    for name in FIGURES:
+        assert (run01 / f"{name}.png").stat().st_size > 1000, name
+    prov = json.loads((run01 / "provenance.json").read_text())
+    assert prov["status"] == "ok" and prov["parameters"]["num_steps"] == 4
+    executed = nbformat.read(run01 / "01_token_redundancy.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_notebook_01_summary(run01):
+    s = json.loads((run01 / "summary.json").read_text())
+    head = s["headline"]
+    for k in ("frac_tokens_below_5pct", "top10pct_change_share", "adjacent_rank_corr", "far_rank_corr",
+              "suggested_tprr_split", "obs1_holds", "obs2_holds", "obs3_holds", "sdedit_frac_tokens_below_5pct"):
+        assert k in head, k
+    assert 0 <= head["frac_tokens_below_5pct"] <= 1 and 0 <= head["sdedit_frac_tokens_below_5pct"] <= 1
+    assert 0.1 <= head["top10pct_change_share"] <= 1  # the top 10% carry at least their equal share
+    assert -1 <= head["adjacent_rank_corr"] <= 1
+    assert 0 < head["suggested_tprr_split"] < 1  # 4 steps: phase 2 starts at step 2 or 3
+    assert head["suggested_tprr_split"] in (0.5, 0.75)
+    assert set(s["figures"]) >= {f"{n}.png" for n in FIGURES}
+    assert s["record"]["steps"] == 4 and s["record"]["samples"] == 3
+    # SDEdit at strength 0.6 of 4 steps runs round(2.4) = 2 steps: one change step, so obs 2/3 are undetermined
+    assert s["sdedit"]["record"]["steps"] == 2
+    assert s["sdedit"]["observations"]["out_change"]["adjacent_steps_correlated"]["holds"] is None
+
+    # identity names exactly the in-house images traced
+    image_set = analysis.choose_balanced_images(load_image_folder(ROOT / "data" / "shapes", 32, limit=3), 3)
+    assert s["identity"]["images_manifest_sha256"] == image_set.manifest_hash()
+    assert s["identity"]["images_used"] == 3
+
+
+def test_notebook_01_saves_records_that_match_the_summary(run01):
+    rec = TokenChangeRecord.load(run01 / "record_samples.npz")
+    sd = TokenChangeRecord.load(run01 / "record_sdedit.npz")
+    assert (rec.num_steps, len(rec.rows("cond")), rec.grid) == (4, 3, (16, 16))
+    assert len(sd.rows("cond")) == 3 and sd.data_identity["usable"] == 3
+    s = json.loads((run01 / "summary.json").read_text())
+    again = analysis.summarise_redundancy(rec, sdedit_record=sd)["headline"]
+    assert again == pytest.approx(s["headline"])  # the summary is reproducible from the saved records
+    assert np.isfinite(rec.out_change[1:]).all()
