@@ -1,0 +1,230 @@
+"""What to cache and when: ``TokenCacheConfig`` (TokenCache, arXiv 2409.18523).
+
+One dataclass holds every knob of cached execution, named as in ``shared/docs/tokencache.md``
+(sections 2-4). ``apply_token_cache(transformer, config)`` in :mod:`tclab.cache.hooks` reads it.
+Every field is validated when the config is built; ``TokenCacheConfig.from_dict`` refuses keys it
+does not know (a misspelt knob must not silently fall back to its default).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scorers import TokenScorer
+
+KV_MODES = ("all", "kept")
+REUSE_MODES = ("update", "output")
+SELECTIONS = ("global", "uniform", "adaptive")
+SCHEDULES = ("tprr", "round-robin", "percentile")
+# Scorers the spec names. The heuristics live in ``tclab.cache.scorers``; the learned predictors are
+# registered there by ``tclab.cache.predictor`` when it is imported (see ``register_scorer``).
+SCORERS = ("prev-change", "random", "oracle", "toca", "learned-static", "learned-dynamic")
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name}={value!r} is not a valid choice{hint}; choose one of {list(choices)}")
+
+
+def _int(name: str, value, minimum: int, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}){what}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}{what}")
+
+
+def _unit(name: str, value, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}{what}")
+
+
+@dataclass
+class TokenCacheConfig:
+    r"""Configuration of TokenCache-style cached execution of a DiT (Lou et al., "Token Caching for
+    Diffusion Transformer Acceleration", arXiv 2409.18523; spec: ``shared/docs/tokencache.md``).
+
+    Every sampling step is either **full** (every block computes every token and refreshes its cache)
+    or **cached**: block ``l`` then computes only a kept set of tokens ``K_l`` and reuses its cached
+    residual update ``u_l`` for the others. Three decisions make a cached step: *which tokens*
+    (``scorer``), *how the budget is spread over blocks* (``rho``, ``selection``, forced blocks) and
+    *when* steps are full (``schedule``). Steps are indices ``s`` (0 = first, noisiest), never timestep
+    values ``t``.
+
+    Args:
+        rho (`float`, defaults to `0.5`):
+            Keep ratio in cached steps: the fraction of (block, token) pairs computed. **Lower = faster**
+            and staler. ``rho=1`` computes everything (only useful as a correctness check), ``rho=0``
+            skips every non-forced block (block-level caching, see :func:`fora_config`).
+        kv (`str`, defaults to `"all"`):
+            Where a kept token's attention reads keys/values. ``"all"``: K/V projections of *all* current
+            tokens (more accurate, but K/V cost stays full: the FLOP saving is smaller). ``"kept"``: only
+            the kept tokens (pure token pruning, fastest).
+        reuse (`str`, defaults to `"update"`):
+            What a token that is not computed gets. ``"update"``: ``x_{l+1}[i] = x_l[i] + u_cached[i]``
+            (the cached residual rides on the current input). ``"output"``: ``x_{l+1}[i] =
+            x_{l+1,cached}[i]`` (the block's last computed output, ignoring the current input).
+        selection (`str`, defaults to `"global"`):
+            How the budget is spread over blocks (``tclab.cache.select``). ``"global"`` (v2): top
+            ``rho*L*N`` scores over all pairs of the sample. ``"uniform"``: every block keeps its top
+            ``rho`` tokens. ``"adaptive"`` (v1): whole blocks by mean score, then cached blocks.
+        full_first_blocks, full_last_blocks (`int`, default `0`):
+            The first / last k blocks always compute every token (their pairs count in the budget).
+        schedule (`str`, defaults to `"tprr"`):
+            Which steps are full (``tclab.cache.schedule``). ``"tprr"``: Two-Phase Round-Robin, interval
+            ``k1`` before ``split * S`` and ``k2`` after. ``"round-robin"``: a full step every
+            ``interval`` steps. ``"percentile"``: ``n_full`` full steps at quantiles of
+            ``step_importance``. **Longer intervals / fewer full steps = faster**, staler. Step 0 is
+            always full.
+        interval (`int`, defaults to `2`): ``round-robin`` interval K.
+        k1, k2 (`int`, default `3`, `2`), split (`float`, default `0.5`): ``tprr`` parameters. The paper's
+            summaries say the first phase uses the longer interval (k1 > k2); the redundancy notebook
+            measures which phase really changes less.
+        n_full (`int`, defaults to `20`): ``percentile``: number of full steps.
+        step_importance (`list[float]`, optional): ``percentile``: importance of each step (e.g. the mean
+            measured ``update_change``), one value per sampling step. Required for ``percentile``.
+        force_last_steps (`int`, defaults to `0`): the last m steps are full too.
+        scorer (`str` or `TokenScorer`, defaults to `"prev-change"`):
+            Token scores ``(B, L, N)`` in [0, 1], high = compute (``tclab.cache.scorers``). Heuristics:
+            ``"prev-change"`` (relative change of each token's update between the last two full steps;
+            the default until the learned predictor exists), ``"random"`` (seeded), ``"oracle"`` (the true
+            ``update_change`` now: it runs a full forward first, so it is an upper bound on quality, not a
+            speed-up), ``"toca"`` (ToCa, arXiv 2410.05317). ``"learned-static"`` / ``"learned-dynamic"``
+            are the spec's Cache Predictor, available once registered. A ``TokenScorer`` instance is used
+            as given (the pluggable interface).
+        scorer_options (`dict`): keyword arguments for the named scorer's constructor (e.g. ToCa's
+            ``age_weight``); unknown keys are refused when the cache is applied.
+        seed (`int`, defaults to `0`): seed of the ``"random"`` scorer (re-seeded at the start of every run,
+            so runs repeat).
+        num_steps (`int`, optional): number of sampling steps. Inside ``tclab.sampling.sample`` it is read
+            from the step context and this is ignored. Inside diffusers' ``DiTPipeline`` (no step context)
+            the hook counts transformer calls; give the pipeline's ``num_inference_steps`` here, or leave
+            it ``None`` to infer it from the first two timestep values (exact for evenly spaced timesteps
+            ending at 0, e.g. DDIM's default ``"leading"`` spacing; a warning says so).
+        enabled (`bool`, defaults to `True`): ``False`` leaves the transformer untouched (bit-identical
+            outputs): handy to switch caching off from the same config file.
+
+    Example:
+        >>> from tclab.cache import TokenCacheConfig, apply_token_cache
+        >>> state = apply_token_cache(model.transformer, TokenCacheConfig(rho=0.25, kv="kept"))
+        >>> sample(model, labels, SampleConfig(num_steps=50))
+        >>> state.kept_fraction()    # per step, for accounting
+    """
+
+    rho: float = 0.5
+    kv: str = "all"
+    reuse: str = "update"
+    selection: str = "global"
+    full_first_blocks: int = 0
+    full_last_blocks: int = 0
+    schedule: str = "tprr"
+    interval: int = 2
+    k1: int = 3
+    k2: int = 2
+    split: float = 0.5
+    n_full: int = 20
+    step_importance: list | None = None
+    force_last_steps: int = 0
+    scorer: Any = "prev-change"  # str | TokenScorer
+    scorer_options: dict = field(default_factory=dict)
+    seed: int = 0
+    num_steps: int | None = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _unit("rho", self.rho, " (fraction of block-token pairs computed in a cached step)")
+        _choice("kv", self.kv, KV_MODES)
+        _choice("reuse", self.reuse, REUSE_MODES)
+        _choice("selection", self.selection, SELECTIONS)
+        _int("full_first_blocks", self.full_first_blocks, 0, " (blocks at the start always computed)")
+        _int("full_last_blocks", self.full_last_blocks, 0, " (blocks at the end always computed)")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _int("interval", self.interval, 1, " (round-robin: a full step every `interval` steps)")
+        _int("k1", self.k1, 1, " (tprr: phase-1 interval)")
+        _int("k2", self.k2, 1, " (tprr: phase-2 interval)")
+        _unit("split", self.split, " (tprr: fraction of the steps in phase 1)")
+        _int("n_full", self.n_full, 1, " (percentile: number of full steps)")
+        _int("force_last_steps", self.force_last_steps, 0, " (the last m steps are forced full)")
+        _int("seed", self.seed, 0)
+        if self.num_steps is not None:
+            _int("num_steps", self.num_steps, 1, " (None = read from tclab's sampler or inferred)")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {self.enabled!r}")
+        if self.step_importance is not None:
+            try:
+                w = [float(v) for v in self.step_importance]
+            except (TypeError, ValueError):
+                raise ValueError(f"step_importance must be a sequence of numbers (one per step), "
+                                 f"got {self.step_importance!r}") from None
+            if not w or any(not math.isfinite(v) or v < 0 for v in w):
+                raise ValueError("step_importance must be a non-empty list of finite values >= 0 (one per "
+                                 "sampling step, e.g. the mean update_change of each step)")
+            self.step_importance = w
+        if self.schedule == "percentile" and self.step_importance is None:
+            raise ValueError("schedule='percentile' needs step_importance (one value per sampling step, e.g. the "
+                             "mean update_change per step from the redundancy notebook); or use 'tprr'")
+        if not isinstance(self.scorer_options, dict):
+            raise TypeError(f"scorer_options must be a dict of keyword arguments, got {self.scorer_options!r}")
+        if isinstance(self.scorer, str):
+            _choice("scorer", self.scorer, SCORERS)
+        elif not (callable(getattr(self.scorer, "score", None)) and hasattr(self.scorer, "needs")):
+            raise TypeError(f"scorer must be one of {list(SCORERS)} or a TokenScorer instance (with .score() and "
+                            f".needs), got {self.scorer!r}")
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def scorer_name(self) -> str:
+        return self.scorer if isinstance(self.scorer, str) else getattr(self.scorer, "name", type(self.scorer).__name__)
+
+    @property
+    def skips_all_blocks(self) -> bool:
+        """True when a cached step computes nothing (``rho=0``, no forced blocks): FORA's case. No
+        scores are needed then, so the scorer is not called."""
+        return self.rho == 0 and self.full_first_blocks == 0 and self.full_last_blocks == 0
+
+    def schedule_params(self) -> dict:
+        """Keyword arguments for ``tclab.cache.schedule.make_schedule(self.schedule, S, **params)``."""
+        if self.schedule == "round-robin":
+            p = {"interval": self.interval}
+        elif self.schedule == "tprr":
+            p = {"k1": self.k1, "k2": self.k2, "split": self.split}
+        else:
+            p = {"step_importance": self.step_importance, "n_full": self.n_full}
+        return {**p, "force_last": self.force_last_steps}
+
+    def to_dict(self) -> dict:
+        """Plain values (a scorer instance is recorded by its name)."""
+        d = asdict(self) if isinstance(self.scorer, str) else {
+            f.name: getattr(self, f.name) for f in fields(self)}
+        d["scorer"] = self.scorer_name
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenCacheConfig":
+        """Build from a plain dict (a YAML preset, notebook parameters); unknown keys are refused."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown TokenCacheConfig key(s): {', '.join(hints)}; valid keys are {names}")
+        return cls(**d)
+
+
+def fora_config(interval: int = 3, **overrides) -> TokenCacheConfig:
+    """FORA (Selvaraju et al., arXiv 2407.01425) as a special case of TokenCache: a full step every
+    ``interval`` steps (round-robin) and, in cached steps, every block reuses its cached update
+    (``rho=0``, no forced blocks, ``reuse="update"``): no block runs at all. ``overrides`` set other
+    fields (e.g. ``force_last_steps``)."""
+    base = dict(rho=0.0, schedule="round-robin", interval=interval, reuse="update", selection="uniform",
+                full_first_blocks=0, full_last_blocks=0, scorer="random")
+    return TokenCacheConfig(**{**base, **overrides})

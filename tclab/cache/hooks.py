@@ -1,0 +1,601 @@
+"""Cached execution of a DiT: ``apply_token_cache`` / ``remove_token_cache`` (TokenCache, arXiv 2409.18523).
+
+This is the only tclab module that knows diffusers' hook API (``ModelHook``, ``HookRegistry``). The
+method, as specified in ``shared/docs/tokencache.md`` section 2:
+
+Each sampling step ``s`` is **full** or **cached** (``TokenCacheConfig.schedule``; step 0 is full).
+
+- Full step: every block runs its own, untouched ``forward``; the hook stores the residual update
+  ``u_l = x_{l+1} - x_l`` of every token (and, with ``reuse="output"``, ``x_{l+1}``) plus whatever the
+  scorer needs (``TokenScorer.needs``).
+- Cached step: the scorer scores every (row, block, token) and ``select_tokens`` picks the kept set
+  ``K_l`` of each row under ``rho``. Block ``l`` then, on gathered tensors (real savings need real
+  gathering):
+
+  1. adaLN modulation as usual (per row: ``norm1.emb`` -> ``norm1.linear``);
+  2. kept tokens: ``norm1`` + modulation, queries from them; keys/values (``kv``) from all current
+     tokens (``"all"``) or from the kept tokens only (``"kept"``); ``F.scaled_dot_product_attention``;
+     gated residual; ``norm3`` (diffusers' name for DiT's second norm) + modulation + MLP + gated
+     residual: ``x_{l+1}[K] = x_l[K] + u_new[K]``, and the cache stores ``u_new[K]``;
+  3. other tokens (``reuse``): ``x_l[i] + u_cached[i]`` (``"update"``) or ``x_{l+1,cached}[i]``
+     (``"output"``);
+  4. no kept token in any row: the block is skipped (FORA's block caching is this case for all blocks).
+
+**Per-row decisions.** Every row of the batch (a sample; the cond and uncond halves of a CFG batch are
+different rows) gets its own mask from its own scores, so rows keep different numbers of tokens. The
+kept (row, token) pairs are *packed* into one (T, C) tensor: norms, modulation, projections and the MLP
+run on exactly the kept tokens, with no padding. Attention alone needs rows: it runs on a layout padded
+to the fullest row's count ``K``; padded query slots are computed and dropped, and with ``kv="kept"``
+padded key slots are masked out, so no row's result depends on another row's decision.
+
+**Where the step comes from.** Inside ``tclab.sampling.sample`` the ``StepContext`` says the step, the
+number of steps and the run id (a new id resets the cache). Inside diffusers' ``DiTPipeline`` there is
+no context: the hook counts transformer calls, reads ``timestep``, and takes the number of steps
+from ``TokenCacheConfig.num_steps`` (or infers it from the first two timesteps, with a warning). A new
+pipeline run is recognised when the call count reaches ``num_steps`` or the timestep goes *up*;
+``state.reset_state()`` forces it.
+
+Decisions (scheduling, scoring, selection, index building: Python branching and host syncs) are fenced
+off from ``torch.compile`` with ``torch.compiler.disable``; the per-block tensor work is plain torch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from ..models import NULL_CLASS
+from ..sampling import StepContext, current_step
+from .config import TokenCacheConfig
+from .schedule import make_schedule
+from .scorers import EPS, ScoreContext, TokenScorer, make_scorer, relative_change
+from .select import select_tokens
+
+TOKEN_CACHE_MODEL_HOOK = "tclab_token_cache"
+TOKEN_CACHE_BLOCK_HOOK = "tclab_token_cache_block"
+
+_BLOCK_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
+               "cross_attention_kwargs", "class_labels")
+_MODEL_ARGS = ("hidden_states", "timestep", "class_labels", "cross_attention_kwargs", "return_dict")
+_ATTENTION_CHUNK = 256  # queries per chunk when measuring received attention (bounds the (B, H, q, N) map)
+
+
+# ---- state ----------------------------------------------------------------------------------------
+
+class BlockCacheState:
+    """What block ``l`` remembers between steps. Rows are batch rows (CFG halves included).
+
+    Fields (None until filled): ``u`` (B, N, C) last computed update of each token; ``out`` (B, N, C)
+    last computed output (``reuse="output"``); ``u_full`` (B, N, C) the update at the last full step;
+    ``change`` / ``ratio`` / ``attention`` (B, N) and ``age`` (B, N) int for the scorers;
+    ``probe_u`` (B, N, C) the oracle's true update at this step. See ``tclab.cache.scorers``.
+    """
+
+    def __init__(self) -> None:
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.u = self.out = self.u_full = None
+        self.change = self.ratio = self.attention = self.age = None
+        self.probe_u = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.u, self.out, self.u_full, self.change, self.ratio,
+                                                          self.attention, self.age, self.probe_u) if t is not None)
+
+
+@dataclass
+class BlockPlan:
+    """Which (row, token) pairs block ``l`` computes in the current cached step, built once per step.
+
+    Kept tokens are *packed*: the ``T`` kept pairs of all rows form one (T, C) tensor, so every token-wise
+    op (norms, modulation, Q/K/V/out projections, MLP) runs on exactly the kept tokens, however unevenly
+    the rows keep them. Only attention needs rows: it runs on a padded (B, K, C) layout (K = the
+    fullest row's count); padded queries are computed and discarded, padded keys (``kv="kept"``) masked.
+    """
+
+    keep: torch.Tensor  # (B, N) bool, True = compute
+    flat: torch.Tensor  # (T,) long, row * N + token of each kept pair; rows ascending, then tokens
+    rows: torch.Tensor  # (T,) long, the row of each kept pair
+    K: int  # kept tokens of the fullest row (0 = no row computes anything: skip the block)
+    pad_flat: torch.Tensor | None = None  # (T,) long, row * K + rank in row: where a pair sits in the padded
+    # attention layout; None when every row keeps exactly K (the packed tensor *is* the padded one)
+    key_valid: torch.Tensor | None = None  # (B, K) bool, kv="kept" with padding: keys to attend to (a row
+    # that keeps nothing attends to its padding: nothing of it is used, and an all-masked row gives NaN)
+
+    @property
+    def T(self) -> int:
+        return self.flat.numel()
+
+
+def plan_from_counts(keep: torch.Tensor, nz: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int],
+                     kv: str) -> BlockPlan:
+    """Plan of one block from its mask ``keep`` (B, N), the (T, 2) [row, token] pairs of ``keep.nonzero()``,
+    the per-row counts (B,) on device and on the host."""
+    B, N = keep.shape
+    K = max(counts_cpu) if counts_cpu else 0
+    rows, tok = nz[:, 0], nz[:, 1]  # (T,), (T,)
+    plan = BlockPlan(keep=keep, flat=rows * N + tok, rows=rows, K=K)
+    if K and min(counts_cpu) < K:  # uneven rows: attention needs a padded layout
+        offsets = counts.cumsum(0) - counts  # (B,) first packed position of each row
+        rank = torch.arange(len(rows), device=keep.device) - offsets[rows]  # (T,) position within its row
+        plan.pad_flat = rows * K + rank
+        if kv == "kept":
+            valid = torch.arange(K, device=keep.device)[None] < counts[:, None]  # (B, K)
+            plan.key_valid = valid | (counts == 0)[:, None]
+    return plan
+
+
+@dataclass
+class StepRecord:
+    """Accounting of one transformer call: which step, full or cached, how much was computed."""
+
+    run_id: int
+    step: int
+    t: float
+    full: bool
+    kept_fraction: float  # computed (row, block, token) fraction; 1.0 in a full step
+    kept_per_block: list[float]  # (L,) mean over rows
+    padded_fraction: float = 0.0  # padded query slots in attention (the only padded work), / all pairs
+    probe: bool = False  # a full probe forward ran first (oracle): its cost is not a saving
+
+
+@dataclass
+class TokenCacheState:
+    """The cache of one transformer, returned by ``apply_token_cache``. ``reset_state()`` forgets every
+    cached tensor and the run bookkeeping (it happens by itself when a new run starts); ``history``
+    (one ``StepRecord`` per transformer call) is kept across runs until ``clear_history()``."""
+
+    config: TokenCacheConfig
+    num_blocks: int
+    scorer: TokenScorer | None
+    blocks: list[BlockCacheState] = field(default_factory=list)
+    history: list[StepRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.blocks = [BlockCacheState() for _ in range(self.num_blocks)]
+        self.needs = frozenset() if self.scorer is None or self.config.skips_all_blocks else frozenset(self.scorer.needs)
+        self._pipeline_runs = 0
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        for b in self.blocks:
+            b.reset_state()
+        if self.scorer is not None:
+            self.scorer.reset_state()
+        self.run_id: int | None = None
+        self.step: StepContext | None = None
+        self.schedule: np.ndarray | None = None
+        self.phase: str | None = None  # None (not inside a call), "full", "cached", "probe"
+        self.plans: list[BlockPlan] | None = None
+        self.rows = self.num_tokens = 0
+        self.grid: tuple[int, int] = (0, 0)
+        self.full_steps_done = 0
+        # pipeline fallback (no StepContext)
+        self._calls = 0
+        self._t_prev: float | None = None
+        self._t_first: float | None = None
+        self._inferred_steps: int | None = None
+        self._cfg = False
+
+    # ---- reading -----------------------------------------------------------------------------------
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """A per-block field over all blocks, ``(B, L, N[, C])``."""
+        return torch.stack([getattr(b, name) for b in self.blocks], dim=1)
+
+    def kept_fractions(self, run_id: int | None = None) -> list[float]:
+        """Computed fraction of (row, block, token) pairs of every recorded call (1.0 = full step)."""
+        return [r.kept_fraction for r in self.history if run_id is None or r.run_id == run_id]
+
+    def summary(self) -> dict:
+        """Accounting over ``history``: steps, full steps, mean kept fraction of cached steps and the
+        compute fraction of block-token work over all steps (1.0 = full compute; excludes scorer and
+        probe cost, which the FLOP counter sees)."""
+        h = self.history
+        cached = [r.kept_fraction for r in h if not r.full]
+        return {"calls": len(h), "full_steps": sum(r.full for r in h), "cached_steps": len(cached),
+                "mean_kept_cached": float(np.mean(cached)) if cached else None,
+                "compute_fraction": float(np.mean([r.kept_fraction for r in h])) if h else None,
+                "probe_steps": sum(r.probe for r in h), "cache_bytes": self.cache_bytes()}
+
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.blocks)
+
+    def clear_history(self) -> None:
+        self.history.clear()
+
+
+# ---- the block computation on gathered tokens ------------------------------------------------------
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, K) -> (B, K, C)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _modulation(block: BasicTransformerBlock, timestep, class_labels, dtype) -> tuple[torch.Tensor, ...]:
+    """adaLN-Zero modulation of one block, per row: six (B, C) tensors, exactly as ``AdaLayerNormZero``."""
+    n1 = block.norm1
+    emb = n1.emb(timestep, class_labels, hidden_dtype=dtype)  # (B, C)
+    return n1.linear(n1.silu(emb)).chunk(6, dim=1)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def compute_block_tokens(block: BasicTransformerBlock, x: torch.Tensor, idx: torch.Tensor, timestep: torch.Tensor,
+                         class_labels: torch.Tensor | None, kv: str = "all",
+                         valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DiT's block (diffusers ``BasicTransformerBlock``, ``norm_type="ada_norm_zero"``) on the tokens
+    ``idx`` of each row, with the block's own submodules: returns their outputs ``x_{l+1}[idx]``. The
+    cached-step engine calls the same code (``block_packed``) on its per-step plans.
+
+    Args:
+        x: (B, N, C) the block input, all tokens.
+        idx: (B, K) token indices to compute per row (distinct within a row).
+        kv: ``"all"``: keys/values from all N tokens (the kept outputs then equal the full block's outputs
+            for those tokens); ``"kept"``: from the computed tokens of the row only.
+        valid: (B, K) bool, optional: False marks padding entries of ``idx`` (not computed; zeros returned).
+    Returns:
+        (B, K, C) outputs of the gathered tokens.
+    """
+    B, N, C = x.shape
+    K = idx.shape[1]
+    valid = torch.ones(B, K, dtype=torch.bool, device=x.device) if valid is None else valid
+    keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, idx, valid)  # (B, N)
+    counts = keep.sum(1)  # (B,)
+    plan = plan_from_counts(keep, keep.nonzero(), counts, counts.tolist(), kv)
+    out, _ = block_packed(block, x, plan, timestep, class_labels, kv)  # (T, C), kept tokens in ascending order
+    full = torch.zeros(B * N, C, dtype=x.dtype, device=x.device).index_copy_(0, plan.flat, out).view(B, N, C)
+    return torch.gather(full, 1, idx[..., None].expand(-1, -1, C)) * valid[..., None]  # (B, K, C)
+
+
+def _to_padded(t: torch.Tensor, plan: BlockPlan, B: int) -> torch.Tensor:
+    """Packed (T, C) -> padded (B, K, C) for attention (zeros at padding)."""
+    if plan.pad_flat is None:
+        return t.view(B, plan.K, t.shape[-1])
+    return t.new_zeros(B * plan.K, t.shape[-1]).index_copy_(0, plan.pad_flat, t).view(B, plan.K, t.shape[-1])
+
+
+def _from_padded(t: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """Padded (B, K, C) -> packed (T, C)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if plan.pad_flat is None else t.index_select(0, plan.pad_flat)
+
+
+def block_packed(block: BasicTransformerBlock, x: torch.Tensor, plan: BlockPlan, timestep: torch.Tensor,
+                 class_labels: torch.Tensor | None, kv: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """One DiT block on the kept pairs of ``plan``: returns packed outputs and inputs, both (T, C)."""
+    B, N, C = x.shape
+    attn = block.attn1
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, timestep, class_labels, x.dtype)
+    r = plan.rows  # (T,) row of each kept pair: per-row modulation -> per-token
+    x_k = x.reshape(B * N, C).index_select(0, plan.flat)  # (T, C)
+    if kv == "all":
+        h = block.norm1.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]  # (B, N, C) all tokens
+        h_k = h.reshape(B * N, C).index_select(0, plan.flat)  # (T, C) queries' source
+        k, v = attn.to_k(h), attn.to_v(h)  # (B, N, C) each: K/V of every current token
+        mask = None
+    else:
+        h_k = block.norm1.norm(x_k) * (1 + scale_msa[r]) + shift_msa[r]  # (T, C)
+        k, v = _to_padded(attn.to_k(h_k), plan, B), _to_padded(attn.to_v(h_k), plan, B)  # (B, K, C) each
+        mask = None if plan.key_valid is None else plan.key_valid[:, None, None, :]  # (B, 1, 1, K)
+    q = _to_padded(attn.to_q(h_k), plan, B)  # (B, K, C)
+    heads = attn.heads
+    d = C // heads
+    q = q.view(B, -1, heads, d).transpose(1, 2)  # (B, H, K, d)
+    k = k.view(B, -1, heads, d).transpose(1, 2)  # (B, H, Nk, d)
+    v = v.view(B, -1, heads, d).transpose(1, 2)  # (B, H, Nk, d)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
+    a = _from_padded(a.transpose(1, 2).reshape(B, -1, C).to(q.dtype), plan)  # (T, C)
+    a = attn.to_out[1](attn.to_out[0](a))  # (T, C) out projection, dropout
+    hid = gate_msa[r] * a + x_k  # (T, C) gated attention residual (same order as diffusers)
+    n = block.norm3(hid) * (1 + scale_mlp[r]) + shift_mlp[r]  # (T, C)
+    return gate_mlp[r] * block.ff(n) + hid, x_k  # (T, C) gated MLP residual; the packed inputs
+
+
+def attention_received(block: BasicTransformerBlock, x: torch.Tensor, timestep: torch.Tensor,
+                       class_labels: torch.Tensor | None) -> torch.Tensor:
+    """Mean attention each token receives in block ``block`` (ToCa's influence score): the column mean of
+    the softmax attention map, averaged over heads; sums to 1 over tokens. x (B, N, C) -> (B, N)."""
+    B, N, C = x.shape
+    attn = block.attn1
+    shift_msa, scale_msa = _modulation(block, timestep, class_labels, x.dtype)[:2]
+    h = block.norm1.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]  # (B, N, C)
+    heads = attn.heads
+    d = C // heads
+    q = attn.to_q(h).view(B, N, heads, d).transpose(1, 2)  # (B, H, N, d)
+    k = attn.to_k(h).view(B, N, heads, d).transpose(1, 2)  # (B, H, N, d)
+    recv = torch.zeros(B, N, device=x.device, dtype=torch.float32)
+    for lo in range(0, N, _ATTENTION_CHUNK):  # chunks of queries bound the (B, H, q, N) map
+        p = torch.softmax((q[:, :, lo:lo + _ATTENTION_CHUNK] @ k.transpose(-1, -2)).float() / math.sqrt(d), dim=-1)
+        recv += p.sum(dim=2).mean(dim=1)  # (B, N) summed over queries, mean over heads
+    return recv / N
+
+
+# ---- hooks ------------------------------------------------------------------------------------------
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+class TokenCacheModelHook(ModelHook):
+    """On the transformer: decides per call whether the step is full or cached, runs the scorer and the
+    selection, and (oracle) the probe forward. The block hooks do the per-block work."""
+
+    _is_stateful = True
+
+    def __init__(self, state: TokenCacheState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, *args, **kwargs):
+        a = _bind(_MODEL_ARGS, args, kwargs)
+        x, timestep, labels = a["hidden_states"], a.get("timestep"), a.get("class_labels")
+        st = self.state
+        try:
+            probe = self._begin_step(module, x, timestep, labels)
+            if probe:  # oracle: a full forward first, so the scorer can read the true updates
+                st.phase = "probe"
+                self.fn_ref.original_forward(*args, **kwargs)
+                st.phase = "cached"
+                self._plan_cached_step(module, x, timestep, labels, probe=True)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            st.phase = None
+            st.plans = None
+            for b in st.blocks:
+                b.probe_u = None
+
+    def reset_state(self, module):
+        self.state.reset_state()
+        return module
+
+    # -- decisions (Python branching, host syncs): kept out of torch.compile --------------------------
+
+    @torch.compiler.disable
+    def _begin_step(self, module, x, timestep, labels) -> bool:
+        """Work out the step, reset on a new run, pick full or cached; returns True when a probe must
+        run before scoring (oracle)."""
+        st, cfg = self.state, self.state.config
+        ctx = current_step()
+        if ctx is None:
+            ctx = self._pipeline_context(x, timestep, labels)
+        if ctx.run_id != st.run_id:
+            st.reset_state()
+            st.run_id = ctx.run_id
+        p = module.config.patch_size
+        rows, grid = x.shape[0], (x.shape[-2] // p, x.shape[-1] // p)
+        if st.step is not None and (rows, grid) != (st.rows, st.grid):
+            raise RuntimeError(f"token cache: the batch changed from {st.rows} rows / grid {st.grid} to {rows} rows / "
+                               f"grid {grid} within one run (step {ctx.step}); call state.reset_state() before a new "
+                               "run, or set TokenCacheConfig.num_steps so pipeline runs are delimited")
+        st.step, st.rows, st.grid, st.num_tokens = ctx, rows, grid, grid[0] * grid[1]
+        full = ctx.step == 0 or st.full_steps_done == 0
+        if not full and ctx.num_steps:
+            if st.schedule is None or len(st.schedule) != ctx.num_steps:
+                st.schedule = make_schedule(cfg.schedule, ctx.num_steps, **cfg.schedule_params())
+            full = ctx.step >= len(st.schedule) or bool(st.schedule[ctx.step])
+        elif not full:
+            full = True  # number of steps not known yet: cannot place the schedule
+        if full:
+            st.phase = "full"
+            st.full_steps_done += 1
+            L = st.num_blocks
+            st.history.append(StepRecord(ctx.run_id, ctx.step, ctx.t, True, 1.0, [1.0] * L))
+            return False
+        st.phase = "cached"
+        if "probe" in st.needs:
+            return True
+        self._plan_cached_step(module, x, timestep, labels, probe=False)
+        return False
+
+    @torch.compiler.disable
+    def _plan_cached_step(self, module, x, timestep, labels, probe: bool) -> None:
+        """Scores -> masks (B, L, N) -> per-block packing plans, with two host syncs for all blocks."""
+        st, cfg = self.state, self.state.config
+        B, L, N = st.rows, st.num_blocks, st.num_tokens
+        if cfg.skips_all_blocks:
+            keep = torch.zeros(B, L, N, dtype=torch.bool, device=x.device)  # FORA: nothing is computed
+        else:
+            sctx = ScoreContext(step=st.step, state=st, transformer=module, hidden_states=x, timestep=timestep,
+                                class_labels=labels)
+            scores = st.scorer.score(sctx)  # (B, L, N)
+            if tuple(scores.shape) != (B, L, N):
+                raise ValueError(f"scorer {cfg.scorer_name!r} returned scores of shape {tuple(scores.shape)}; "
+                                 f"expected (rows, blocks, tokens) = {(B, L, N)}")
+            keep = select_tokens(scores, cfg.rho, cfg.selection, cfg.full_first_blocks, cfg.full_last_blocks)
+        counts = keep.sum(dim=-1)  # (B, L) kept tokens per row and block
+        counts_cpu = counts.cpu()  # host sync 1 of the step
+        nz = keep.transpose(0, 1).nonzero()  # (T_all, 3) [block, row, token], sorted: host sync 2
+        per_block = counts_cpu.sum(dim=0).tolist()  # (L,) kept pairs of each block
+        plans = [plan_from_counts(keep[:, l], seg[:, 1:], counts[:, l], counts_cpu[:, l].tolist(), cfg.kv)
+                 for l, seg in enumerate(torch.split(nz, per_block))]
+        st.plans = plans
+        total = B * L * N
+        padded = sum(p.K * B - p.T for p in plans if p.pad_flat is not None)  # attention-only padding
+        st.history.append(StepRecord(
+            st.step.run_id, st.step.step, st.step.t, False, float(counts_cpu.sum()) / total,
+            (counts_cpu.float().mean(dim=0) / N).tolist(), padded_fraction=padded / total, probe=probe))
+
+    def _pipeline_context(self, x, timestep, labels) -> StepContext:
+        """A ``StepContext`` outside tclab's sampler (e.g. diffusers' ``DiTPipeline``): count calls."""
+        st, cfg = self.state, self.state.config
+        if timestep is None:
+            raise ValueError("token cache: the transformer was called without `timestep`; DiT needs it")
+        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        n = cfg.num_steps or st._inferred_steps
+        new_run = st._calls == 0 or (n is not None and st._calls >= n) or (st._t_prev is not None and t > st._t_prev)
+        if new_run:  # reset here (not in _begin_step), so the counters set below survive
+            st.reset_state()
+            st._pipeline_runs += 1
+            st.run_id = -st._pipeline_runs
+            st._t_first = t
+        step = st._calls
+        if step == 1 and cfg.num_steps is None:
+            d = st._t_first - t
+            if d <= 0:
+                raise ValueError(f"token cache: cannot infer the number of steps from timesteps {st._t_first} -> {t}; "
+                                 "set TokenCacheConfig.num_steps to the pipeline's num_inference_steps")
+            st._inferred_steps = int(round(st._t_first / d)) + 1
+            warnings.warn(f"token cache: no step context and no TokenCacheConfig.num_steps; inferred "
+                          f"num_steps={st._inferred_steps} from the first two timesteps (exact for evenly spaced "
+                          "timesteps ending at 0, e.g. DDIM 'leading'); set num_steps to be sure", stacklevel=2)
+        st._calls += 1
+        st._t_prev = t
+        rows = x.shape[0]
+        if new_run:  # DiTPipeline's CFG layout: [asked labels; null label 1000]
+            y = labels.reshape(-1) if torch.is_tensor(labels) else None
+            st._cfg = (y is not None and rows % 2 == 0 and bool((y[rows // 2:] == NULL_CLASS).all())
+                       and not bool((y[: rows // 2] == NULL_CLASS).all()))
+        cfg_batch = st._cfg
+        return StepContext(step=step, t=t, num_steps=cfg.num_steps or st._inferred_steps or 0, cfg=cfg_batch,
+                           batch=rows // 2 if cfg_batch else rows, run_id=st.run_id)
+
+
+class TokenCacheBlockHook(ModelHook):
+    """On block ``l``: full steps run the block's own forward and refresh the cache; cached steps run
+    ``compute_block_tokens`` on the kept tokens and reuse the cache for the rest."""
+
+    def __init__(self, state: TokenCacheState, index: int):
+        super().__init__()
+        self.state = state
+        self.index = index
+
+    def new_forward(self, module, *args, **kwargs):
+        st = self.state
+        phase = st.phase
+        if phase is None:  # called outside a cached transformer call: behave as the plain block
+            return self.fn_ref.original_forward(*args, **kwargs)
+        a = _bind(_BLOCK_ARGS, args, kwargs)
+        x = a["hidden_states"]  # (B, N, C)
+        if phase != "cached":
+            out = self.fn_ref.original_forward(*args, **kwargs)  # (B, N, C), the block untouched
+            if phase == "full":
+                self._refresh(module, x, out, a.get("timestep"), a.get("class_labels"))
+            else:  # probe
+                st.blocks[self.index].probe_u = out - x
+            return out
+        if a.get("attention_mask") is not None or a.get("encoder_hidden_states") is not None:
+            raise NotImplementedError("token cache: DiT blocks take no attention mask or encoder states; "
+                                      "this block was called with one")
+        return self._cached(module, x, a.get("timestep"), a.get("class_labels"))
+
+    def _refresh(self, block, x, out, timestep, labels) -> None:
+        """Full step: store the update of every token and what the scorer needs."""
+        b, cfg, needs = self.state.blocks[self.index], self.state.config, self.state.needs
+        u = out - x  # (B, N, C)
+        if "history" in needs:
+            b.change = None if b.u_full is None else relative_change(u, b.u_full)  # (B, N)
+            b.ratio = u.float().norm(dim=-1) / (x.float().norm(dim=-1) + EPS)  # (B, N)
+            b.u_full = u = u.contiguous()
+        if "attention" in needs:
+            b.attention = attention_received(block, x, timestep, labels)  # (B, N)
+        if "age" in needs:
+            b.age = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # (B, N)
+        b.u = u.contiguous()
+        b.out = out.contiguous() if cfg.reuse == "output" else None
+
+    def _cached(self, block, x, timestep, labels) -> torch.Tensor:
+        st = self.state
+        b, plan, reuse = st.blocks[self.index], st.plans[self.index], st.config.reuse
+        if b.age is not None:
+            b.age = torch.where(plan.keep, 0, b.age + 1)  # (B, N)
+        # (B, N, C) what non-kept tokens get; contiguous, as kept rows are written into its (B*N, C) view
+        # (block 0's input comes from the patch embedding as a transposed view)
+        base = (x + b.u).contiguous() if reuse == "update" else b.out
+        if plan.K == 0:  # no row keeps a token: skip the block
+            return base
+        out_k, x_k = block_packed(block, x, plan, timestep, labels, st.config.kv)  # (T, C) each
+        B, N, C = x.shape
+        if b.u is b.u_full:  # copy-on-write: keep the last full step's updates for the history
+            b.u = b.u.clone()
+        b.u.view(B * N, C).index_copy_(0, plan.flat, out_k - x_k)  # the cache stores u_new[K]
+        out = base if reuse == "update" else base.clone()  # (B, N, C)
+        out.view(B * N, C).index_copy_(0, plan.flat, out_k)  # kept tokens: x_l[K] + u_new[K]
+        if reuse == "output":
+            b.out = out
+        return out
+
+
+# ---- apply / remove ---------------------------------------------------------------------------------
+
+def _blocks_of(transformer) -> list[BasicTransformerBlock]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None or not hasattr(transformer, "config") or not hasattr(transformer.config, "patch_size"):
+        raise TypeError(f"apply_token_cache expects a diffusers DiTTransformer2DModel (with transformer_blocks and "
+                        f"a patch_size config), got {type(transformer).__name__}")
+    for i, blk in enumerate(blocks):
+        if not isinstance(blk, BasicTransformerBlock) or blk.norm_type != "ada_norm_zero" or blk.attn2 is not None:
+            raise TypeError(f"block {i} is not a DiT block (BasicTransformerBlock, norm_type='ada_norm_zero', no "
+                            "cross-attention); token caching re-implements exactly that block")
+        at = blk.attn1
+        if at.norm_q is not None or at.group_norm is not None or at.spatial_norm is not None or \
+                at.residual_connection or at.rescale_output_factor != 1.0 or blk.pos_embed is not None:
+            raise TypeError(f"block {i}'s attention has features DiT lacks (qk-norm, group norm, residual, "
+                            "rescale or positional embedding); token caching does not support it")
+        if not isinstance(at.processor, (AttnProcessor2_0, AttnProcessor)):
+            warnings.warn(f"block {i} uses attention processor {type(at.processor).__name__}; in cached steps the "
+                          "token cache computes plain scaled-dot-product attention instead", stacklevel=3)
+    return list(blocks)
+
+
+def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None) -> TokenCacheState:
+    """Attach TokenCache-style cached execution to a DiT transformer (``DiTTransformer2DModel``).
+
+    Works inside ``tclab.sampling.sample`` and inside diffusers' ``DiTPipeline`` (see the module
+    docstring). With ``config.enabled=False`` nothing is attached (outputs stay bit-identical) and an
+    inert state is returned. Applying twice raises; ``remove_token_cache`` undoes it.
+
+    Returns:
+        TokenCacheState: the live cache (``reset_state()``, ``history``, ``summary()``).
+    """
+    if config is None:
+        config = TokenCacheConfig()
+    elif isinstance(config, dict):
+        config = TokenCacheConfig.from_dict(config)
+    elif not isinstance(config, TokenCacheConfig):
+        raise TypeError(f"config must be a TokenCacheConfig or a dict, got {type(config).__name__}")
+    blocks = _blocks_of(transformer)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
+        raise RuntimeError("a token cache is already applied to this transformer; call "
+                           "tclab.cache.remove_token_cache(transformer) first")
+    if not config.enabled:
+        return TokenCacheState(config=config, num_blocks=len(blocks), scorer=None)
+    scorer = None if config.skips_all_blocks else make_scorer(config)
+    state = TokenCacheState(config=config, num_blocks=len(blocks), scorer=scorer)
+    for i, blk in enumerate(blocks):
+        HookRegistry.check_if_exists_or_initialize(blk).register_hook(TokenCacheBlockHook(state, i),
+                                                                      TOKEN_CACHE_BLOCK_HOOK)
+    registry.register_hook(TokenCacheModelHook(state), TOKEN_CACHE_MODEL_HOOK)
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+    return state
+
+
+def remove_token_cache(transformer) -> None:
+    """Remove the token cache hooks (by name) from the transformer and its blocks; a no-op if none."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(TOKEN_CACHE_MODEL_HOOK, recurse=False)
+    for blk in getattr(transformer, "transformer_blocks", []):
+        if hasattr(blk, "_diffusers_hook"):
+            blk._diffusers_hook.remove_hook(TOKEN_CACHE_BLOCK_HOOK, recurse=False)
+    if hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+def get_token_cache_state(transformer) -> TokenCacheState | None:
+    """The live state of the token cache applied to ``transformer``, or None."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(TOKEN_CACHE_MODEL_HOOK) if registry is not None else None
+    return hook.state if hook is not None else None
