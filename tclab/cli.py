@@ -24,6 +24,28 @@ def _cmd_train_dit(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_predictor(a: argparse.Namespace) -> int:
+    from .cache.train import PredictorTrainConfig, collect_trajectories, train_predictor
+    from .models import load_dit
+
+    kinds = ["learned-static", "learned-dynamic"] if a.kind == "both" else [a.kind]
+    if a.out and len(kinds) > 1:
+        print("tclab train-predictor: --out names one file; give --kind learned-static or learned-dynamic with it, "
+              "or leave --out out to write both to tclab/weights/", file=sys.stderr)
+        return 2
+    model = load_dit(a.model)
+    trajectories = None  # collected once, shared by both kinds
+    for kind in kinds:
+        cfg = PredictorTrainConfig(kind=kind, images=a.images, steps=a.steps, num_steps=a.num_steps, lam=a.lam,
+                                   scheduler=a.scheduler, guidance_scale=a.guidance, num_samples=a.num_samples,
+                                   batch_size=a.batch_size, max_gap=a.max_gap, seed=a.seed,
+                                   eval_pairs=a.eval_pairs, out=a.out)
+        if trajectories is None and len(kinds) > 1 and not a.resume:
+            trajectories = collect_trajectories(model, cfg)
+        print(train_predictor(model, cfg, resume=a.resume, trajectories=trajectories))
+    return 0
+
+
 def _cmd_run(a: argparse.Namespace) -> int:
     from .runs import ParameterError, RunFailedError, load_parameters, run_notebook
 
@@ -134,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=_cmd_train_dit)
 
+    s = sub.add_parser("train-predictor", help="train the learned Cache Predictor (TokenCache) on a frozen DiT")
+    s.add_argument("--model", default="shapes-dit")
+    s.add_argument("--kind", default="learned-static", choices=("learned-static", "learned-dynamic", "both"))
+    s.add_argument("--images", default=None, help="image folder whose SDEdit traces are added to the trajectories")
+    s.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    s.add_argument("--num-steps", type=int, default=50, help="sampling steps of the training trajectories")
+    s.add_argument("--lambda", dest="lam", type=float, default=1.0, help="compute penalty (higher = fewer tokens)")
+    s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"))
+    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--num-samples", type=int, default=6, help="trajectories sampled from noise")
+    s.add_argument("--batch-size", type=int, default=4, help="step pairs per optimiser step")
+    s.add_argument("--max-gap", type=int, default=1, help="pairs (s-g, s) with g up to this (1 = adjacent)")
+    s.add_argument("--eval-pairs", type=int, default=16, help="pairs for the predictor-vs-random check (0 = skip)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="predictor file (default tclab/weights/<model>-predictor-<kind>)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.set_defaults(func=_cmd_train_predictor)
+
     s = sub.add_parser("run", help="execute a parameterised notebook into a new reports/ run folder")
     s.add_argument("notebook", help="the .ipynb to execute (its 'parameters' cell defines the valid names)")
     s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -178,7 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one)")
         s.set_defaults(func=func)
+    _add_schedule_parser(sub)
     return p
+
+
+def _cmd_schedule_run(a: argparse.Namespace) -> int:
+    from .jobs import cli_schedule_run
+
+    return cli_schedule_run(a.jobs_file, dry_run=a.dry_run)
+
+
+def _add_schedule_parser(sub) -> None:
+    s = sub.add_parser("schedule", help="scheduled reports: run the jobs of a YAML jobs file (for cron/systemd)")
+    ssub = s.add_subparsers(dest="schedule_command", required=True)
+    s = ssub.add_parser("run", help="run every job in order into the file's reports folder; exit 1 if any job "
+                                    "failed, 2 if the file is invalid or another schedule run holds the folder")
+    s.add_argument("jobs_file", help="YAML jobs file (see jobs/example.yaml); paths in it are relative to its folder")
+    s.add_argument("--dry-run", action="store_true", help="check the file and print the plan; run nothing")
+    s.set_defaults(func=_cmd_schedule_run)
 
 
 def main(argv: list[str] | None = None) -> int:

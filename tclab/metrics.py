@@ -159,3 +159,204 @@ def paired_quality(test: torch.Tensor, reference: torch.Tensor) -> dict[str, flo
         raise ValueError(f"paired metrics need equal shapes, got {tuple(test.shape)} and {tuple(reference.shape)}")
     return {"psnr": float(psnr(test, reference).mean()), "ssim": float(ssim(test, reference).mean()),
             "mse": float(mse(test, reference).mean())}
+
+
+# =============================================================================================
+# Distribution quality against a reference image set: FID, KID, and export for the ADM evaluator
+# =============================================================================================
+# FID and KID compare *sets*: the features of the generated images against those of a reference
+# set, in the feature space of one extractor (``tclab.features``). Their value depends on that
+# extractor, on the number of images (FID is biased upwards at small N, KID is not) and on the
+# reference set, so ``distribution_quality`` records all three next to the numbers.
+
+import warnings  # noqa: E402 - kept with the section that uses them
+
+import numpy as np  # noqa: E402
+
+
+def _as_features(feats, what: str) -> np.ndarray:
+    f = np.asarray(feats.detach().cpu() if isinstance(feats, torch.Tensor) else feats, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"{what}: expected features as an (N, D) array, got shape {f.shape}; run a "
+                         "tclab.features extractor on the images first")
+    if not np.isfinite(f).all():
+        raise ValueError(f"{what}: features hold NaN or inf; check the images (NaNs from a diverged sampler?)")
+    return f
+
+
+def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and covariance ``(D, D)`` (unbiased, N - 1) of ``(N, D)`` features, in float64."""
+    f = _as_features(feats, "feature_statistics")
+    if len(f) < 2:
+        raise ValueError(f"a covariance needs at least 2 feature vectors, got {len(f)}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`` (Dowson & Landau 1982;
+    FID, Heusel et al. 2017). Numerical guards, as in the reference FID code: if the matrix square
+    root is not finite or not accurate (a singular product, e.g. fewer images than feature
+    dimensions), ``eps`` is added to both diagonals and it is retried; a square root that comes back complex with a
+    negligible imaginary part (rounding) keeps its real part, a large one raises; a result below
+    zero by rounding only is reported as 0.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: means {mu1.shape} and {mu2.shape}, covariances "
+                         f"{s1.shape} and {s2.shape}; both sets must come from the same feature extractor")
+    diff = mu1 - mu2
+
+    def sqrtm_checked(a):
+        # scipy warns "matrix is singular" for any rank-deficient product, even when the root it
+        # returns is exact; judge the root by its residual |X X - A| / |A| instead
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            x = linalg.sqrtm(a)
+        ok = np.isfinite(x).all() and np.linalg.norm(x @ x - a) <= 1e-6 * max(np.linalg.norm(a), 1e-300)
+        return x, ok
+
+    covmean, ok = sqrtm_checked(s1 @ s2)
+    if not ok:
+        offset = np.eye(len(s1)) * eps
+        covmean, ok = sqrtm_checked((s1 + offset) @ (s2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError("the covariance product has no finite square root even with eps on the diagonal; "
+                             "use more images than feature dimensions")
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"the covariance product has a square root with imaginary part "
+                             f"{np.max(np.abs(covmean.imag)):.3g}: the statistics are not valid covariances")
+        covmean = covmean.real
+    d2 = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    scale = float(np.trace(s1) + np.trace(s2)) or 1.0
+    return 0.0 if -1e-9 * scale < d2 < 0 else d2
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """FID when the features are InceptionV3's: the Frechet distance of two ``(N, D)`` feature sets.
+
+    Each set is summarised by its mean and covariance (:func:`feature_statistics`); see
+    :func:`frechet_distance_from_statistics` for the formula and its numerical guards. With fewer
+    vectors than dimensions the covariances are singular and the value leans on ``eps``: use many
+    more images than ``D`` (2048 for Inception, 128 for the small classifier).
+    """
+    return frechet_distance_from_statistics(*feature_statistics(feats_a), *feature_statistics(feats_b))
+
+
+def kernel_inception_distance(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> dict[str, float | int]:
+    """KID (Binkowski et al. 2018): unbiased squared MMD with the kernel ``k(x, y) = (x.y / D + 1)^3``.
+
+    For each of ``subsets`` rounds, ``m = subset_size`` vectors are drawn without replacement from
+    each set (``numpy.random.default_rng(seed)``) and
+
+        MMD^2 = mean_{i != j} k(a_i, a_j) + mean_{i != j} k(b_i, b_j) - 2 mean_{i, j} k(a_i, b_j).
+
+    Returns ``{"mean", "std", "subsets", "subset_size"}``: mean and population std over the rounds
+    (the std is the spread of the estimate, as torchmetrics and torch-fidelity report it).
+    ``subset_size`` is capped at the smaller set's size, and the cap is returned. Unbiased, so a
+    set against itself is 0 up to noise (small negative values happen) and, unlike FID, the
+    expected value does not depend on N: KID is the fairer number for small sets.
+    """
+    a, b = _as_features(feats_a, "kernel_inception_distance"), _as_features(feats_b, "kernel_inception_distance")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dimensions differ ({a.shape[1]} vs {b.shape[1]}); use one extractor for both")
+    m = min(subset_size, len(a), len(b))
+    if m < 2 or subsets < 1:
+        raise ValueError(f"KID needs subset_size >= 2 (got {m} after capping at the set sizes "
+                         f"{len(a)}, {len(b)}) and subsets >= 1 (got {subsets})")
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    values = np.empty(subsets)
+    for k in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]                          # (m, D)
+        y = b[rng.choice(len(b), m, replace=False)]                          # (m, D)
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        values[k] = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                     - 2 * kxy.mean())
+    return {"mean": float(values.mean()), "std": float(values.std()), "subsets": subsets, "subset_size": m}
+
+
+def distribution_quality(images: torch.Tensor, reference_images, extractor, *, kid_subsets: int = 100,
+                         kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """FID and KID of ``images`` against a reference set, labelled with the feature space used.
+
+    Args:
+        images: generated images, ``(N, 3, H, W)`` in [-1, 1].
+        reference_images: the reference set as images in the same form, or as ``(M, D)`` features
+            already computed with this ``extractor`` (saves recomputing them for every run).
+        extractor: a ``tclab.features.FeatureExtractor``: ``InceptionV3Features(weights)`` for the
+            published feature space, ``ClassifierFeatures()`` for an offline, relative one.
+
+    Returns ``fid``, ``kid_mean``, ``kid_std``, the KID subset settings, ``n_images``,
+    ``n_reference``, ``feature_dim``, ``extractor`` (its name), ``comparable_to_published`` (the
+    extractor's flag: is this the feature space papers use?), ``extractor_identity`` (weights and
+    hash) and a ``note`` saying what the number can be compared with. Even in Inception space a
+    paper's FID is FID-50k against its own reference batch: compare only at equal N and reference.
+    """
+    feats = extractor(images)
+    ref = reference_images
+    if isinstance(ref, np.ndarray) and ref.ndim == 2:
+        ref_feats = _as_features(ref, "reference features")
+    else:
+        ref_feats = extractor(ref)
+    if ref_feats.shape[1] != feats.shape[1]:
+        raise ValueError(f"reference features have {ref_feats.shape[1]} dims, {extractor.name} gives "
+                         f"{feats.shape[1]}: compute them with the same extractor")
+    kid = kernel_inception_distance(feats, ref_feats, kid_subsets, kid_subset_size, seed)
+    comparable = bool(extractor.comparable_to_published)
+    if not comparable:
+        note = (f"feature space '{extractor.name}': compare only with runs that used the same extractor, "
+                "reference set and image count; never with published FIDs")
+    else:
+        note = (f"published FIDs are FID-50k against the paper's reference batch (ADM evaluator); this is "
+                f"FID-{len(feats)} against {len(ref_feats)} reference images: compare only at equal N and reference")
+    return {"fid": frechet_distance(feats, ref_feats), "kid_mean": kid["mean"], "kid_std": kid["std"],
+            "kid_subsets": kid["subsets"], "kid_subset_size": kid["subset_size"], "n_images": len(feats),
+            "n_reference": len(ref_feats), "feature_dim": int(feats.shape[1]), "extractor": extractor.name,
+            "comparable_to_published": comparable, "extractor_identity": extractor.identity(), "note": note}
+
+
+def export_adm_npz(images, path, labels=None):
+    """Write images as the ADM evaluator's sample/reference ``.npz``: ``arr_0`` uint8 ``(N, H, W, 3)``.
+
+    The evaluator of openai/guided-diffusion (``evaluations/evaluator.py REF.npz SAMPLES.npz``) is
+    what DiT, TokenCache, ToCa and TaylorSeer report FID-50k with; feeding it this file gives a
+    number comparable with theirs (with 50,000 samples and the same reference batch, e.g.
+    ``VIRTUAL_imagenet256_labeled.npz``). ``images`` is ``(N, 3, H, W)`` in [-1, 1] (quantised with
+    ``tclab.data.images_to_uint8``, the same rounding as saved PNGs) or already ``(N, H, W, 3)``
+    uint8. Optional ``labels`` go to ``arr_1``, as ADM's sampling script writes them. Returns the path.
+    """
+    from pathlib import Path
+
+    from .data import images_to_uint8
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{str(path)!r}: name the file *.npz (numpy would append the suffix silently)")
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected (N, 3, H, W) images in [-1, 1], got {tuple(images.shape)}")
+        arr = images_to_uint8(images)
+    else:
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"expected a (N, 3, H, W) tensor in [-1, 1] or a (N, H, W, 3) uint8 array, "
+                             f"got {arr.dtype} {arr.shape}")
+    arrays = {"arr_0": np.ascontiguousarray(arr)}
+    if labels is not None:
+        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+        if lab.shape != (len(arr),):
+            raise ValueError(f"labels must be ({len(arr)},), got {lab.shape}")
+        arrays["arr_1"] = lab
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+    return path
