@@ -1,0 +1,533 @@
+"""Train the Cache Predictor on a frozen DiT (TokenCache, arXiv 2409.18523; spec section 3).
+
+The objective of ``shared/docs/tokencache.md`` ("Which tokens", training):
+
+1. **Data**: trajectories of the model itself, sampled with tclab's own sampler at the settings the
+   cache will run at (``num_steps``, ``scheduler``, ``guidance_scale``; every CFG row, conditional and
+   unconditional, is a trajectory of its own), and optionally SDEdit traces of an in-house image folder
+   (``images``). For every step we keep the transformer's input, timestep, label and full output
+   (:func:`collect_trajectories`; a few MB for the embedded model).
+2. **A training pair** (s - g, s), ``g = 1`` by default (adjacent steps, as the spec says): step s - g is
+   run fully and each block's residual update ``u_l`` is kept (the cache); step s is run with every
+   block's output blended per token (:func:`forward_blended`)
+
+       x_{l+1} = x_l + w * u_l(x_l) + (1 - w) * u_l(cached from s - g),   w = sigmoid(theta)[b, l, i]
+
+   which is the engine's ``reuse="update"`` with a soft keep mask (with a hard 0/1 mask and
+   ``kv="all"`` it *is* the engine's cached step).
+3. **Loss** (tclab's choices are the defaults; the alternatives are knobs)::
+
+       loss = rel_mse + lambda * mean(w)
+       rel_mse = MSE(out_blended, out_full) / MSE(out_all_cached, out_full)   (per row, then averaged)
+
+   The MSE is on the noise-prediction channels (learned-sigma channels are not used by the sampler).
+   Dividing by the error of caching *every* token (``relative=True``) puts every step and every model
+   on one scale (0 = as good as computing everything, 1 = as bad as caching everything), so one
+   ``lambda`` means the same everywhere: at ``lambda = 1`` a uniform score settles near w = 0.5, larger
+   ``lambda`` = fewer tokens. ``penalty="target"`` replaces ``lambda * mean(w)`` by
+   ``lambda * (mean(w) - target_ratio)^2`` (the spec's target-ratio alternative). Only the ranking of
+   the scores matters to the engine (it keeps the top ``rho``), so ``lambda`` mainly sets how hard the
+   predictor has to separate tokens.
+
+The DiT is frozen (its parameters get no gradient and are restored as they were); only the predictor
+learns (AdamW, constant learning rate). Runs are deterministic for a seed (one generator draws the
+pairs), checkpointed every ``checkpoint_every`` steps as tensors only (``torch.load(weights_only=True)``)
+and ``resume=True`` continues exactly where a run stopped (same result as an uninterrupted run). A tqdm
+bar shows progress; the loss curve is saved next to the predictor (``.loss.csv``, ``.loss.png``).
+
+Defaults train on the embedded ``shapes-dit`` in a few minutes on one CPU thread::
+
+    tclab train-predictor --kind both          # retrains both shipped predictors
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import NULL_CLASS, LoadedDiT, PixelSpaceVAE, default_scheduler_config
+from .predictor import (
+    KINDS,
+    CachePredictor,
+    default_predictor_path,
+    load_predictor,
+    make_predictor,
+    model_signature,
+    weights_fingerprint,
+)
+
+PENALTIES = ("mean", "target")
+EPS = 1e-12
+# Fields that do not change what a run computes step by step (a resumed run may change them).
+_RUN_ONLY_FIELDS = ("steps", "checkpoint_every", "out", "eval_pairs")
+# Fields that decide the trajectories (a saved trajectory set is reused only if these match).
+_DATA_FIELDS = ("num_steps", "scheduler", "guidance_scale", "num_samples", "images", "num_images",
+                "sdedit_strength", "seed")
+
+
+@dataclass
+class PredictorTrainConfig:
+    """How to train a Cache Predictor (TokenCache, arXiv 2409.18523; ``shared/docs/tokencache.md`` s.3).
+    The defaults train on the embedded ``shapes-dit`` in a few minutes on one CPU thread.
+
+    Args:
+        kind (`str`, defaults to `"learned-static"`): ``"learned-static"`` (scores from step, block and
+            token only: free at run time) or ``"learned-dynamic"`` (a small network on the current tokens:
+            adapts to the image, costs a little at every cached step). See :mod:`tclab.cache.predictor`.
+        num_steps (`int`, defaults to `50`): sampling steps of the training trajectories. Train at the step
+            count you will sample with: the staleness of a cached update grows with the gap between steps.
+        scheduler (`str`, defaults to `"ddim"`), guidance_scale (`float`, defaults to `4.0`): as in
+            ``SampleConfig``; match the runs the cache will be used in (CFG's two halves are both learned).
+        num_samples (`int`, defaults to `6`): trajectories sampled from noise (labels cycle over the
+            classes; with CFG each gives two rows). More = more varied data, slower collection.
+        images (`str`, optional): an in-house image folder; adds SDEdit traces of ``num_images`` of its
+            images (``sdedit_strength`` of the trajectory), so the predictor also sees real content.
+        num_images (`int`, defaults to `6`), sdedit_strength (`float`, defaults to `0.6`): see ``images``.
+        steps (`int`, defaults to `300`): optimiser steps. Loss flattens after a few hundred on shapes-dit.
+        batch_size (`int`, defaults to `4`): training pairs (row, step) per optimiser step; each costs
+            one no-grad and one forward+backward pass of the DiT.
+        lr (`float`, defaults to `3e-3`): AdamW learning rate (constant after a 10-step warm-up).
+        lam (`float`, defaults to `1.0`): the spec's ``lambda``, weight of the compute penalty. **Higher =
+            fewer tokens kept** (lower mean w); with ``relative=True`` 1.0 balances near w = 0.5.
+        penalty (`str`, defaults to `"mean"`): ``"mean"``: ``lambda * mean(w)`` (the spec's); ``"target"``:
+            ``lambda * (mean(w) - target_ratio)^2`` (pins the mean score; the spec's alternative).
+        target_ratio (`float`, defaults to `0.5`): the mean score ``penalty="target"`` aims at (e.g. ``rho``).
+        relative (`bool`, defaults to `True`): divide each row's MSE by the MSE of caching every token
+            (see the module docstring); ``False`` uses the raw MSE (then ``lambda`` depends on the model).
+        max_gap (`int`, defaults to `1`): pairs are (s - g, s) with g drawn from 1..max_gap. 1 = adjacent
+            steps (the spec). The engine's default schedule (``tprr`` k1=3) reuses a full step's cache for
+            up to 2 following steps: ``max_gap=3`` trains for that staleness too.
+        seed (`int`, defaults to `0`): fixes trajectories, predictor initialisation and pair order.
+        checkpoint_every (`int`, defaults to `50`): optimiser steps between resumable checkpoints.
+        eval_pairs (`int`, defaults to `16`): after training, pairs on which hard top-``rho`` masks from the
+            predictor are compared with random masks (recorded in the file; 0 skips it).
+        out (`str`, optional): predictor file to write; default
+            ``tclab/weights/<model>-predictor-<static|dynamic>.safetensors``.
+        arch (`dict`): architecture keyword arguments of the predictor (``hidden`` for static; ``width``,
+            ``heads`` for dynamic); empty = the defaults.
+    """
+
+    kind: str = "learned-static"
+    num_steps: int = 50
+    scheduler: str = "ddim"
+    guidance_scale: float = 4.0
+    num_samples: int = 6
+    images: str | None = None
+    num_images: int = 6
+    sdedit_strength: float = 0.6
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 3e-3
+    lam: float = 1.0
+    penalty: str = "mean"
+    target_ratio: float = 0.5
+    relative: bool = True
+    max_gap: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_pairs: int = 16
+    out: str | None = None
+    arch: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not a predictor kind; choose one of {list(KINDS)}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty={self.penalty!r}; choose one of {list(PENALTIES)}")
+        for name, lo in (("num_steps", 2), ("num_samples", 1), ("steps", 1), ("batch_size", 1), ("max_gap", 1),
+                         ("checkpoint_every", 1), ("num_images", 1), ("eval_pairs", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.max_gap >= self.num_steps:
+            raise ValueError(f"max_gap={self.max_gap} needs more than {self.max_gap} sampling steps "
+                             f"(num_steps={self.num_steps})")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lam (the spec's lambda) must be a finite number >= 0, got {self.lam}")
+        if not 0 <= self.target_ratio <= 1:
+            raise ValueError(f"target_ratio must be in [0, 1], got {self.target_ratio}")
+        if not 0 < self.sdedit_strength <= 1:
+            raise ValueError(f"sdedit_strength must be in (0, 1], got {self.sdedit_strength}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def run_key(self) -> str:
+        """The settings a checkpoint must share with a run that resumes it."""
+        d = {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY_FIELDS}
+        return json.dumps(d, sort_keys=True)
+
+    def data_key(self) -> str:
+        return json.dumps({k: getattr(self, k) for k in _DATA_FIELDS}, sort_keys=True)
+
+
+# ---- the forward pass with blended blocks ------------------------------------------------------------
+
+def forward_blended(transformer, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                    class_labels: torch.Tensor | None, w: torch.Tensor | None = None,
+                    cached: list[torch.Tensor] | None = None,
+                    record: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The DiT's forward (``DiTTransformer2DModel``) with its blocks called here, so each block's output
+    can be blended with a cached update (the training harness of the spec, section 3).
+
+    Modes:
+      - ``w=None, cached=None``: the plain forward (``record=True`` also returns every block's update
+        ``u_l = x_{l+1} - x_l``, (B, N, C) each: the cache of this step);
+      - ``w`` (B, L, N) and ``cached`` (L tensors (B, N, C)): block l's output becomes
+        ``w * x_{l+1} + (1 - w) * (x_l + u_cached)`` (= ``x_l + w u_now + (1 - w) u_cached``), written so
+        that ``w = 1`` gives the plain output and ``w = 0`` the all-cached output bit for bit;
+      - ``cached`` without ``w``: every block reuses its cached update (w = 0) and no block runs (cheap).
+
+    Returns:
+        (out (B, C_out, H, W) exactly as ``transformer(...).sample``, the updates or None).
+    """
+    tr = transformer
+    x = tr.pos_embed(hidden_states)  # (B, N, C) patch tokens + positional embedding
+    updates = [] if record else None
+    for l, block in enumerate(tr.transformer_blocks):
+        if cached is not None and w is None:  # all cached: the block is not run
+            x = x + cached[l]
+            continue
+        out = block(x, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                    timestep=timestep, cross_attention_kwargs=None, class_labels=class_labels)  # (B, N, C)
+        if record:
+            updates.append(out - x)
+        if w is not None:
+            wl = w[:, l, :, None].to(out.dtype)  # (B, N, 1)
+            out = wl * out + (1 - wl) * (x + cached[l])
+        x = out
+    return _output_head(tr, x, timestep, class_labels), updates
+
+
+def _output_head(tr, x: torch.Tensor, timestep, class_labels) -> torch.Tensor:
+    """DiT's final adaLN, projection and unpatchify, as diffusers' ``DiTTransformer2DModel.forward``."""
+    cond = tr.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)  # (B, C)
+    shift, scale = tr.proj_out_1(F.silu(cond)).chunk(2, dim=1)
+    x = tr.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
+    x = tr.proj_out_2(x)  # (B, N, p*p*C_out)
+    h = w = int(x.shape[1] ** 0.5)
+    p, c = tr.config.patch_size, tr.out_channels
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(-1, h, w, p, p, c))
+    return x.reshape(-1, c, h * p, w * p)  # (B, C_out, H, W)
+
+
+def _noise_channels(out: torch.Tensor, transformer) -> torch.Tensor:
+    """The channels the sampler uses (the noise prediction; learned-sigma channels dropped)."""
+    return out[:, : transformer.config.in_channels]
+
+
+# ---- training data: the model's own trajectories -----------------------------------------------------
+
+@dataclass
+class TrajectorySet:
+    """Transformer calls of full-compute sampling runs, one row per (trajectory, step), trajectory-major
+    with steps ascending (so row ``m - g`` is the same trajectory's step ``s - g`` when ``step[m] >= g``).
+    A trajectory is one CFG row of one run (its conditional and unconditional halves are two)."""
+
+    x: torch.Tensor  # (M, C_in, H, W) transformer input (after scale_model_input)
+    t: torch.Tensor  # (M,) timestep value
+    y: torch.Tensor  # (M,) class label (NULL_CLASS = unconditional row)
+    target: torch.Tensor  # (M, C_in, H, W) full output, noise channels
+    step: torch.Tensor  # (M,) step index within its trajectory (0 = first executed step)
+    traj: torch.Tensor  # (M,) trajectory id
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def pair_rows(self) -> torch.Tensor:
+        """Rows m that can end a pair (step >= 1). (P,) long."""
+        return torch.nonzero(self.step >= 1).reshape(-1)
+
+    def state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def num_trajectories(self) -> int:
+        return int(self.traj.max()) + 1 if len(self) else 0
+
+
+def _as_loaded(model) -> LoadedDiT:
+    if isinstance(model, LoadedDiT):
+        return model
+    if isinstance(model, str):
+        from ..models import load_dit
+
+        return load_dit(model)
+    if hasattr(model, "transformer_blocks") and hasattr(model, "config"):
+        return LoadedDiT(name="transformer", transformer=model,
+                         vae=PixelSpaceVAE(latent_channels=model.config.in_channels),
+                         scheduler_config=default_scheduler_config(), trained=True, source="given transformer")
+    raise TypeError(f"expected a LoadedDiT, a model spec string or a DiTTransformer2DModel, got {type(model).__name__}")
+
+
+def _image_labels(model: LoadedDiT, data) -> torch.Tensor:
+    """Labels for SDEdit of a loaded image set: by class name where the model has names, else cycled."""
+    n = len(data)
+    if data.labelled and model.class_names:
+        unknown = sorted(set(data.class_names) - set(model.class_names))
+        if unknown:
+            raise ValueError(f"image classes {unknown} are not classes of {model.name} ({model.class_names}); "
+                             "use a folder with the model's class names, or a flat folder")
+        idx = {c: k for k, c in enumerate(model.class_names)}
+        return torch.tensor([idx[data.class_names[int(y)]] for y in data.labels])
+    return torch.arange(n) % min(model.num_classes, NULL_CLASS)
+
+
+def collect_trajectories(model, config: PredictorTrainConfig, progress: bool = True) -> TrajectorySet:
+    """Sample the model's own trajectories (and SDEdit traces of ``config.images``) with full compute,
+    recording every transformer call. See :class:`TrajectorySet`."""
+    from ..data import load_image_folder
+    from ..sampling import SampleConfig, current_step, sample
+    from .hooks import get_token_cache_state
+
+    model = _as_loaded(model)
+    tr = model.transformer
+    if get_token_cache_state(tr) is not None:
+        raise RuntimeError("a token cache is applied to this transformer; training data must come from full "
+                           "compute: call tclab.cache.remove_token_cache(transformer) first")
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        ctx = current_step()
+        x = args[0] if args else kwargs["hidden_states"]
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        y = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        out = output.sample if hasattr(output, "sample") else output[0]
+        calls.append((ctx.run_id, ctx.step, x.detach().cpu().clone(), torch.as_tensor(t).reshape(-1).cpu().clone(),
+                      y.detach().cpu().clone(), _noise_channels(out, tr).detach().cpu().clone()))
+
+    n_cls = min(model.num_classes, NULL_CLASS)
+    labels = [i % n_cls for i in range(config.num_samples)]
+    sc = SampleConfig(num_steps=config.num_steps, scheduler=config.scheduler, guidance_scale=config.guidance_scale,
+                      seed=config.seed, batch_size=config.num_samples, sdedit_strength=config.sdedit_strength)
+    handle = tr.register_forward_hook(hook, with_kwargs=True)
+    try:
+        sample(model, labels, sc, progress=progress)
+        if config.images:
+            data = load_image_folder(config.images, model.resolution, limit=None, progress=False)
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:config.num_images]
+            imgs, ylab = data.images[pick], _image_labels(model, data)[pick]
+            sample(model, ylab.tolist(), SampleConfig(**{**asdict(sc), "seed": config.seed + 1,
+                                                         "batch_size": len(pick)}),
+                   init_images=imgs, progress=progress)
+    finally:
+        handle.remove()
+    # (run, row) -> trajectory id in order of appearance; rows laid out trajectory-major, steps ascending
+    keys, items = {}, []
+    for run_id, s, x, t, y, out in calls:
+        for r in range(x.shape[0]):
+            tid = keys.setdefault((run_id, r), len(keys))
+            items.append((tid, s, x[r], t[r if len(t) > 1 else 0], y[r], out[r]))
+    items.sort(key=lambda it: (it[0], it[1]))
+    return TrajectorySet(x=torch.stack([it[2] for it in items]), t=torch.stack([it[3] for it in items]),
+                         y=torch.stack([it[4] for it in items]), target=torch.stack([it[5] for it in items]),
+                         step=torch.tensor([it[1] for it in items]), traj=torch.tensor([it[0] for it in items]))
+
+
+# ---- one loss evaluation -----------------------------------------------------------------------------
+
+def _pair_tensors(trajs: TrajectorySet, m: torch.Tensor, g: torch.Tensor, device):
+    prev = m - g
+    return (trajs.x[prev].to(device), trajs.t[prev].to(device), trajs.x[m].to(device), trajs.t[m].to(device),
+            trajs.y[m].to(device), trajs.target[m].to(device))
+
+
+def compute_pair_loss(predictor: CachePredictor, transformer, batch, config: PredictorTrainConfig) -> dict:
+    """Loss of one batch of pairs (see the module docstring): dict of ``loss`` (with grad), ``rel_mse``
+    (the MSE term as used), ``mean_w``."""
+    x_prev, t_prev, x_now, t_now, y, target = batch
+    with torch.no_grad():
+        _, cached = forward_blended(transformer, x_prev, t_prev, y, record=True)  # L x (B, N, C): step s - g
+        if config.relative:
+            all_cached, _ = forward_blended(transformer, x_now, t_now, y, cached=cached)  # no block runs
+            err0 = (_noise_channels(all_cached, transformer) - target).pow(2).flatten(1).mean(1)  # (B,)
+    w = torch.sigmoid(predictor.logits_for(transformer, x_now, t_now, y))  # (B, L, N)
+    out, _ = forward_blended(transformer, x_now, t_now, y, w=w, cached=cached)
+    err = (_noise_channels(out, transformer) - target).pow(2).flatten(1).mean(1)  # (B,)
+    mse = (err / (err0 + EPS)).mean() if config.relative else err.mean()
+    mean_w = w.mean()
+    cost = mean_w if config.penalty == "mean" else (mean_w - config.target_ratio) ** 2
+    return {"loss": mse + config.lam * cost, "rel_mse": mse.detach(), "mean_w": mean_w.detach()}
+
+
+def _draw_pairs(trajs: TrajectorySet, rows: torch.Tensor, n: int, max_gap: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    m = rows[torch.randint(len(rows), (n,), generator=gen)]  # (n,) pair ends
+    if max_gap == 1:
+        return m, torch.ones_like(m)
+    hi = trajs.step[m].clamp(max=max_gap)  # (n,) largest gap possible
+    g = 1 + (torch.rand(n, generator=gen) * hi).long().clamp(max=hi - 1)
+    return m, g
+
+
+@torch.no_grad()
+def evaluate_predictor(predictor: CachePredictor, transformer, trajs: TrajectorySet, rho: float = 0.5,
+                       num_pairs: int = 16, max_gap: int = 1, seed: int = 1234) -> dict:
+    """Hard masks as the engine makes them (``select_tokens``, ``"global"``, top ``rho``; ``kv="all"``,
+    ``reuse="update"``) from the predictor's scores vs from random scores, on ``num_pairs`` pairs of
+    ``trajs``: relative MSE of the output (1 = caching everything). Lower than random = it ranks."""
+    from .select import select_tokens
+
+    gen = torch.Generator().manual_seed(seed)
+    m, g = _draw_pairs(trajs, trajs.pair_rows(), num_pairs, max_gap, gen)
+    x_prev, t_prev, x_now, t_now, y, target = _pair_tensors(trajs, m, g, transformer.device)
+    _, cached = forward_blended(transformer, x_prev, t_prev, y, record=True)
+    err0 = (_noise_channels(forward_blended(transformer, x_now, t_now, y, cached=cached)[0], transformer)
+            - target).pow(2).flatten(1).mean(1)
+
+    def rel(scores):
+        keep = select_tokens(scores, rho, "global").to(scores.dtype)  # (B, L, N) 0/1
+        out, _ = forward_blended(transformer, x_now, t_now, y, w=keep, cached=cached)
+        return float(((_noise_channels(out, transformer) - target).pow(2).flatten(1).mean(1) / (err0 + EPS)).mean())
+
+    s = torch.sigmoid(predictor.logits_for(transformer, x_now, t_now, y))
+    rnd = torch.rand(s.shape, generator=gen).to(s.device)
+    return {"rho": rho, "pairs": num_pairs, "rel_mse_predictor": rel(s), "rel_mse_random": rel(rnd)}
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
+
+
+def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig(), resume: bool = False,
+                    progress: bool = True, trajectories: TrajectorySet | None = None) -> Path:
+    """Train a Cache Predictor on a frozen DiT and write it; returns the predictor file.
+
+    Args:
+        model: a ``LoadedDiT``, a model spec for ``load_dit`` (``"shapes-dit"``) or a bare DiT transformer.
+        config: see :class:`PredictorTrainConfig`.
+        resume: continue from the checkpoint in the work folder (``.<name>.training`` next to the output),
+            refusing one made with other settings; ``config.steps`` may be raised to train longer.
+        trajectories: reuse an already collected :class:`TrajectorySet` (e.g. one for both kinds).
+    """
+    from tqdm.auto import tqdm
+
+    model = _as_loaded(model)
+    tr = model.transformer
+    out = Path(config.out) if config.out else default_predictor_path(config.kind, _safe_name(model.name))
+    work = out.parent / f".{out.stem}.training"
+    ckpt_path, traj_path = work / "checkpoint.pt", work / "trajectories.pt"
+    ck = None
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=True)
+        if ck["run_key"] != config.run_key():
+            raise ValueError(f"the checkpoint in {work} was made with other settings ({ck['run_key']}); resume with "
+                             f"the same settings (only {list(_RUN_ONLY_FIELDS)} may change), or drop --resume to "
+                             "start over")
+    work.mkdir(parents=True, exist_ok=True)
+
+    if trajectories is None and traj_path.exists():
+        saved = torch.load(traj_path, weights_only=True)
+        if saved.get("data_key") == config.data_key() and saved.get("weights") == weights_fingerprint(tr):
+            trajectories = TrajectorySet(**saved["tensors"])
+    if trajectories is None:
+        trajectories = collect_trajectories(model, config, progress=progress)
+    torch.save({"data_key": config.data_key(), "weights": weights_fingerprint(tr),
+                "tensors": trajectories.state()}, traj_path)
+    rows = trajectories.pair_rows()
+    if len(rows) == 0:
+        raise ValueError("the trajectories hold no pair of steps; use num_steps >= 2")
+
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
+        torch.manual_seed(config.seed)
+        predictor = make_predictor(config.kind, tr, **config.arch)
+    predictor.train()
+    opt = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    step, hist, elapsed = 0, {"loss": [], "rel_mse": [], "mean_w": []}, 0.0
+    if ck is not None:
+        predictor.load_state_dict(ck["predictor"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        step, elapsed = int(ck["step"]), float(ck["elapsed"])
+        hist = {k: ck[k].tolist() for k in hist}
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"predictor": predictor.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "step": step, "elapsed": elapsed, "run_key": config.run_key(),
+                    **{k: torch.tensor(v, dtype=torch.float64) for k, v in hist.items()}}, tmp)
+        tmp.replace(ckpt_path)
+
+    was_training = tr.training
+    flags = [p.requires_grad for p in tr.parameters()]
+    tr.eval().requires_grad_(False)  # frozen: no gradient, no label dropout
+    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
+    t0 = time.perf_counter() - elapsed
+    try:
+        while step < config.steps:
+            m, g = _draw_pairs(trajectories, rows, config.batch_size, config.max_gap, gen)
+            for grp in opt.param_groups:
+                grp["lr"] = config.lr * min(1.0, (step + 1) / 10)
+            res = compute_pair_loss(predictor, tr, _pair_tensors(trajectories, m, g, tr.device), config)
+            opt.zero_grad(set_to_none=True)
+            res["loss"].backward()
+            opt.step()
+            step += 1
+            for k in hist:
+                hist[k].append(float(res[k].detach()))
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.4f}", w=f"{np.mean(hist['mean_w'][-20:]):.3f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint()
+        bar.close()
+        predictor.eval().requires_grad_(False)
+        evaluation = (evaluate_predictor(predictor, tr, trajectories, rho=0.5, num_pairs=config.eval_pairs,
+                                         max_gap=config.max_gap, seed=config.seed + 1)
+                      if config.eval_pairs else None)
+    finally:
+        for p, f in zip(tr.parameters(), flags):
+            p.requires_grad_(f)
+        tr.train(was_training)
+
+    tail = max(1, min(50, len(hist["loss"]) // 5))
+    meta = {
+        "model": {**model_signature(tr), "name": model.name, "source": model.source,
+                  "weights_fingerprint": weights_fingerprint(tr),
+                  "weights_sha256": model.meta.get("weights_sha256") if model.meta else None},
+        "train": {**{k: v for k, v in asdict(config).items() if k != "out"}, "lambda": config.lam,
+                  "optimizer_steps": len(hist["loss"]), "trajectories": trajectories.num_trajectories,
+                  "pairs_available": len(rows), "loss_first": hist["loss"][0],
+                  "final_window": tail,  # final_* are means over the last `final_window` optimiser steps
+                  "final_loss": float(np.mean(hist["loss"][-tail:])),
+                  "final_rel_mse": float(np.mean(hist["rel_mse"][-tail:])),
+                  "final_mean_w": float(np.mean(hist["mean_w"][-tail:])),
+                  "train_seconds": round(elapsed, 1), "evaluation": evaluation, "torch": torch.__version__},
+    }
+    predictor.save(out, meta)
+    _write_loss_curve(out, hist, config)
+    return out
+
+
+def _write_loss_curve(out: Path, hist: dict, config: PredictorTrainConfig) -> None:
+    """``<out>.loss.csv`` (step, loss, rel_mse, mean_w) and ``<out>.loss.png``."""
+    from matplotlib.figure import Figure
+
+    base = out.with_suffix("")
+    a = np.column_stack([np.arange(1, len(hist["loss"]) + 1), hist["loss"], hist["rel_mse"], hist["mean_w"]])
+    np.savetxt(f"{base}.loss.csv", a, fmt=["%d", "%.6f", "%.6f", "%.6f"], delimiter=",",
+               header="step,loss,rel_mse,mean_w", comments="")
+    fig = Figure(figsize=(7, 3.5))
+    ax, ax2 = fig.subplots(1, 2)
+    k = max(1, len(hist["loss"]) // 30)
+    for name, lab in (("loss", f"loss (rel_mse + {config.lam:g} x penalty)"), ("rel_mse", "relative MSE")):
+        v = np.asarray(hist[name])
+        sm = np.convolve(v, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(sm)) + k, sm, label=lab)
+    ax.set(xlabel="optimiser step", ylabel=f"mean over {k} steps", title=f"{config.kind}: loss")
+    ax.legend(fontsize=7)
+    ax2.plot(np.arange(1, len(hist["mean_w"]) + 1), hist["mean_w"])
+    ax2.set(xlabel="optimiser step", ylabel="mean score w", title="mean w (soft kept ratio)", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(f"{base}.loss.png", dpi=110)
+
