@@ -188,7 +188,8 @@ def _load_transformer(folder: Path, dtype: torch.dtype) -> DiTTransformer2DModel
     if not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")):
         raise ModelSpecError(f"{folder} has a DiT config but no weights (*.safetensors or *.bin)")
     # use_safetensors=None: prefer safetensors; .bin files are read by diffusers with weights_only=True.
-    return DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    return DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                 low_cpu_mem_usage=False)  # no `accelerate` needed, no warning
 
 
 def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedDiT:
@@ -201,7 +202,8 @@ def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> Loa
         if (path / "vae").is_dir():
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True,
+                                                low_cpu_mem_usage=False)
         else:
             vae = PixelSpaceVAE(latent_channels=transformer.config.in_channels)
         sched_file = path / "scheduler" / "scheduler_config.json"
