@@ -71,12 +71,13 @@ def peer(name: str, **options) -> Callable:
 def build_methods(steps: int) -> list[Method]:
     tc = dict(kv="kept", selection="global", schedule="tprr", k1=3, k2=2, split=0.5)
     out = [Method("full compute", "reference")]
-    for n in (25, 17, 10):
+    for n in (25, 17):
         out.append(Method(f"fewer steps ({n})", "baseline", steps=n))
     for k in (2, 3):
         out.append(Method(f"FORA (interval {k})", "baseline", token_cache(fora_config(k))))
-    for scorer in ("learned-static", "learned-dynamic", "prev-change"):
-        for rho in (0.5, 0.25, 0.1):
+    for scorer, rhos in (("learned-static", (0.5, 0.25, 0.1)), ("learned-dynamic", (0.25,)),
+                         ("prev-change", (0.5, 0.25, 0.1))):
+        for rho in rhos:
             out.append(Method(f"TokenCache {scorer} rho={rho}", "tokencache",
                               token_cache(TokenCacheConfig(rho=rho, scorer=scorer, **tc))))
     # Fewer full steps: where a 2x wall-clock saving has to come from (with TPRR(3, 2) ~42% of the
@@ -84,9 +85,10 @@ def build_methods(steps: int) -> list[Method]:
     for sched, label in ((dict(schedule="tprr", k1=5, k2=3), "tprr(5,3)"),
                          (dict(schedule="round-robin", interval=4), "round-robin(4)")):
         for rho in (0.25, 0.1):
-            out.append(Method(f"TokenCache learned-static {label} rho={rho}", "tokencache",
-                              token_cache(TokenCacheConfig(rho=rho, scorer="learned-static",
-                                                           **{**tc, **sched}))))
+            for kv in ("kept", "all"):
+                out.append(Method(f"TokenCache learned-static {label} rho={rho}" + (" kv=all" if kv == "all" else ""),
+                                  "tokencache", token_cache(TokenCacheConfig(rho=rho, scorer="learned-static",
+                                                                             **{**tc, **sched, "kv": kv}))))
     out.append(Method("TokenCache learned-static rho=0.25 kv=all", "tokencache",
                       token_cache(TokenCacheConfig(rho=0.25, scorer="learned-static", **{**tc, "kv": "all"}))))
     for scorer in ("toca", "random", "oracle"):
@@ -141,7 +143,6 @@ def measure(model, method: Method, args, full_flops: float, full_images, labels_
         row.flop_ratio = fc.result.flops / full_flops
         full_m = Method("full compute", "reference")
         t_full, t_meth = [], []
-        run_method(model, method, labels_t, cfg)  # warm-up of this method
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             run_method(model, full_m, labels_t, cfg)
@@ -178,6 +179,18 @@ def format_table(rows: list[Row], args) -> str:
     return "\n".join(lines)
 
 
+def merge_tables(paths: list[str], args) -> str:
+    """One table from several runs' JSON (full compute once, then methods in the harness's order)."""
+    order = [m.name for m in build_methods(args.steps)]
+    rows: dict[str, Row] = {}
+    for path in paths:
+        with open(path) as f:
+            for d in json.load(f)["rows"]:
+                d.pop("realisation", None)
+                rows.setdefault(d["name"], Row(**d))
+    return format_table(sorted(rows.values(), key=lambda r: order.index(r.name) if r.name in order else 99), args)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shapes-dit")
@@ -188,23 +201,33 @@ def main(argv=None) -> None:
     p.add_argument("--quality-samples", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="substrings of method names to run (full compute always runs)")
+    p.add_argument("--skip", nargs="*", help="substrings of method names not to run")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--json", help="also write all rows as JSON")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only print the table of earlier runs' --json files (e.g. parts run on two cores)")
     args = p.parse_args(argv)
+    if args.merge:
+        print(merge_tables(args.merge, args))
+        return
 
     model = load_dit(args.model)
     clf = ShapesClassifier.load()
     methods = build_methods(args.steps)
     if args.only:
         methods = [m for m in methods if m.name == "full compute" or any(s in m.name for s in args.only)]
+    if args.skip:
+        methods = [m for m in methods if not any(s in m.name for s in args.skip)]
     labels_t = balanced_labels(args.batch, model.num_classes)
     labels_q = balanced_labels(args.quality_samples, model.num_classes)
     cfg = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch, seed=args.seed)
+    sample(model, labels_t, SampleConfig(**{**cfg.__dict__, "num_steps": 3}), progress=False)  # warm-up
     with count_flops() as fc:
         sample(model, labels_t, cfg, progress=False)
     full_flops = fc.result.flops
     full_images = sample(model, labels_q, SampleConfig(**{**cfg.__dict__, "batch_size": 64}), progress=False).images
+    print(f"model {model.name}, weights sha256 {model.identity()['weights_sha256'][:16]}")
     print(f"{model.name}: {args.steps} steps, guidance {args.guidance}, timing batch {args.batch} x {args.repeats} "
           f"repeats (interleaved with full compute), quality on {args.quality_samples} samples; torch threads "
           f"{torch.get_num_threads()}; full compute {full_flops / args.batch / 1e9:.1f} GFLOPs per image", flush=True)
@@ -215,14 +238,15 @@ def main(argv=None) -> None:
         status = r.error or (f"FLOPs {r.flop_ratio:.3f} time {r.time_ratio:.3f} real {r.realisation:.2f} "
                              f"PSNR {r.psnr:.2f} cc {r.class_consistency:.3f}")
         print(f"  {m.name:<45} {status}", flush=True)
+        if args.json:  # after every method, so a long run that is stopped keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"model": model.identity(), "args": vars(args),
+                           "rows": [{**r.__dict__, "realisation": r.realisation} for r in rows]}, f, indent=2)
     table = format_table(rows, args)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{**r.__dict__, "realisation": r.realisation} for r in rows], f, indent=2)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         print(f"tclab run: {e}", file=sys.stderr)
         print(e.run_dir)
         return 1
+    print(f"report: {out / 'report.html'}   (all runs: {out.parent / 'index.html'})")
     print(out)
     return 0
 
