@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 
 from . import runs
 
@@ -140,12 +139,7 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
     Raises :class:`JobsFileError` listing every problem found, so one edit fixes them all.
     """
     path = Path(jobs_file).expanduser()
-    if not path.is_file():
-        raise JobsFileError(f"jobs file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise JobsFileError(f"jobs file {str(path)!r} is not valid YAML: {e}") from None
+    data = runs.read_yaml(path, "jobs file", JobsFileError)
     if not isinstance(data, dict):
         raise JobsFileError(f"jobs file {str(path)!r} must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)} "
                             f"(got a {type(data).__name__}); see jobs/example.yaml")

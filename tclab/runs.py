@@ -216,6 +216,16 @@ def parse_parameter_value(text: str) -> Any:
     return value
 
 
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """Parse a YAML file; a missing file or invalid YAML raises ``error`` naming ``what`` and the path."""
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {str(path)!r} is not valid YAML: {e}") from None
+
+
 def load_parameters(param_file: str | os.PathLike | None = None,
                     overrides: Iterable[tuple[str, str]] = ()) -> dict[str, Any]:
     """Merge a YAML parameter file (``-f``) and ``-p NAME VALUE`` pairs; ``-p`` wins.
@@ -226,12 +236,7 @@ def load_parameters(param_file: str | os.PathLike | None = None,
     merged: dict[str, Any] = {}
     if param_file is not None:
         path = Path(param_file)
-        if not path.is_file():
-            raise ParameterError(f"parameter file {str(path)!r} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ParameterError(f"parameter file {str(path)!r} is not valid YAML: {e}") from None
+        loaded = read_yaml(path, "parameter file", ParameterError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
