@@ -422,3 +422,15 @@ def test_inside_dit_pipeline(latent_dit, recwarn):
     np.testing.assert_array_equal(pipe_run(latent_dit), a)
     remove_token_cache(latent_dit.transformer)
     np.testing.assert_array_equal(pipe_run(latent_dit), ref)
+
+
+def test_token_cache_refuses_a_transformer_carrying_a_peer(pixel_dit):
+    from tclab.cache.peers import apply_peer
+
+    handle = apply_peer("fbcache", pixel_dit)
+    with pytest.raises(RuntimeError, match="external caching peer"):
+        apply_token_cache(pixel_dit.transformer, TokenCacheConfig())
+    handle.remove()
+    state = apply_token_cache(pixel_dit.transformer, TokenCacheConfig())  # fine once the peer is gone
+    assert state is not None
+    remove_token_cache(pixel_dit.transformer)

@@ -568,6 +568,11 @@ def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None
     if registry.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
         raise RuntimeError("a token cache is already applied to this transformer; call "
                            "tclab.cache.remove_token_cache(transformer) first")
+    from .peers import PEER_CONTEXT_HOOK  # late: peers builds on this module
+
+    if registry.get_hook(PEER_CONTEXT_HOOK) is not None:
+        raise RuntimeError("an external caching peer (tclab.cache.peers) is applied to this transformer; "
+                           "call its handle's remove() before applying a token cache")
     if not config.enabled:
         return TokenCacheState(config=config, num_blocks=len(blocks), scorer=None)
     scorer = None if config.skips_all_blocks else make_scorer(config)
