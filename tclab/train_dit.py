@@ -52,6 +52,9 @@ class TrainDiTConfig:
         checkpoint_every: steps between resumable checkpoints.
         half_precision_export: store weights as float16 (halves the file; loaded back as float32).
         prediction_type: ``"v_prediction"`` (default) or ``"epsilon"`` (DiT's own choice).
+        init_from: an exported model folder (e.g. ``tclab/weights/shapes-dit``) to start from instead of
+            the adaLN-Zero initialisation: model and EMA start at its weights, the optimiser starts fresh
+            (to continue training a shipped model; an interrupted run continues exactly with ``--resume``).
         bf16_autocast: run forward/backward matmuls in bfloat16 (weights, optimiser and EMA stay
             float32). About 2x faster on CPUs with AVX512-BF16/AMX; no visible quality cost here.
     """
@@ -69,6 +72,7 @@ class TrainDiTConfig:
     half_precision_export: bool = True
     bf16_autocast: bool = True
     prediction_type: str = "v_prediction"
+    init_from: str | None = None
 
 
 def _adaln_zero_init(model: DiTTransformer2DModel) -> None:
@@ -84,6 +88,23 @@ def _adaln_zero_init(model: DiTTransformer2DModel) -> None:
     for layer in (model.proj_out_1, model.proj_out_2):
         torch.nn.init.zeros_(layer.weight)
         torch.nn.init.zeros_(layer.bias)
+
+
+def _load_init(model: DiTTransformer2DModel, folder: Path, prediction_type: str) -> None:
+    """Start ``model`` at the weights of an exported model folder (same architecture and target)."""
+    tdir = folder / "transformer"
+    if not tdir.is_dir():
+        raise ValueError(f"--init-from {folder}: no transformer/ folder; pass a folder written by train-dit")
+    sched = folder / "scheduler" / "scheduler_config.json"
+    source_type = json.loads(sched.read_text()).get("prediction_type", "epsilon") if sched.exists() else "epsilon"
+    if source_type != prediction_type:
+        raise ValueError(f"--init-from {folder} was trained for {source_type!r}, this run for {prediction_type!r}")
+    src = DiTTransformer2DModel.from_pretrained(tdir, torch_dtype=torch.float32, local_files_only=True,
+                                                low_cpu_mem_usage=False)
+    try:
+        model.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"--init-from {folder}: architecture differs from the embedded one ({e})") from None
 
 
 def _alphas_cumprod(cfg: dict) -> torch.Tensor:
@@ -109,6 +130,8 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         raise ValueError(f"at most {NULL_CLASS - 1} classes (class {NULL_CLASS} is the null label)")
     model = DiTTransformer2DModel(**tcfg)
     _adaln_zero_init(model)
+    if config.init_from:
+        _load_init(model, Path(config.init_from), config.prediction_type)
     ema = DiTTransformer2DModel(**tcfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)

@@ -1,0 +1,36 @@
+"""train-dit: a short run exports a loadable model; --init-from starts from an exported model."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tclab.models import EMBEDDED_DIR, load_dit
+from tclab.train_dit import TrainDiTConfig, train_dit
+
+
+def _weights(folder):
+    return load_file(str(next((folder / "transformer").glob("*.safetensors"))))
+
+
+def test_init_from_starts_at_the_shipped_weights(tmp_path):
+    # lr 0: the optimiser changes nothing, so the export must equal the model it started from.
+    cfg = TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=1, batch_size=2, lr=0.0,
+                         init_from=str(EMBEDDED_DIR))
+    out = train_dit(cfg, progress=False)
+    a, b = _weights(out), _weights(EMBEDDED_DIR)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_dit(str(out)).class_names == load_dit("shapes-dit").class_names
+
+
+def test_short_run_from_scratch_differs_and_exports_atomically(tmp_path):
+    out = train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=2, batch_size=2),
+                    progress=False)
+    a, b = _weights(out), _weights(EMBEDDED_DIR)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.training", "m"]  # no staging leftovers
+
+
+def test_init_from_refuses_a_mismatched_target(tmp_path):
+    with pytest.raises(ValueError, match="trained for 'v_prediction'"):
+        train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=1, batch_size=2,
+                                 init_from=str(EMBEDDED_DIR), prediction_type="epsilon"), progress=False)
