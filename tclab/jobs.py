@@ -45,7 +45,6 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import json
 import os
 import sys
 import time
@@ -243,14 +242,6 @@ def reports_lock(reports_dir: str | os.PathLike) -> Iterator[Path]:
 
 # ---- running --------------------------------------------------------------------------------------
 
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], None] | None = print,
              progress_bar: bool = False) -> list[JobResult]:
     """Check the jobs file, take the reports lock, run every job in order; one result per job.
@@ -273,11 +264,11 @@ def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], N
                                             progress_bar=progress_bar)
             except runs.RunFailedError as e:
                 run_dir = e.run_dir
-                error = _read_json(run_dir / "provenance.json").get("error") or str(e)
+                error = runs.read_json(run_dir / "provenance.json").get("error") or str(e)
             except Exception as e:  # noqa: BLE001 - one broken job (disk, kernel) must not stop the rest
                 error = f"{type(e).__name__}: {e}"
             seconds = time.perf_counter() - t0
-            summary = _read_json(run_dir / "summary.json") if run_dir is not None else {}
+            summary = runs.read_json(run_dir / "summary.json") if run_dir is not None else {}
             headline = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
             result = JobResult(job.name, "failed" if error else "ok", seconds, run_dir, headline, error)
             results.append(result)

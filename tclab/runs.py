@@ -726,7 +726,8 @@ class RunInfo:
         return (self.notebook, self.tag)
 
 
-def _read_json(p: Path) -> dict[str, Any]:
+def read_json(p: Path) -> dict[str, Any]:
+    """A JSON object from ``p``; {} when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -743,10 +744,10 @@ def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
     for d in reports.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        prov = _read_json(d / "provenance.json")
+        prov = read_json(d / "provenance.json")
         if not prov and not (d / "summary.json").is_file():
             continue   # not a run folder
-        summary = _read_json(d / "summary.json")
+        summary = read_json(d / "summary.json")
         status = prov.get("status") or ("failed" if d.name.endswith(FAILED_SUFFIX) else "unknown")
         nb = prov.get("notebook") or "?"
         report = prov.get("report") or (REPORT_NAME if (d / REPORT_NAME).is_file() else None)
