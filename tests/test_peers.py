@@ -281,3 +281,31 @@ def test_dbcache_leaves_dit_pipeline_class_alone(pixel_dit):
     assert DiTPipeline.__call__ is call and not hasattr(DiTPipeline, "_is_cached")
     handle.remove()
     assert DiTPipeline.__call__ is call
+
+
+def test_methods_in_sequence_leave_the_model_as_they_found_it(pixel_dit):
+    """A sweep runs token caches and every peer one after another on one model: each must leave no
+    trace (regression: an emptied hook registry left by remove_token_cache made cache-dit keep its
+    patched forward after remove(), and every later run failed)."""
+    from tclab.cache import apply_token_cache, fora_config, remove_token_cache
+
+    before = snapshot(pixel_dit)
+    plain, _ = run_sampler(pixel_dit)
+    order = ["tokencache", *[n for n in PEERS if n != "dbcache"], "tokencache"]
+    try:
+        import cache_dit  # noqa: F401
+        order = ["tokencache", "dbcache", *order[1:], "dbcache", "tokencache"]
+    except ImportError:
+        pass
+    for name in order:
+        if name == "tokencache":
+            apply_token_cache(pixel_dit.transformer, fora_config(2))
+            run_sampler(pixel_dit)
+            remove_token_cache(pixel_dit.transformer)
+        else:
+            handle = apply_peer(name, pixel_dit, **LOOSE[name])
+            run_sampler(pixel_dit)
+            handle.remove()
+        assert snapshot(pixel_dit) == before, f"{name} left a trace on the transformer"
+        restored, _ = run_sampler(pixel_dit)
+        assert torch.equal(restored, plain), f"after {name} the plain model no longer gives its own output"

@@ -597,6 +597,16 @@ def remove_token_cache(transformer) -> None:
             blk._diffusers_hook.remove_hook(TOKEN_CACHE_BLOCK_HOOK, recurse=False)
     if hasattr(registry, "invalidate_child_registries_cache"):
         registry.invalidate_child_registries_cache()
+    # Leave no trace: an emptied registry (and the instance ``forward`` it wrapped) would make the
+    # next library that patches ``forward`` (cache-dit, say) believe someone else owns it.
+    for module in (transformer, *getattr(transformer, "transformer_blocks", [])):
+        reg = getattr(module, "_diffusers_hook", None)
+        if reg is not None and not reg.hooks:
+            del module._diffusers_hook
+            fwd = module.__dict__.get("forward")
+            if fwd is not None and getattr(fwd, "__self__", None) is module and \
+                    getattr(fwd, "__func__", None) is type(module).forward:
+                del module.forward
 
 
 def get_token_cache_state(transformer) -> TokenCacheState | None:

@@ -585,6 +585,9 @@ class PyramidAttentionBroadcastPeer(_DiffusersPeer):
 
 # ---- cache-dit ---------------------------------------------------------------------------------------
 
+_MISSING = object()
+
+
 class DBCachePeer(PeerHandle):
     __doc__ = DBCachePeerConfig.__doc__
 
@@ -605,7 +608,8 @@ class DBCachePeer(PeerHandle):
             warnings.warn(f"cache-dit {version} is installed; tclab's dbcache peer is tested with "
                           f"{CACHE_DIT_TESTED_VERSION} (its internals, which remove() undoes, may differ)", stacklevel=4)
         tr = self.model.transformer
-        self._had = {a: a in tr.__dict__ or a in tr._modules for a in (*self._PATCH_ATTRS, "forward")}
+        self._had = {a: a in tr.__dict__ or a in tr._modules for a in self._PATCH_ATTRS}
+        self._saved_forward = tr.__dict__.get("forward", _MISSING)  # restored exactly on remove()
         c = self.config
         cfg = cache_dit.DBCacheConfig(
             Fn_compute_blocks=c.Fn_compute_blocks, Bn_compute_blocks=c.Bn_compute_blocks,
@@ -634,8 +638,11 @@ class DBCachePeer(PeerHandle):
                     del tr._modules[attr]
                 elif attr in tr.__dict__:
                     delattr(tr, attr)
-        if not self._had.get("forward") and "forward" in tr.__dict__:
-            del tr.forward  # the patch functor's copy of DiT's forward -> the class's own again
+        # the patch functor replaces the instance forward; put back exactly what was there before
+        if self._saved_forward is _MISSING:
+            tr.__dict__.pop("forward", None)
+        else:
+            tr.forward = self._saved_forward
 
     def _reset_state(self) -> None:
         import cache_dit
