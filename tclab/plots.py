@@ -362,3 +362,78 @@ def plot_image_rows(rows: Mapping[str, object], max_images: int = 8, title: str 
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---- quality against cost (ablation sweeps, tclab.ablation) ------------------------------------------
+
+_FAMILY_MARKER = {"ablation": "o", "baseline": "s", "peer": "^", "reference": "*"}
+
+
+def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: float | None = None, ax=None,
+                title: str | None = None, legend: bool = True):
+    """Quality against cost for every point of a sweep (``tclab.ablation.run_sweep(...).frame``).
+
+    Ablated variants are circles joined along their curve (in cost order), baselines squares, external
+    peers triangles; the Pareto front over all of them (``tclab.ablation.pareto_front``) is the dashed
+    black line with ringed points. Full compute is the dotted vertical line at cost 1 (its paired
+    PSNR / SSIM are perfect by construction; for class-consistency and FID its value is also a dotted
+    horizontal line). ``budget`` draws the cost budget as a shaded band to its right (out of budget).
+    Failed points are left out (they are in the table with their error)."""
+    from .ablation import COST_LABELS, FULL_COMPUTE, HIGHER_IS_BETTER, QUALITY_LABELS, _usable, pareto_front
+
+    plt = _plt()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
+    else:
+        fig = ax.figure
+    ok = _usable(frame, cost, quality)
+    pts = frame[ok & (frame["family"] != "reference")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (curve, sub) in enumerate(pts.groupby("curve", sort=False)):
+        sub = sub.sort_values(cost)
+        fam = sub["family"].iloc[0]
+        col = colors[i % len(colors)]
+        ax.plot(sub[cost], sub[quality], marker=_FAMILY_MARKER.get(fam, "o"), color=col, lw=1.2 if fam == "ablation" else 0.8,
+                ls="-" if fam == "ablation" else ":", ms=6 if fam == "ablation" else 7, label=curve, alpha=0.9)
+    front = pareto_front(frame, cost, quality)
+    fr = frame[front].sort_values(cost)
+    if len(fr):
+        # the front as a staircase: quality achievable at each cost by the best point not costlier
+        ax.step(fr[cost], fr[quality], where="post", color="k", ls="--", lw=1, label="Pareto front")
+        ax.scatter(fr[cost], fr[quality], s=110, facecolors="none", edgecolors="k", lw=1.2, zorder=5)
+    full = frame[(frame["name"] == FULL_COMPUTE) & ok]
+    ax.axvline(1.0, color="gray", ls=":", lw=1)
+    ax.annotate(FULL_COMPUTE, (1.0, 1.0), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=7,
+                color="gray", rotation=90)
+    if len(full) and quality in ("class_consistency", "fid", "kid"):
+        ax.axhline(float(full[quality].iloc[0]), color="gray", ls=":", lw=1)
+    if budget is not None:
+        ax.axvspan(budget, max(1.05, float(np.nanmax(frame[cost].to_numpy(float))) + 0.05), color="0.85",
+                   alpha=0.35, lw=0, label=f"over budget ({cost.split('_')[0]} > {budget:g})")
+    ax.set_xlabel(COST_LABELS.get(cost, cost) + "  (lower = cheaper)")
+    arrow = "higher = better" if HIGHER_IS_BETTER.get(quality, True) else "lower = better"
+    ax.set_ylabel(f"{QUALITY_LABELS.get(quality, quality)}  ({arrow})")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=7, loc="best", ncol=2)
+    return fig
+
+
+def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str] = ("psnr", "class_consistency"),
+                     title: str | None = None):
+    """Quality against FLOPs (left) and against wall-clock (right), one row per quality measure:
+    the same points on both cost axes, so a FLOP saving that wall-clock does not deliver shows."""
+    plt = _plt()
+    qualities = [q for q in qualities if q in frame and frame[q].notna().any()]
+    if not qualities:
+        raise ValueError("none of the requested quality columns was measured in this sweep")
+    fig, axes = plt.subplots(len(qualities), 2, figsize=(13, 4.4 * len(qualities)), squeeze=False,
+                             layout="constrained")
+    for r, q in enumerate(qualities):
+        for c, cost in enumerate(("flop_ratio", "time_ratio")):
+            plot_pareto(frame, cost, q, budget=budget, ax=axes[r, c], legend=(r == 0 and c == 1))
+    if title:
+        fig.suptitle(title)
+    return fig

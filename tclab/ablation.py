@@ -1,0 +1,563 @@
+"""Ablation sweeps: quality against cost for many ways of sampling, as one tidy table.
+
+Spec: ``shared/docs/tokencache.md`` sections 3-5. A sweep is a list of :class:`Variant` s (one point
+each: a TokenCache config, a baseline, an external peer, or full compute) run by :func:`run_sweep`
+in one harness on the same labels and seeds, so every number is comparable:
+
+- **FLOPs** counted on what actually ran (``tclab.metrics.count_flops``) over the whole quality run,
+  divided by full compute's count on the same images;
+- **wall-clock**: median of ``timing_repeats`` runs of ``timing_batch`` images, the full-compute
+  baseline re-run in the same process and interleaved with the variant (full, variant, full, ...);
+- **quality**: paired PSNR / SSIM / MSE against the same-seed full-compute images, class-consistency
+  by a classifier of the reference set, and (given a feature extractor and reference images) FID/KID.
+
+Each ablation is a *curve* (``Variant.curve``: e.g. one scorer at several budgets); every curve
+keeps its own points. :func:`pareto_front` marks the points no other point beats on both cost and
+quality; :func:`best_under_budget` picks the best configuration within a cost budget;
+:func:`compare_at_reductions` answers "which variant wins at 2x / 3x fewer FLOPs, and by how much"
+by taking, per curve, its best point within that budget (no interpolation between measured points).
+
+The three ablation notebooks build their variants with :func:`predictor_variants`,
+:func:`block_selection_variants` and :func:`schedule_variants`, plus :func:`reference_variants`
+(full compute, fewer steps, FORA, the external peers) on every plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cache import TokenCacheConfig, apply_token_cache, remove_token_cache
+from .cache.config import fora_config
+from .evaluate import balanced_labels
+from .metrics import count_flops, distribution_quality, mse, psnr, ssim
+from .sampling import SampleConfig, sample
+
+FAMILIES = ("reference", "ablation", "baseline", "peer")
+FULL_COMPUTE = "full compute"
+QUALITY_COLUMNS = ("psnr", "ssim", "mse", "class_consistency", "fid", "kid")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "class_consistency": True, "mse": False, "fid": False, "kid": False}
+COST_COLUMNS = ("flop_ratio", "time_ratio")
+COST_LABELS = {"flop_ratio": "FLOPs / full compute (counted)", "time_ratio": "wall-clock / full compute (median)"}
+QUALITY_LABELS = {"psnr": "PSNR vs full compute (dB)", "ssim": "SSIM vs full compute", "mse": "MSE vs full compute",
+                  "class_consistency": "class-consistency", "fid": "FID (see extractor note)", "kid": "KID"}
+DEFAULT_PEERS = ("fbcache", "taylorseer", "pab", "dbcache")
+
+
+# ---- what a point is --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a sweep.
+
+    Args:
+        name: the point's label, unique within a sweep (e.g. ``"learned-static rho=0.25"``).
+        curve: the line the point belongs to (e.g. ``"learned-static"``); a curve's points differ in
+            one knob (the budget, an interval, ...).
+        family: ``"ablation"`` (the alternatives being compared), ``"reference"`` (full compute),
+            ``"baseline"`` (fewer steps, FORA) or ``"peer"`` (another team's published method).
+        cache: ``TokenCacheConfig`` fields (validated when the variant is made), or None.
+        peer: an external peer's name (``tclab.cache.peers``) and ``peer_options``.
+        num_steps: sample with this many steps instead of the sweep's (the fewer-steps baseline).
+        knob: the setting that moves the point along its curve, for tables (e.g. ``"rho=0.25"``).
+    """
+
+    name: str
+    curve: str
+    family: str = "ablation"
+    cache: dict | None = None
+    peer: str | None = None
+    peer_options: dict = field(default_factory=dict)
+    num_steps: int | None = None
+    knob: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"variant {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.cache is not None and self.peer is not None:
+            raise ValueError(f"variant {self.name!r}: give a token cache or a peer, not both")
+        if self.cache is not None:
+            TokenCacheConfig.from_dict(self.cache)  # unknown keys and bad values fail here, before any run
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"variant {self.name!r}: num_steps must be >= 1, got {self.num_steps}")
+
+    def attach(self, model) -> Callable[[], None]:
+        """Attach this variant's caching to ``model`` (a ``LoadedDiT``); returns the undo callable."""
+        if self.cache is not None:
+            apply_token_cache(model.transformer, TokenCacheConfig.from_dict(self.cache))
+            return lambda: remove_token_cache(model.transformer)
+        if self.peer is not None:
+            from .cache.peers import apply_peer
+
+            return apply_peer(self.peer, model, **self.peer_options).remove
+        return lambda: None
+
+    def describe(self) -> dict:
+        """Plain values for tables and ``summary.json``."""
+        d = asdict(self)
+        if self.cache is not None:
+            d["cache"] = TokenCacheConfig.from_dict(self.cache).to_dict()
+        return d
+
+
+def full_compute() -> Variant:
+    return Variant(FULL_COMPUTE, FULL_COMPUTE, family="reference")
+
+
+def _check_unique(variants: Sequence[Variant]) -> None:
+    seen: set[str] = set()
+    dup = [v.name for v in variants if v.name in seen or seen.add(v.name)]
+    if dup:
+        raise ValueError(f"variant names must be unique within a sweep; repeated: {sorted(set(dup))}")
+
+
+def _budget_label(rho: float) -> str:
+    return f"rho={rho:g}"
+
+
+# ---- the variants of each ablation --------------------------------------------------------------------
+
+def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), fewer_steps: Sequence[int] = (25, 17),
+                       peers: Sequence[str] = DEFAULT_PEERS) -> list[Variant]:
+    """Full compute and the reference points every ablation plot shows: fewer sampling steps (the
+    cheapest rival: same FLOPs per step, fewer steps), FORA (block-level caching, round-robin) and the
+    external peers (diffusers' cache hooks, cache-dit). ``fewer_steps`` values >= ``num_steps`` are
+    dropped (they would not save anything)."""
+    out = [full_compute()]
+    for n in fewer_steps:
+        if int(n) < num_steps:
+            out.append(Variant(f"fewer steps ({int(n)})", "fewer steps", "baseline", num_steps=int(n), knob=f"steps={n}"))
+    for k in fora_intervals:
+        out.append(Variant(f"FORA (interval {int(k)})", "FORA", "baseline", cache=fora_config(int(k)).to_dict(),
+                           knob=f"interval={k}"))
+    for p in peers:
+        out.append(Variant(f"peer {p}", f"peer {p}", "peer", peer=str(p)))
+    return out
+
+
+def predictor_variants(scorers: Sequence[str], rhos: Sequence[float], base: dict | None = None) -> list[Variant]:
+    """Which tokens: one curve per scorer (``learned-static``, ``learned-dynamic``, ``oracle``,
+    ``prev-change``, ``toca``, ``random``), one point per keep ratio ``rho``; everything else from
+    ``base`` (TokenCacheConfig fields)."""
+    base = dict(base or {})
+    return [Variant(f"{s} {_budget_label(r)}", str(s), cache={**base, "scorer": str(s), "rho": float(r)},
+                    knob=_budget_label(r)) for s in scorers for r in rhos]
+
+
+def block_selection_variants(selections: Sequence[str], rhos: Sequence[float], base: dict | None = None,
+                             full_end_blocks: Sequence[int] = (), full_end_selection: str = "global") -> list[Variant]:
+    """Which blocks: one curve per selection method (``uniform``, ``adaptive``, ``global``) and, for each
+    k in ``full_end_blocks``, a curve of ``full_end_selection`` with the first and last k blocks
+    always full. One point per ``rho``."""
+    base = dict(base or {})
+    out = [Variant(f"{s} {_budget_label(r)}", str(s), cache={**base, "selection": str(s), "rho": float(r)},
+                   knob=_budget_label(r)) for s in selections for r in rhos]
+    for k in full_end_blocks:
+        curve = f"{full_end_selection} + first/last {int(k)} full"
+        out += [Variant(f"{curve} {_budget_label(r)}", curve,
+                        cache={**base, "selection": full_end_selection, "rho": float(r),
+                               "full_first_blocks": int(k), "full_last_blocks": int(k)},
+                        knob=_budget_label(r)) for r in rhos]
+    return out
+
+
+def schedule_variants(base: dict | None = None, tprr: Sequence[Sequence[float]] = (), round_robin: Sequence[int] = (),
+                      percentile: Sequence[int] = (), step_importance: Sequence[float] | None = None) -> list[Variant]:
+    """When: TPRR over its two intervals and split (``tprr``: ``[k1, k2, split]`` triples), split into
+    two curves by phase order ("long interval first", the paper's reading, and "long interval last"),
+    round-robin over its interval, and percentile (v2) over its number of full steps (needs
+    ``step_importance``, one value per step: see :func:`measure_step_importance`). Token settings
+    (rho, scorer, ...) come from ``base``."""
+    base = {k: v for k, v in dict(base or {}).items() if k not in ("schedule",)}
+    out = []
+    for triple in tprr:
+        if len(triple) != 3:
+            raise ValueError(f"each tprr entry is [k1, k2, split], got {triple!r}")
+        k1, k2, split = int(triple[0]), int(triple[1]), float(triple[2])
+        curve = "TPRR long interval first" if k1 > k2 else ("TPRR long interval last" if k1 < k2 else "TPRR equal")
+        out.append(Variant(f"tprr({k1},{k2},split={split:g})", curve,
+                           cache={**base, "schedule": "tprr", "k1": k1, "k2": k2, "split": split},
+                           knob=f"k1={k1} k2={k2} split={split:g}"))
+    for k in round_robin:
+        out.append(Variant(f"round-robin({int(k)})", "round-robin",
+                           cache={**base, "schedule": "round-robin", "interval": int(k)}, knob=f"interval={k}"))
+    if percentile and step_importance is None:
+        raise ValueError("percentile schedules need step_importance (tclab.ablation.measure_step_importance)")
+    for n in percentile:
+        out.append(Variant(f"percentile({int(n)})", "percentile",
+                           cache={**base, "schedule": "percentile", "n_full": int(n),
+                                  "step_importance": [float(v) for v in step_importance]},
+                           knob=f"n_full={n}"))
+    return out
+
+
+def measure_step_importance(model, settings: "SweepSettings", num_samples: int = 4) -> list[float]:
+    """Mean ``update_change`` per step (what a cached update errs by), measured with the recorder on
+    ``num_samples`` class-balanced samples of the sweep's settings: the importance the percentile
+    schedule places its full steps by. Step 0 (no previous step; always full anyway) gets the
+    largest measured value."""
+    from .analysis import per_step_mean_change
+    from .record import record_token_changes
+
+    labels = balanced_labels(num_samples, model.num_classes)
+    with record_token_changes(model.transformer) as rec:
+        sample(model, labels, settings.sample_config(batch_size=num_samples), progress=False)
+    curve = per_step_mean_change(rec.record, "update_change")
+    finite = curve[np.isfinite(curve)]
+    fill = float(finite.max()) if finite.size else 1.0
+    return [float(v) if np.isfinite(v) else fill for v in curve]
+
+
+# ---- running a sweep ------------------------------------------------------------------------------------
+
+@dataclass
+class SweepSettings:
+    """How every point of a sweep is sampled and measured.
+
+    Args:
+        num_steps, scheduler, guidance_scale, seed: sampling (as ``tclab.sampling.SampleConfig``).
+        quality_samples: class-balanced samples for the quality metrics and the FLOP count (more =
+            tighter class-consistency, linearly slower).
+        timing_batch, timing_repeats: images per timed run and how many interleaved (full, variant)
+            pairs are timed; the median of each is used.
+        quality_batch: images per forward in the quality run.
+        sdedit_strength: with ``init_images`` in :func:`run_sweep`: how far the images are noised.
+    """
+
+    num_steps: int = 50
+    scheduler: str = "ddim"
+    guidance_scale: float = 4.0
+    seed: int = 0
+    quality_samples: int = 24
+    timing_batch: int = 4
+    timing_repeats: int = 2
+    quality_batch: int = 64
+    sdedit_strength: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in ("quality_samples", "timing_batch", "timing_repeats", "quality_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.sample_config()  # validates num_steps, scheduler
+
+    def sample_config(self, num_steps: int | None = None, batch_size: int | None = None) -> SampleConfig:
+        return SampleConfig(num_steps=num_steps or self.num_steps, scheduler=self.scheduler,
+                            guidance_scale=self.guidance_scale, seed=self.seed,
+                            batch_size=batch_size or self.quality_batch, sdedit_strength=self.sdedit_strength)
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` measured: ``frame`` (one row per variant, see :func:`run_sweep`), the
+    quality images of every variant that ran (``images[name]``, (N, 3, H, W) in [-1, 1], full compute
+    under ``"full compute"``), their class ``labels``, and the settings."""
+
+    frame: Any  # pandas.DataFrame
+    images: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    settings: SweepSettings
+    variants: list[Variant]
+
+    @property
+    def full_images(self) -> torch.Tensor:
+        return self.images[FULL_COMPUTE]
+
+    def per_image_error(self, name: str) -> dict[str, np.ndarray]:
+        """Per-image PSNR / SSIM / MSE of variant ``name`` against full compute (same seeds)."""
+        a, b = self.images[name], self.full_images
+        return {"psnr": psnr(a, b).numpy(), "ssim": ssim(a, b).numpy(), "mse": mse(a, b).numpy()}
+
+
+def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, init_images=None):
+    detach = variant.attach(model)
+    try:
+        if variant.num_steps is not None:
+            config = SampleConfig(**{**config.__dict__, "num_steps": variant.num_steps})
+        return sample(model, labels, config, init_images=init_images, progress=False)
+    finally:
+        detach()
+
+
+def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.Tensor,
+               init_images=None) -> tuple[float, float]:
+    """Median seconds of (full compute, variant): interleaved repeats, attach/detach outside the clock."""
+    cfg = settings.sample_config(batch_size=settings.timing_batch)
+    full, var = [], []
+    for _ in range(settings.timing_repeats):
+        for v, out in ((full_compute(), full), (variant, var)):
+            detach = v.attach(model)
+            try:
+                c = cfg if v.num_steps is None else SampleConfig(**{**cfg.__dict__, "num_steps": v.num_steps})
+                t0 = time.perf_counter()
+                sample(model, labels, c, init_images=init_images, progress=False)
+                out.append(time.perf_counter() - t0)
+            finally:
+                detach()
+    return statistics.median(full), statistics.median(var)
+
+
+def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None = None, classifier=None,
+              extractor=None, reference_images=None, labels: torch.Tensor | None = None,
+              init_images: torch.Tensor | None = None, progress: bool = True) -> SweepResult:
+    """Measure every variant on ``model`` (a ``LoadedDiT``); full compute is always measured first.
+
+    The quality run samples ``settings.quality_samples`` class-balanced labels from noise, or the
+    given ``labels``; with ``init_images`` (e.g. a team's own images, one per label) it is an SDEdit
+    run of those images at ``settings.sdedit_strength`` instead, so every image is a paired test case.
+    Timed runs use the first ``timing_batch`` of the same labels (and images).
+
+    ``classifier`` (``tclab.classifier.ShapesClassifier``) adds class-consistency; ``extractor`` (a
+    ``tclab.features.FeatureExtractor``) with ``reference_images`` adds FID / KID against them
+    (labelled by ``fid_extractor`` / ``fid_comparable``). A variant that fails is kept as a row with
+    its ``error`` (never dropped); the others go on.
+
+    Returns a :class:`SweepResult` whose ``frame`` has one row per variant: ``name, curve, family,
+    knob, flop_ratio, flop_speedup, gflops_per_image, time_ratio, time_speedup, t_full_s,
+    t_variant_s, realisation`` ((1 - time ratio) / (1 - FLOP ratio): the share of saved FLOPs that
+    became saved time), ``psnr, ssim, mse, class_consistency, fid, kid, error, config`` (JSON).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    settings = settings or SweepSettings()
+    variants = [v for v in variants if v.name != FULL_COMPUTE]
+    variants = [full_compute(), *variants]
+    _check_unique(variants)
+    if classifier is not None and list(classifier.class_names) != list(model.class_names):
+        raise ValueError(f"classifier classes {classifier.class_names} differ from the model's "
+                         f"{model.class_names}; train the classifier on the model's image set")
+    if (extractor is None) != (reference_images is None):
+        raise ValueError("FID/KID need both an extractor and reference_images (or neither)")
+    if labels is None:
+        if init_images is not None:
+            raise ValueError("init_images need their class labels (one per image)")
+        labels = balanced_labels(settings.quality_samples, model.num_classes)
+    labels = torch.as_tensor(labels)
+    if init_images is not None and len(init_images) != len(labels):
+        raise ValueError(f"{len(init_images)} init_images but {len(labels)} labels: give one label per image")
+    t_labels = labels[: settings.timing_batch]
+    t_init = init_images[: settings.timing_batch] if init_images is not None else None
+    ref_feats = extractor(reference_images) if extractor is not None else None
+    # warm-up: first calls allocate and pick kernels; keep that out of every timed run
+    sample(model, t_labels, settings.sample_config(num_steps=2, batch_size=settings.timing_batch),
+           init_images=t_init, progress=False)
+
+    rows, images = [], {}
+    full_flops = None
+    bar = tqdm(variants, desc="sweep", unit="variant", disable=not progress)
+    for v in bar:
+        bar.set_postfix_str(v.name[:40])
+        row = {"name": v.name, "curve": v.curve, "family": v.family, "knob": v.knob,
+               "config": json.dumps(v.describe(), sort_keys=True, default=str), "error": ""}
+        try:
+            with count_flops() as fc:
+                res = _run(model, v, labels, settings.sample_config(), init_images)
+            flops = fc.result.flops
+            if full_flops is None:
+                full_flops = flops
+            imgs = res.images
+            images[v.name] = imgs
+            row["gflops_per_image"] = flops / len(labels) / 1e9
+            row["flop_ratio"] = flops / full_flops
+            t_full, t_var = _time_pair(model, v, settings, t_labels, t_init)
+            row["t_full_s"], row["t_variant_s"] = t_full, t_var
+            row["time_ratio"] = t_var / t_full
+            full = images[FULL_COMPUTE]
+            row["psnr"] = float(psnr(imgs, full).mean())
+            row["ssim"] = float(ssim(imgs, full).mean())
+            row["mse"] = float(mse(imgs, full).mean())
+            if classifier is not None:
+                row["class_consistency"] = float((classifier.predict(imgs) == labels).float().mean())
+            if extractor is not None:
+                dq = distribution_quality(imgs, ref_feats, extractor, kid_subset_size=min(1000, len(imgs)))
+                row["fid"], row["kid"] = dq["fid"], dq["kid_mean"]
+                row["fid_extractor"], row["fid_comparable"] = dq["extractor"], dq["comparable_to_published"]
+        except Exception as e:  # a point that cannot run is reported, never dropped
+            if v.name == FULL_COMPUTE:
+                raise
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc(limit=3)
+        rows.append(row)
+    bar.close()
+    frame = pd.DataFrame(rows)
+    for col in ("flop_ratio", "time_ratio", "gflops_per_image", "t_full_s", "t_variant_s", *QUALITY_COLUMNS):
+        if col not in frame:
+            frame[col] = np.nan
+    frame["flop_speedup"] = 1 / frame["flop_ratio"]
+    frame["time_speedup"] = 1 / frame["time_ratio"]
+    saved = 1 - frame["flop_ratio"]
+    frame["realisation"] = np.where(saved > 1e-9, (1 - frame["time_ratio"]) / saved.where(saved > 1e-9), np.nan)
+    first = ["name", "curve", "family", "knob", "flop_ratio", "flop_speedup", "time_ratio", "time_speedup",
+             "realisation", "psnr", "ssim", "mse", "class_consistency", "fid", "kid", "gflops_per_image",
+             "t_full_s", "t_variant_s", "error"]
+    frame = frame[first + [c for c in frame.columns if c not in first]]
+    return SweepResult(frame=frame, images=images, labels=labels, settings=settings, variants=list(variants))
+
+
+# ---- reading a sweep ----------------------------------------------------------------------------------
+
+def _usable(frame, cost: str, quality: str):
+    ok = frame["error"].fillna("") == ""
+    return ok & np.isfinite(frame[cost].astype(float)) & np.isfinite(frame[quality].astype(float))
+
+
+def pareto_front(frame, cost: str = "flop_ratio", quality: str = "psnr", exclude_reference: bool = True):
+    """Boolean Series: True where no other point has lower-or-equal cost and better-or-equal quality
+    (one of them strictly). Full compute is left out by default (its paired quality is perfect by
+    construction); failed points and points without the quality are never on the front."""
+    _check_column(frame, cost, COST_COLUMNS)
+    _check_column(frame, quality, QUALITY_COLUMNS)
+    sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
+    cand = _usable(frame, cost, quality)
+    if exclude_reference:
+        cand &= frame["family"] != "reference"
+    c = frame[cost].to_numpy(float)
+    q = sign * frame[quality].to_numpy(float)
+    idx = np.flatnonzero(cand.to_numpy())
+    on = np.zeros(len(frame), dtype=bool)
+    for i in idx:
+        dominated = any((c[j] <= c[i] and q[j] >= q[i]) and (c[j] < c[i] or q[j] > q[i]) for j in idx if j != i)
+        on[i] = not dominated
+    import pandas as pd
+
+    return pd.Series(on, index=frame.index, name="pareto")
+
+
+def _check_column(frame, name: str, allowed: Sequence[str]) -> None:
+    if name not in allowed:
+        raise ValueError(f"unknown column {name!r}; choose one of {list(allowed)}")
+    if name not in frame:
+        raise ValueError(f"the sweep has no {name!r} column (was it measured? e.g. FID needs an extractor)")
+
+
+def best_under_budget(frame, budget: float, cost: str = "flop_ratio", quality: str = "psnr",
+                      families: Sequence[str] = ("ablation",)) -> dict | None:
+    """The best point (by ``quality``) among ``families`` whose ``cost`` is at most ``budget`` (e.g.
+    ``budget=0.5`` = at least 2x cheaper than full compute). None when no point fits. Ties go to
+    the cheaper point."""
+    _check_column(frame, cost, COST_COLUMNS)
+    _check_column(frame, quality, QUALITY_COLUMNS)
+    if not (isinstance(budget, (int, float)) and budget > 0):
+        raise ValueError(f"budget must be a positive cost ratio (e.g. 0.5 = half of full compute), got {budget!r}")
+    m = _usable(frame, cost, quality) & frame["family"].isin(list(families)) & (frame[cost] <= budget)
+    if not m.any():
+        return None
+    sub = frame[m]
+    sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
+    order = np.lexsort((sub[cost].to_numpy(float), -sign * sub[quality].to_numpy(float)))
+    return _plain_row(sub.iloc[order[0]])
+
+
+def _plain_row(row) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (np.floating, float)):
+            out[k] = None if not math.isfinite(float(v)) else float(v)
+        elif isinstance(v, np.integer):
+            out[k] = int(v)
+        elif isinstance(v, np.bool_):
+            out[k] = bool(v)
+        else:
+            out[k] = v
+    if isinstance(out.get("config"), str):
+        out["config"] = json.loads(out["config"])
+    out.pop("traceback", None)
+    return out
+
+
+def compare_at_reductions(frame, reductions: Sequence[float] = (2, 3), cost: str = "flop_ratio",
+                          quality: str = "psnr", also: Sequence[str] = ("class_consistency",),
+                          families: Sequence[str] = ("ablation",)):
+    """Which curve wins at each cost reduction (2 = half the cost of full compute)?
+
+    For every reduction r and every curve among ``families``: the curve's best point (by ``quality``)
+    with ``cost <= 1/r``. Returns a frame ``reduction, curve, name, <cost>, <quality>, <also...>,
+    rank`` (rank 1 = winner; curves with no point within the budget get rank NaN and say so in
+    ``name``). Measured points only: a curve is not credited with a quality it was never seen at.
+    """
+    import pandas as pd
+
+    rows = []
+    for r in reductions:
+        if not r > 1:
+            raise ValueError(f"reductions must be > 1 (2 = half the cost), got {r!r}")
+        for curve, sub in frame[frame["family"].isin(list(families))].groupby("curve", sort=False):
+            best = best_under_budget(sub, 1.0 / r, cost, quality, families=families)
+            row = {"reduction": float(r), "curve": curve}
+            if best is None:
+                row.update({"name": "no point within budget", cost: np.nan, quality: np.nan, **{a: np.nan for a in also}})
+            else:
+                row.update({"name": best["name"], cost: best[cost], quality: best[quality],
+                            **{a: best.get(a) if best.get(a) is not None else np.nan for a in also}})
+            rows.append(row)
+    out = pd.DataFrame(rows, columns=["reduction", "curve", "name", cost, quality, *also])
+    sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
+    out["rank"] = out.groupby("reduction")[quality].rank(ascending=sign < 0, method="min")
+    return out.sort_values(["reduction", "rank"], na_position="last").reset_index(drop=True)
+
+
+def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, cost: str = "flop_ratio",
+             quality: str = "psnr") -> dict:
+    """The numbers a reader wants first, as plain values for ``summary.json``: per reduction the
+    winning curve, its point, its PSNR and class-consistency and its margin over the runner-up (and
+    over full compute's class-consistency); the best point under ``budget`` (ablated variants only,
+    and over every family including baselines and peers); the Pareto points."""
+    comp = compare_at_reductions(frame, reductions, cost, quality)
+    full = frame[frame["name"] == FULL_COMPUTE]
+    full_cc = float(full["class_consistency"].iloc[0]) if len(full) and "class_consistency" in full else float("nan")
+    out: dict[str, Any] = {"cost": cost, "quality": quality, "budget": budget,
+                           "full_compute_class_consistency": _num(full_cc)}
+    for r in reductions:
+        sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()].sort_values("rank")
+        key = f"at_{r:g}x"
+        if sub.empty:
+            out[key] = {"winner": None, "note": f"no ablated variant reached {r:g}x lower {cost}"}
+            continue
+        w = sub.iloc[0]
+        d = {"winner": w["curve"], "point": w["name"], cost: _num(w[cost]), quality: _num(w[quality]),
+             "class_consistency": _num(w.get("class_consistency"))}
+        if len(sub) > 1:
+            ru = sub.iloc[1]
+            d.update({"runner_up": ru["curve"], f"{quality}_margin": _num(w[quality] - ru[quality]),
+                      "class_consistency_margin": _num(w.get("class_consistency", np.nan) - ru.get("class_consistency", np.nan))})
+        out[key] = d
+        ref = best_under_budget(frame, 1.0 / r, cost, quality, families=("baseline", "peer"))
+        if ref is not None:
+            out[key]["best_reference"] = {"name": ref["name"], cost: ref[cost], quality: ref[quality],
+                                          "class_consistency": ref.get("class_consistency")}
+    best = best_under_budget(frame, budget, cost, quality)
+    overall = best_under_budget(frame, budget, cost, quality, families=("ablation", "baseline", "peer"))
+    keep = ("name", "curve", "family", "flop_ratio", "time_ratio", "psnr", "ssim", "class_consistency", "config")
+    out["best_under_budget"] = {k: best[k] for k in keep if k in best} if best else None
+    out["best_under_budget_any_method"] = {k: overall[k] for k in keep if k in overall} if overall else None
+    out["pareto_points"] = frame.loc[pareto_front(frame, cost, quality), "name"].tolist()
+    return out
+
+
+def _num(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_ratio", "time_ratio", "realisation",
+                                              "psnr", "ssim", "class_consistency", "fid", "kid", "error"),
+          decimals: int = 3):
+    """The sweep as a readable table (rounded; columns that were not measured are left out), with
+    ``pareto_flops`` / ``pareto_time`` marking the PSNR Pareto points against each cost."""
+    cols = [c for c in columns if c in frame and not (frame[c].isna().all() and c in QUALITY_COLUMNS)]
+    out = frame[cols].copy()
+    out["pareto_flops"] = pareto_front(frame, "flop_ratio", "psnr")
+    out["pareto_time"] = pareto_front(frame, "time_ratio", "psnr")
+    return out.round(decimals)
