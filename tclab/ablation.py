@@ -561,3 +561,77 @@ def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_rati
     out["pareto_flops"] = pareto_front(frame, "flop_ratio", "psnr")
     out["pareto_time"] = pareto_front(frame, "time_ratio", "psnr")
     return out.round(decimals)
+
+
+def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequence[float] = (2, 3),
+                    model=None) -> dict:
+    """Everything ``summary.json`` of an ablation run holds, as plain values.
+
+    ``headline`` (flat, for ``reports/index.html``): per reduction r the winning curve, its PSNR and
+    class-consistency and its PSNR margin over the runner-up (FLOPs), and the best point under
+    ``budget`` (its name, FLOP and time ratios, PSNR). ``flops`` / ``wall_clock``: the full
+    :func:`headline` against each cost. ``best_under_budget``: the recommended configuration (its
+    ``config.cache`` is a ``TokenCacheConfig`` dict: what ``05_inhouse_report`` reads).
+    ``points``: every row of the sweep. ``identity``: the model's weights hash when ``model`` is given.
+    """
+    frame = result.frame
+    flops = headline(frame, reductions, budget, "flop_ratio", "psnr")
+    clock = headline(frame, reductions, budget, "time_ratio", "psnr")
+    flat: dict[str, Any] = {}
+    for r in reductions:
+        d = flops[f"at_{r:g}x"]
+        tag = f"{r:g}x"
+        flat[f"winner_at_{tag}_flops"] = d.get("winner")
+        flat[f"psnr_at_{tag}"] = d.get("psnr")
+        flat[f"psnr_margin_at_{tag}"] = d.get("psnr_margin")
+        flat[f"class_consistency_at_{tag}"] = d.get("class_consistency")
+        flat[f"winner_at_{tag}_wall_clock"] = clock[f"at_{r:g}x"].get("winner")
+    best = flops["best_under_budget"]
+    flat["budget_flop_ratio"] = budget
+    flat["best_under_budget"] = best["name"] if best else None
+    for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency"):
+        flat[f"best_{k}"] = best.get(k) if best else None
+    flat["full_compute_class_consistency"] = flops["full_compute_class_consistency"]
+    flat["points"] = int(len(frame))
+    flat["failed_points"] = int((frame["error"].fillna("") != "").sum())
+    points = [_plain_row(r) for _, r in frame.iterrows()]
+    out = {"headline": flat, "flops": flops, "wall_clock": clock, "best_under_budget": best,
+           "settings": asdict(result.settings), "points": points}
+    if model is not None:
+        out["identity"] = {"model": model.name, "model_weights_sha256": model.identity()["weights_sha256"]}
+    return out
+
+
+def classifier_for(model, path: str | None = None):
+    """The class-consistency classifier for ``model``: the file at ``path`` (``tclab train-classifier``),
+    or, with no path, the shipped shapes classifier when the model's classes are its classes. Returns
+    None (and says why) when there is none, so a sweep without class-consistency is explicit."""
+    from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier
+
+    if path is not None:
+        clf = ShapesClassifier.load(path)
+    else:
+        clf = ShapesClassifier.load(SHIPPED_CLASSIFIER)
+        if list(clf.class_names) != list(model.class_names or []):
+            print(f"class-consistency not measured: no classifier given and the shipped one knows "
+                  f"{clf.class_names}, not this model's classes; train one with `tclab train-classifier "
+                  "--images YOUR_FOLDER` and pass its path")
+            return None
+    if list(clf.class_names) != list(model.class_names or []):
+        raise ValueError(f"classifier {path} knows {clf.class_names}, the model {model.class_names}; "
+                         "train the classifier on the model's image set")
+    return clf
+
+
+def images_of_winners(result: SweepResult, budget: float, cost: str = "flop_ratio", quality: str = "psnr",
+                      families: Sequence[str] = ("ablation",)) -> dict[str, torch.Tensor]:
+    """``{"full compute": images, "<curve>: <point>": images, ...}``: full compute and, per curve, its
+    best point within ``budget`` (curves with no point within it are left out), for image grids."""
+    out = {FULL_COMPUTE: result.full_images}
+    frame = result.frame
+    for curve, sub in frame[frame["family"].isin(list(families))].groupby("curve", sort=False):
+        best = best_under_budget(sub, budget, cost, quality, families=families)
+        if best is not None and best["name"] in result.images:
+            out[f"{curve}: {best['name']} ({best[quality]:.1f} dB)" if quality == "psnr" else f"{curve}: {best['name']}"] = \
+                result.images[best["name"]]
+    return out

@@ -55,16 +55,27 @@ def test_notebook_follows_house_style(path):
         assert not defs, f"{path.name}: define functions in tclab, not in the notebook ({cell.source[:60]!r})"
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "notebooks" / "params").glob("01_*.yaml")), ids=lambda p: p.name)
-def test_presets_of_notebook_01_use_only_its_parameters(preset):
+def notebook_of(preset: Path) -> Path:
+    """notebooks/params/NN_*.yaml belongs to the notebook notebooks/NN_*.ipynb."""
+    matches = [p for p in NOTEBOOKS if p.name[:3] == preset.name[:3]]
+    assert len(matches) == 1, f"{preset.name}: no single notebook numbered {preset.name[:2]}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "notebooks" / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_use_only_their_notebooks_parameters(preset):
     values = runs.load_parameters(preset)
-    runs.validate_parameters(values, runs.notebook_parameters(NB01), notebook=NB01.name)
+    nb = notebook_of(preset)
+    runs.validate_parameters(values, runs.notebook_parameters(nb), notebook=nb.name)
     assert values
 
 
-def test_smoke_preset_equals_the_notebook_defaults():
-    defaults = {k: v for k, v in runs.notebook_parameters(NB01).items() if k != "run_dir"}
-    assert yaml.safe_load((ROOT / "notebooks" / "params" / "01_smoke.yaml").read_text()) == defaults
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_smoke_preset_equals_the_notebook_defaults(path):
+    defaults = {k: v for k, v in runs.notebook_parameters(path).items() if k != "run_dir"}
+    smoke = ROOT / "notebooks" / "params" / f"{path.name[:2]}_smoke.yaml"
+    assert smoke.is_file(), f"{path.name} has no smoke preset {smoke.name}"
+    assert yaml.safe_load(smoke.read_text()) == defaults
 
 
 # ---- one execution ----------------------------------------------------------------------------------
