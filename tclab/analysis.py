@@ -397,13 +397,18 @@ def per_step_mean_change(record: TokenChangeRecord, measure: str = "out_change",
     return _nanmean(record.select(measure, branch), axis=(1, 2, 3))
 
 
-def detect_phase_split(curve: Sequence[float], steps: Sequence[int] | None = None) -> dict:
+def detect_phase_split(curve: Sequence[float], steps: Sequence[int] | None = None,
+                       min_phase_fraction: float = 0.1) -> dict:
     """Where does a per-step curve switch level? The best two-segment (piecewise constant) fit.
 
     Tries every split of the finite points into a first and a second segment (each non-empty) and
     keeps the one with the least within-segment sum of squares (the first such split on ties): an
     exact 1-D two-means fit in O(S). ``steps`` gives the step index of each point (default 0..S-1);
-    NaN points (step 0 of a change curve) are left out.
+    NaN points (step 0 of a change curve) are left out. Each phase holds at least
+    ``min_phase_fraction`` of the points (at least one), and curves of 20 points or more are fitted
+    after clipping to their 5th-95th percentiles: without both, a single outlying step (the last
+    step of a sampler often jumps) would be "a phase", and the suggested TPRR split 0.98. ``sse``
+    and ``variance_explained`` are of the fitted (clipped) curve, the phase means of the measured one.
 
     Returns ``split_step`` (the step index where phase 2 starts), ``phase1_steps`` / ``phase2_steps``
     [first, last], ``phase1_mean``, ``phase2_mean``, ``sse``, ``sse_one_phase`` and
@@ -420,16 +425,22 @@ def detect_phase_split(curve: Sequence[float], steps: Sequence[int] | None = Non
             "phase2_mean": None, "sse": None, "sse_one_phase": None, "variance_explained": None}
     if len(y) < 2:
         return none
-    c1, c2 = np.cumsum(y), np.cumsum(y * y)
-    k = np.arange(1, len(y))  # size of the first segment
+    # fit on a winsorised copy (5th-95th percentile) of longer curves, so one outlying step cannot
+    # decide the split; the phase means below are of the measured values
+    yf = np.clip(y, *np.quantile(y, [0.05, 0.95])) if len(y) >= 20 else y
+    c1, c2 = np.cumsum(yf), np.cumsum(yf * yf)
+    m = max(1, int(round(min_phase_fraction * len(y))))
+    if 2 * m > len(y):
+        m = max(1, len(y) // 2)
+    k = np.arange(m, len(y) - m + 1)  # allowed sizes of the first segment
     n2 = len(y) - k
     s1, q1 = c1[k - 1], c2[k - 1]
     s2, q2 = c1[-1] - s1, c2[-1] - q1
     sse = (q1 - s1 * s1 / k) + (q2 - s2 * s2 / n2)  # (S-1,) within-segment sums of squares
     sse = np.maximum(sse, 0.0)
     best = int(np.argmin(np.round(sse, 12)))  # round: float noise must not decide ties
-    kb = best + 1
-    sse0 = float(np.sum((y - y.mean()) ** 2))
+    kb = int(k[best])
+    sse0 = float(np.sum((yf - yf.mean()) ** 2))
     return {"split_step": int(idx[kb]), "phase1_steps": [int(idx[0]), int(idx[kb - 1])],
             "phase2_steps": [int(idx[kb]), int(idx[-1])], "phase1_mean": float(y[:kb].mean()),
             "phase2_mean": float(y[kb:].mean()), "sse": float(sse[best]), "sse_one_phase": sse0,

@@ -177,6 +177,14 @@ def test_detect_phase_split_on_a_noisy_step_and_a_ramp():
     assert ramp["split_step"] == 50 and ramp["variance_explained"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_one_outlying_last_step_is_not_a_phase():
+    # what the embedded model's final DDIM step looks like: a flat-ish curve and one big jump at the end
+    curve = np.r_[np.nan, np.full(25, 0.2), np.full(23, 0.1), 3.0]
+    sp = analysis.detect_phase_split(curve)
+    assert sp["split_step"] == 26  # the real change of level, not step 49
+    assert sp["phase2_mean"] == pytest.approx((23 * 0.1 + 3.0) / 24)  # means of the measured values
+
+
 @pytest.mark.parametrize("low_first", [True, False])
 def test_uneven_trajectory_gives_the_tprr_split(low_first):
     levels = np.r_[np.full(6, 0.05), np.full(4, 0.3)] if low_first else np.r_[np.full(6, 0.3), np.full(4, 0.05)]
