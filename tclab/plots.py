@@ -437,3 +437,45 @@ def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---- full compute against cached, image by image (tclab.inhouse) ---------------------------------------
+
+def plot_paired_images(inputs, full, cached, column_titles: Sequence[str] | None = None, max_images: int = 8,
+                       title: str | None = None, labels: Sequence[str] = ("in-house input", "full compute", "cached")):
+    """Four rows, one column per image: the input (e.g. an in-house image SDEdit started from), the
+    full-compute output, the cached output (same seed), and ``|cached - full|`` as a heat map.
+
+    ``inputs``, ``full``, ``cached``: (N, 3, H, W) in [-1, 1], image ``i`` the same case in each.
+    The difference is the per-pixel mean over RGB of ``|cached - full|`` on the 0-1 pixel scale (0.1 =
+    10% of the pixel range), on one colour scale for the whole figure (0 to the 99th percentile of the
+    shown differences), so columns compare. ``column_titles`` (e.g. file name and PSNR) go above the
+    columns; the first ``max_images`` are shown."""
+    plt = _plt()
+    rgb = [_to_rgb(x)[:max_images] for x in (inputs, full, cached)]
+    n = len(rgb[1])
+    if not (len(rgb[0]) == n == len(rgb[2])) or n == 0:
+        raise ValueError(f"inputs, full and cached must hold the same non-zero number of images; got "
+                         f"{len(rgb[0])}, {len(rgb[1])}, {len(rgb[2])} (first {max_images} shown)")
+    if column_titles is not None and len(column_titles) < n:
+        raise ValueError(f"{len(column_titles)} column titles for {n} images: give one per image")
+    diff = np.abs(rgb[2] - rgb[1]).mean(axis=-1)  # (n, H, W) on the 0-1 pixel scale
+    vmax = max(float(np.percentile(diff, 99)), 1 / 255)
+    fig, axes = plt.subplots(4, n, figsize=(1.45 * n + 1.6, 6.4 + (0.35 if column_titles is not None else 0)),
+                             squeeze=False, layout="constrained")
+    im = None
+    for c in range(n):
+        for r in range(3):
+            axes[r, c].imshow(rgb[r][c], interpolation="nearest")
+        im = axes[3, c].imshow(diff[c], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        if column_titles is not None:
+            axes[0, c].set_title(str(column_titles[c]), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, label in enumerate([*labels, "|cached - full|"]):
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.colorbar(im, ax=axes[3, :], label="mean |difference| (0-1 pixel scale)", shrink=0.9, location="right")
+    if title:
+        fig.suptitle(title)
+    return fig

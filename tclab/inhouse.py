@@ -1,0 +1,735 @@
+"""The in-house report: given a model and a team's image folder, the one report the team reads.
+
+``notebooks/05_inhouse_report.ipynb`` is built from this module. In order, the report answers:
+
+1. **Is the image set usable?** Every file checked (:func:`tclab.data.load_image_folder`), per-class
+   counts, every skipped file with its reason (:func:`bad_images_table`), the manifest hash; then a
+   class-balanced subset whose labels are mapped onto the model's classes (:func:`select_images`).
+2. **Is there redundancy to exploit on these images?** The token-change recorder around an SDEdit
+   run of the subset, tested with :func:`tclab.analysis.summarise_redundancy` (TokenCache's three
+   observations, ``shared/docs/tokencache.md`` section 1).
+3. **Which TokenCache setting?** :func:`recommend` takes the setting the team gave, or
+   (``"auto"``) the best point within the FLOP budget of the latest ablation runs of *this* model
+   (notebooks 02-04, :func:`find_ablation_recommendation`), or, when none fits, measures a short list
+   of candidates here (:func:`measure_candidates`). The :class:`Recommendation` says which path was
+   taken and why.
+4. **What does it buy and cost on these images?** :func:`measure_on_images`: SDEdit of every
+   selected image with full compute and with the recommendation, in one ``tclab.ablation.run_sweep``
+   harness (FLOPs counted on what ran, interleaved wall-clock, paired PSNR/SSIM/MSE, class-consistency,
+   FID/KID labelled by their feature space).
+5. / 6. **What does it look like, and where is it worst?** :meth:`InhouseMeasurement.per_image` and
+   :meth:`InhouseMeasurement.worst` (file paths from the manifest) for the figures of
+   :func:`tclab.plots.plot_paired_images`.
+7. :func:`summarise_report`: ``summary.json`` (flat headline, details, identity).
+
+Selection and evaluation use different images on purpose: the fallback picks among candidates on
+the model's own class-conditional samples (as the ablation notebooks do), and the pick is then
+measured on the team's images, so the reported quality is not the maximum of several noisy tries
+on the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import runs
+from .ablation import FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, run_sweep
+from .analysis import choose_balanced_images, to_plain
+from .cache import TokenCacheConfig
+
+#: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
+ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
+
+#: Candidates measured when no ablation run fits: the spec's defaults (learned-static scorer, global
+#: selection, TPRR) at two keep ratios and two TPRR interval pairs. The longer intervals (5, 3) are
+#: what reaches 2x fewer FLOPs with ``kv="all"`` (K/V projections stay full in cached steps).
+DEFAULT_CANDIDATES = (
+    {"scorer": "learned-static", "selection": "global", "kv": "all", "rho": 0.25, "schedule": "tprr",
+     "k1": 3, "k2": 2, "split": 0.5},
+    {"scorer": "learned-static", "selection": "global", "kv": "all", "rho": 0.1, "schedule": "tprr",
+     "k1": 3, "k2": 2, "split": 0.5},
+    {"scorer": "learned-static", "selection": "global", "kv": "all", "rho": 0.25, "schedule": "tprr",
+     "k1": 5, "k2": 3, "split": 0.5},
+    {"scorer": "learned-static", "selection": "global", "kv": "all", "rho": 0.1, "schedule": "tprr",
+     "k1": 5, "k2": 3, "split": 0.5},
+)
+
+#: ``Recommendation.source`` values: which path chose the setting.
+FROM_ABLATION_RUN = "ablation run"
+MEASURED_HERE = "measured here"
+GIVEN = "given"
+RECOMMENDED_PREFIX = "recommended: "
+
+
+# ---- 1. the image set ---------------------------------------------------------------------------------
+
+def bad_images_table(image_set):
+    """Every file of ``image_set`` (a :class:`tclab.data.ImageSet`) that was skipped, with the reason:
+    a pandas frame ``path`` (relative to the folder), ``reason``. Empty when every file was usable."""
+    import pandas as pd
+
+    return pd.DataFrame([{"path": b.path, "reason": b.reason} for b in image_set.skipped], columns=["path", "reason"])
+
+
+def describe_image_set(image_set) -> str:
+    """The check of an image folder as readable lines: usable and skipped counts, per-class counts,
+    the manifest hash (sha256 over path, class and file hash of every usable image)."""
+    info = image_set.summary()
+    lines = [f"{info['root']}: {info['usable']} usable image(s), {info['skipped']} skipped"
+             + ("" if info["skipped"] else " (every file is a usable image)")]
+    if image_set.labelled:
+        lines.append(f"{len(image_set.class_names)} class folder(s):")
+        lines += [f"  {name:24s} {n}" for name, n in info["per_class"].items()]
+    else:
+        lines.append("flat folder: no class sub-folders, so no labels")
+    lines.append(f"manifest sha256 {info['manifest_sha256']}")
+    return "\n".join(lines)
+
+
+def model_labels(image_set, model) -> torch.Tensor:
+    """The class label of every image of ``image_set`` in ``model``'s class order.
+
+    The folder's classes are its sub-folder names; each must be one of the model's class names
+    (``model.class_names``; the folder may hold a subset of them). A model without class names (an
+    untrained preset, or a DiT folder without ``id2label``) accepts folders named by class index
+    (``207/``). Raises ``ValueError`` saying which names do not match and how to fix the folder.
+    """
+    if not image_set.labelled:
+        raise ValueError(
+            f"the images in {image_set.root} are not in class folders, but SDEdit with a class-conditional DiT "
+            f"needs each image's class: put them in one sub-folder per class, named as the model's classes"
+            + (f" {model.class_names}" if model.class_names else " (class indices, e.g. 207/)"))
+    if model.class_names:
+        index = {name: k for k, name in enumerate(model.class_names)}
+        unknown = [c for c in image_set.class_names if c not in index]
+        if unknown:
+            hints = []
+            for c in unknown:
+                close = difflib.get_close_matches(c, list(model.class_names), n=1)
+                hints.append(repr(c) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"class folder(s) {', '.join(hints)} of {image_set.root} are not classes of model {model.name!r}, "
+                f"which knows {list(model.class_names)}; rename the folders to the model's class names (or drop "
+                "them), or pass the model these images belong to")
+        mapping = [index[c] for c in image_set.class_names]
+    else:
+        bad = [c for c in image_set.class_names if not (c.isdigit() and int(c) < model.num_classes)]
+        if bad:
+            raise ValueError(
+                f"model {model.name!r} has no class names, so the class folders of {image_set.root} must be class "
+                f"indices 0..{model.num_classes - 1}; {bad} are not. Rename them, or use a model folder whose "
+                "model_index.json has id2label")
+        mapping = [int(c) for c in image_set.class_names]
+    return torch.tensor(mapping, dtype=torch.long)[image_set.labels]
+
+
+def select_images(image_set, model, count: int):
+    """A class-balanced subset of ``count`` images (round robin over the folder's classes, file order
+    within a class: :func:`tclab.analysis.choose_balanced_images`), as a new ImageSet whose labels
+    and ``class_names`` are the model's (see :func:`model_labels`) and whose ``manifest_hash()``
+    names exactly the images used."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"num_images must be an integer >= 1 (images to run through the model), got {count!r}")
+    model_labels(image_set, model)  # refuse a mismatch before choosing anything
+    subset = choose_balanced_images(image_set, count)
+    return dataclasses.replace(subset, labels=model_labels(subset, model),
+                               class_names=list(model.class_names or [str(k) for k in range(model.num_classes)]))
+
+
+def class_table(image_set, used):
+    """Per class: the model's class index, usable images in the folder, images used in the report."""
+    import pandas as pd
+
+    folder = image_set.summary()["per_class"]
+    counts: dict[str, int] = {}
+    for r in used.records:
+        counts[r.class_name] = counts.get(r.class_name, 0) + 1
+    index = {r.class_name: int(lab) for r, lab in zip(used.records, used.labels.tolist())}
+    return pd.DataFrame([{"class": c, "model_class_index": index.get(c), "usable_in_folder": n,
+                          "used_in_report": counts.get(c, 0)} for c, n in folder.items()])
+
+
+# ---- 2. redundancy ---------------------------------------------------------------------------------------
+
+def describe_redundancy(redundancy: dict) -> str:
+    """The verdicts of ``tclab.analysis.summarise_redundancy(record)`` on an SDEdit record, as readable
+    lines (:func:`tclab.analysis.describe_observations`, which calls a primary record "pure samples",
+    relabelled for what was recorded here)."""
+    from .analysis import describe_observations
+
+    return describe_observations(redundancy).replace("== pure samples (", "== SDEdit of the in-house images (", 1)
+
+
+# ---- 3. the recommendation -------------------------------------------------------------------------------
+
+def reports_folder(run) -> Path:
+    """The reports folder a run lives in (where the ablation runs are): the run folder's parent, or,
+    under ``tclab run`` (the run is built in ``<reports>/.staging/``), the staging folder's parent."""
+    if getattr(run, "reports_dir", None) is not None:
+        return Path(run.reports_dir)
+    parent = Path(run.dir).resolve().parent
+    return parent.parent if parent.name == runs.STAGING_DIRNAME else parent
+
+
+def describe_cache(cache: Mapping[str, Any]) -> str:
+    """A short label of a TokenCacheConfig dict, e.g. ``learned-static global rho=0.1 kv=all tprr(5,3,0.5)``."""
+    c = TokenCacheConfig.from_dict(dict(cache))
+    if c.schedule == "tprr":
+        when = f"tprr({c.k1},{c.k2},{c.split:g})"
+    elif c.schedule == "round-robin":
+        when = f"round-robin({c.interval})"
+    else:
+        when = f"percentile({c.n_full})"
+    extra = "".join(f" {k}={getattr(c, k)}" for k in ("full_first_blocks", "full_last_blocks", "force_last_steps")
+                    if getattr(c, k))
+    return f"{c.scorer_name} {c.selection} rho={c.rho:g} kv={c.kv} {when}{extra}"
+
+
+def sdedit_steps(num_steps: int, strength: float) -> int:
+    """Steps an SDEdit run executes (as :func:`tclab.sampling.sample`): the last ``strength`` of them."""
+    return max(1, round(num_steps * strength))
+
+
+def fit_cache_to_sdedit(cache: Mapping[str, Any], num_steps: int, strength: float) -> tuple[dict, str | None]:
+    """The TokenCacheConfig dict to use on SDEdit runs of ``num_steps`` at ``strength``, and a note when
+    it had to change.
+
+    Round-robin and TPRR schedules are relative to the run's own steps and carry over unchanged. A
+    ``percentile`` schedule holds one importance per step of the *full* trajectory; SDEdit runs only
+    its last ``k`` steps, so the importances of those steps are kept and ``n_full`` is scaled by
+    ``k / num_steps`` (the same share of full steps). A percentile schedule measured for another
+    number of steps cannot be mapped and raises ``ValueError``.
+    """
+    cfg = TokenCacheConfig.from_dict(dict(cache))
+    out = cfg.to_dict()
+    if cfg.schedule != "percentile":
+        return out, None
+    w = list(cfg.step_importance or [])
+    if len(w) != num_steps:
+        raise ValueError(f"the percentile schedule's step_importance has {len(w)} values but this report samples "
+                         f"num_steps={num_steps}; measure it for {num_steps} steps (notebook 04) or use a tprr "
+                         "schedule")
+    k = sdedit_steps(num_steps, strength)
+    if k == num_steps:
+        return out, None
+    n = max(1, min(k, round(cfg.n_full * k / num_steps)))
+    out.update(step_importance=w[num_steps - k:], n_full=n)
+    TokenCacheConfig.from_dict(out)
+    return out, (f"percentile schedule fitted to SDEdit: the importances of the last {k} of {num_steps} steps, "
+                 f"n_full {cfg.n_full} -> {n}")
+
+
+@dataclass
+class Recommendation:
+    """The TokenCache setting the report measures, and where it came from.
+
+    Attributes:
+        name: a short label of the setting (the ablation point's name, or :func:`describe_cache`).
+        cache: its ``TokenCacheConfig`` fields (validated).
+        source: which path chose it: ``"ablation run"`` (auto, from notebooks 02-04), ``"measured here"``
+            (auto, nothing fitted, candidates measured in this run) or ``"given"`` (the parameter).
+        origin: the source run's folder name, ``"measured here"``, or ``"given"``.
+        reason: why this path was taken, in a sentence (printed and written to summary.json).
+        budget: the FLOP-ratio budget (cost of a cached run / full compute).
+        within_budget: whether the source measured it within ``budget`` (None when given: not checked).
+        source_metrics: FLOP / time ratio, PSNR, class-consistency as the source measured them.
+        considered: one dict per ablation run looked at, with its verdict (auto only).
+        candidates: the candidate sweep's frame (``"measured here"`` only).
+        notes: caveats (other settings at the source, ...).
+    """
+
+    name: str
+    cache: dict
+    source: str
+    origin: str
+    reason: str
+    budget: float
+    within_budget: bool | None = None
+    source_metrics: dict = field(default_factory=dict)
+    considered: list[dict] = field(default_factory=list)
+    candidates: Any = None  # pandas.DataFrame | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def variant_name(self) -> str:
+        """The recommendation's row name in the measurement sweep."""
+        return RECOMMENDED_PREFIX + self.name
+
+    def variant(self, cache: Mapping[str, Any] | None = None) -> Variant:
+        """The recommendation as a sweep point (``cache`` overrides its config, e.g. fitted to SDEdit)."""
+        return Variant(self.variant_name, "recommended", "ablation", cache=dict(cache or self.cache),
+                       knob=self.name)
+
+    def describe(self) -> str:
+        """Readable lines: the setting, the path taken and why, the source's numbers, caveats."""
+        lines = [f"recommended setting: {self.name}", f"  setting: {describe_cache(self.cache)}",
+                 f"  path: {self.source}" + (f" ({self.origin})" if self.origin != self.source else ""),
+                 f"  why: {self.reason}"]
+        m = {k: v for k, v in self.source_metrics.items() if v is not None}
+        if m:
+            lines.append("  as measured at the source: " + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        if self.within_budget is False:
+            lines.append(f"  WARNING: no measured setting reached FLOP ratio <= {self.budget:g}; this is the cheapest "
+                         "one that ran. Raise the budget or add cheaper candidates (lower rho, longer intervals).")
+        lines.append(f"  TokenCacheConfig: {self.cache}")
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.considered:
+            lines.append(f"  ablation runs considered ({len(self.considered)}, newest first):")
+            lines += [f"    {r['run']} ({r['notebook']}): {r.get('verdict', '')}" for r in self.considered]
+        return "\n".join(lines)
+
+    def table(self):
+        """What the choice was made from: the ablation runs considered (auto), the candidate points
+        (measured here), or a one-row frame (given)."""
+        import pandas as pd
+
+        if self.candidates is not None:
+            cols = ["name", "flop_ratio", "time_ratio", "psnr", "ssim", "class_consistency", "error"]
+            out = self.candidates[[c for c in cols if c in self.candidates]].copy()
+            out.insert(1, "chosen", out["name"] == self.name)
+            return out[out["name"] != FULL_COMPUTE].round(3).reset_index(drop=True)
+        if self.considered:
+            return pd.DataFrame(self.considered)
+        return pd.DataFrame([{"name": self.name, "source": self.source, "config": self.cache}])
+
+    def to_dict(self) -> dict:
+        """Plain values for summary.json."""
+        out = {k: getattr(self, k) for k in ("name", "source", "origin", "reason", "budget", "within_budget",
+                                             "source_metrics", "considered", "notes", "cache")}
+        if self.candidates is not None:
+            out["candidates"] = self.table().to_dict(orient="records")
+        return to_plain(out)
+
+
+def _short(sha: Any) -> str:
+    return f"{str(sha)[:12]}..." if sha else "none"
+
+
+def _number(v: Any) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"budget must be a positive FLOP ratio (0.5 = half of full compute), got {budget!r}")
+
+
+def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | None, budget: float,
+                                 num_steps: int | None = None,
+                                 notebooks: Sequence[str] = ABLATION_NOTEBOOKS) -> tuple[dict | None, list[dict]]:
+    """The best TokenCache setting the ablation notebooks found for this model within ``budget``.
+
+    Reads the run folders of ``notebooks`` in ``reports_dir`` (``tclab.runs.list_runs``). Per
+    notebook, only the **most recent successful** run of this model counts (``provenance.json``
+    status ``ok`` and ``summary.json`` ``identity.model_weights_sha256 == weights_sha256``): older runs
+    are superseded, since code and settings move on. Each such run's ``best_under_budget`` (written
+    by ``tclab.ablation.summarise_sweep``) is eligible when its ``config.cache`` is a TokenCache
+    setting (not null: not a baseline or peer) that still validates, its ``flop_ratio <= budget`` and
+    it has a PSNR; a ``percentile`` schedule must also have been measured for ``num_steps`` steps.
+    Among eligible points the highest PSNR wins (ties: the lower FLOP ratio).
+
+    Returns ``(best, considered)``: ``best`` is ``{"run", "notebook", "name", "cache", "flop_ratio",
+    "time_ratio", "psnr", "class_consistency", "settings"}`` or None, and ``considered`` one dict per
+    run looked at (``run``, ``notebook``, ``status``, ``name``, ``flop_ratio``, ``psnr``, ``verdict``).
+    """
+    _check_budget(budget)
+    considered: list[dict] = []
+    eligible: list[dict] = []
+    newest: dict[str, str] = {}
+    for info in runs.list_runs(reports_dir):  # newest first
+        if info.notebook not in notebooks:
+            continue
+        summary = runs.read_json(info.path / "summary.json")
+        best = summary.get("best_under_budget") if isinstance(summary.get("best_under_budget"), dict) else None
+        row = {"run": info.path.name, "notebook": info.notebook, "status": info.status,
+               "name": best.get("name") if best else None,
+               "flop_ratio": _number(best.get("flop_ratio")) if best else None,
+               "psnr": _number(best.get("psnr")) if best else None}
+        considered.append(row)
+        identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
+        sha = identity.get("model_weights_sha256")
+        if info.status != "ok":
+            row["verdict"] = f"ignored: run status {info.status!r}, not 'ok'"
+            continue
+        if weights_sha256 is None:
+            row["verdict"] = "ignored: this model has no weights hash (an untrained preset), so no run can be matched"
+            continue
+        if sha is None:
+            row["verdict"] = "ignored: its summary.json names no model (identity.model_weights_sha256 missing)"
+            continue
+        if sha != weights_sha256:
+            row["verdict"] = f"ignored: another model (weights {_short(sha)}, this model {_short(weights_sha256)})"
+            continue
+        if info.notebook in newest:
+            row["verdict"] = f"ignored: superseded by the newer run {newest[info.notebook]} of the same notebook"
+            continue
+        newest[info.notebook] = info.path.name
+        config = (best or {}).get("config")
+        cache = config.get("cache") if isinstance(config, dict) else None
+        if best is None:
+            row["verdict"] = "not eligible: its sweep had no TokenCache point within its own budget"
+        elif not isinstance(cache, dict):
+            row["verdict"] = "not eligible: its best point is not a TokenCache setting (config.cache is null)"
+        elif row["flop_ratio"] is None or row["flop_ratio"] > budget:
+            row["verdict"] = f"not eligible: FLOP ratio {row['flop_ratio']} exceeds the budget {budget:g}"
+        elif row["psnr"] is None:
+            row["verdict"] = "not eligible: no PSNR measured"
+        else:
+            try:
+                TokenCacheConfig.from_dict(cache)
+                if cache.get("schedule") == "percentile" and num_steps is not None \
+                        and len(cache.get("step_importance") or []) != num_steps:
+                    raise ValueError(f"percentile schedule measured for {len(cache.get('step_importance') or [])} "
+                                     f"steps, this report samples {num_steps}")
+            except (TypeError, ValueError) as e:
+                row["verdict"] = f"not eligible: {e}"
+                continue
+            row["verdict"] = "eligible"
+            eligible.append({"run": info.path.name, "notebook": info.notebook, "name": best.get("name"),
+                             "cache": dict(cache), "flop_ratio": row["flop_ratio"],
+                             "time_ratio": _number(best.get("time_ratio")), "psnr": row["psnr"],
+                             "class_consistency": _number(best.get("class_consistency")),
+                             "settings": summary.get("settings") if isinstance(summary.get("settings"), dict) else {}})
+    if not eligible:
+        return None, considered
+    chosen = sorted(eligible, key=lambda e: (-e["psnr"], e["flop_ratio"]))[0]
+    for row in considered:
+        if row["run"] == chosen["run"]:
+            row["verdict"] = "chosen: highest PSNR among the eligible points"
+    return chosen, considered
+
+
+def _candidate_variants(candidates: Sequence[Mapping[str, Any]]) -> list[Variant]:
+    if isinstance(candidates, Mapping) or not isinstance(candidates, (list, tuple)) or not candidates:
+        raise ValueError(f"candidates must be a non-empty list of dicts of TokenCacheConfig fields, got {candidates!r}")
+    out, seen = [], set()
+    for i, cand in enumerate(candidates):
+        if not isinstance(cand, Mapping):
+            raise ValueError(f"candidates[{i}] must be a dict of TokenCacheConfig fields, got {cand!r}")
+        try:
+            name = describe_cache(cand)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"candidates[{i}] {dict(cand)!r}: {e}") from None
+        if name in seen:
+            raise ValueError(f"candidates[{i}] repeats the setting {name!r}; list each setting once")
+        seen.add(name)
+        out.append(Variant(name, "candidates", "ablation", cache=dict(cand), knob=name))
+    return out
+
+
+def measure_candidates(model, candidates: Sequence[Mapping[str, Any]], settings: SweepSettings, budget: float,
+                       classifier=None, progress: bool = False) -> tuple[dict | None, SweepResult]:
+    """Measure ``candidates`` (dicts of TokenCacheConfig fields) against full compute on ``model``'s own
+    class-balanced samples (``settings.quality_samples`` of them, from noise, as the ablation
+    notebooks do) and pick :func:`tclab.ablation.best_under_budget` (highest PSNR with FLOP ratio
+    <= ``budget``). Returns ``(best row or None, the sweep)``. Bad candidates raise before anything runs."""
+    variants = _candidate_variants(candidates)
+    result = run_sweep(model, variants, settings, classifier=classifier, progress=progress)
+    return best_under_budget(result.frame, budget), result
+
+
+def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str | Path, budget: float = 0.5,
+              candidates: Sequence[Mapping[str, Any]] = DEFAULT_CANDIDATES, settings: SweepSettings | None = None,
+              classifier=None, progress: bool = False) -> Recommendation:
+    """Decide which TokenCache setting the report measures.
+
+    Args:
+        model: the ``LoadedDiT``.
+        recommendation: a dict of ``TokenCacheConfig`` fields (the team's own setting: used as given;
+            unknown keys raise), or ``"auto"``: first :func:`find_ablation_recommendation` in
+            ``reports_dir`` (the latest ablation runs 02-04 of this exact model), and when nothing
+            there fits, :func:`measure_candidates` on this model with ``candidates``.
+        reports_dir: the reports folder (:func:`reports_folder` of the run).
+        budget: the FLOP-ratio budget (0.5 = at least 2x fewer FLOPs than full compute).
+        candidates: the fallback's settings (dicts of TokenCacheConfig fields).
+        settings: sampling and measurement of the fallback sweep (its ``num_steps`` also checks that a
+            percentile schedule from an ablation run fits).
+        classifier: class-consistency classifier for the fallback sweep (or None).
+
+    Returns a :class:`Recommendation` whose ``source``, ``origin`` and ``reason`` say which path was
+    taken and why. When even the candidates miss the budget, the cheapest candidate that ran is
+    returned with ``within_budget=False`` (the report says so loudly); when none ran, ``RuntimeError``.
+    """
+    _check_budget(budget)
+    settings = settings or SweepSettings()
+    if isinstance(recommendation, Mapping):
+        try:
+            cfg = TokenCacheConfig.from_dict(dict(recommendation))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"recommendation {dict(recommendation)!r} is not a valid TokenCache setting: {e}. "
+                             "Pass a dict of TokenCacheConfig fields, or 'auto'") from None
+        cache = cfg.to_dict()
+        return Recommendation(name=describe_cache(cache), cache=cache, source=GIVEN, origin=GIVEN,
+                              reason="the setting was given (parameter recommendation); it is measured, not chosen",
+                              budget=float(budget))
+    if recommendation != "auto":
+        raise ValueError(f"recommendation must be 'auto' or a dict of TokenCacheConfig fields (e.g. "
+                         f"{{'rho': 0.25, 'scorer': 'learned-static'}}), got {recommendation!r}")
+
+    sha = model.identity().get("weights_sha256")
+    best, considered = find_ablation_recommendation(reports_dir, sha, budget, settings.num_steps)
+    if best is not None:
+        notes = []
+        src = best["settings"]
+        differs = {k: (src.get(k), getattr(settings, k)) for k in ("num_steps", "scheduler", "guidance_scale")
+                   if k in src and src.get(k) != getattr(settings, k)}
+        if differs:
+            notes.append("the source run sampled with other settings ("
+                         + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differs.items())
+                         + "): its ranking may not transfer exactly; the numbers below are measured here")
+        n_ok = sum(r.get("verdict", "").startswith(("eligible", "chosen")) for r in considered)
+        return Recommendation(
+            name=str(best["name"]), cache=TokenCacheConfig.from_dict(best["cache"]).to_dict(),
+            source=FROM_ABLATION_RUN, origin=best["run"], budget=float(budget), within_budget=True,
+            reason=(f"auto: the ablation run {best['run']} ({best['notebook']}) of this model (weights "
+                    f"{_short(sha)}) has the highest PSNR ({best['psnr']:.2f} dB) among {n_ok} eligible point(s) "
+                    f"with FLOP ratio <= {budget:g} in {reports_dir}"),
+            source_metrics={k: best[k] for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency")},
+            considered=considered, notes=notes)
+
+    why = (f"no successful run of {', '.join(ABLATION_NOTEBOOKS)} in {reports_dir}" if not considered else
+           f"none of the {len(considered)} ablation run(s) in {reports_dir} offers a TokenCache setting of this model "
+           f"within FLOP ratio {budget:g} (each run and its verdict are listed below)")
+    variants = _candidate_variants(candidates)  # refuse bad candidates before the sweep runs
+    pick, result = measure_candidates(model, [v.cache for v in variants], settings, budget, classifier, progress)
+    frame = result.frame
+    ok = frame[(frame["name"] != FULL_COMPUTE) & (frame["error"].fillna("") == "")]
+    within = pick is not None
+    if pick is None:
+        if ok.empty:
+            errors = "; ".join(f"{n}: {e}" for n, e in frame.loc[frame["name"] != FULL_COMPUTE, ["name", "error"]]
+                               .itertuples(index=False))
+            raise RuntimeError(f"{why}, and every candidate failed on this model ({errors}). Fix the candidates "
+                               "(a learned scorer needs a predictor trained for this model: `tclab train-predictor`, "
+                               "then scorer_options={'path': ...}) or pass recommendation as a dict")
+        pick = ok.sort_values(["flop_ratio", "psnr"], ascending=[True, False]).iloc[0].to_dict()
+    name = str(pick["name"])
+    cache = next(v.cache for v in variants if v.name == name)
+    reason = (f"auto: {why}, so {len(variants)} candidate setting(s) were measured here on {settings.quality_samples} "
+              f"class-conditional samples of the model ({settings.num_steps} steps); "
+              + (f"{name} has the highest PSNR with FLOP ratio <= {budget:g}" if within else
+                 f"none reached FLOP ratio <= {budget:g}, so the cheapest one that ran is shown"))
+    return Recommendation(
+        name=name, cache=TokenCacheConfig.from_dict(cache).to_dict(), source=MEASURED_HERE, origin=MEASURED_HERE,
+        reason=reason, budget=float(budget), within_budget=within,
+        source_metrics={k: _number(pick.get(k)) for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency")},
+        considered=considered, candidates=frame)
+
+
+# ---- 4. measurement on the in-house images -----------------------------------------------------------
+
+def feature_extractor(inception_weights: str | Path | None = None, classifier: str | Path | None = None):
+    """The FID/KID feature space: ``InceptionV3Features(inception_weights)`` (the published FID space;
+    a local file, never downloaded) when a path is given, else ``ClassifierFeatures(classifier)`` (the
+    small class-consistency CNN: offline, labelled NOT comparable to published FID)."""
+    from .features import ClassifierFeatures, InceptionV3Features
+
+    if inception_weights is not None:
+        path = Path(inception_weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"inception_weights {str(path)!r} does not exist; give the local path of "
+                                    "pt_inception-2015-12-05-6726825d.pth, or None for the offline classifier features")
+        return InceptionV3Features(path)
+    return ClassifierFeatures(classifier)
+
+
+@dataclass
+class InhouseMeasurement:
+    """Full compute against the recommendation on the in-house images (SDEdit, same seeds).
+
+    ``result`` is the ``tclab.ablation.SweepResult`` (rows ``"full compute"`` and ``name``),
+    ``images`` the ImageSet of the inputs (``images.images[i]`` is the input of output ``i``),
+    ``notes`` what was adapted for SDEdit.
+    """
+
+    result: SweepResult
+    name: str
+    images: Any  # tclab.data.ImageSet
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.images.images
+
+    @property
+    def full_images(self) -> torch.Tensor:
+        return self.result.full_images
+
+    @property
+    def cached_images(self) -> torch.Tensor:
+        return self.result.images[self.name]
+
+    def describe(self) -> str:
+        """What was measured, in a few lines: images, steps, timing protocol, FID feature space, notes."""
+        st, rec = self.result.settings, self.row()
+        lines = [f"{len(self.images)} in-house image(s), SDEdit at strength {st.sdedit_strength:g}: the last "
+                 f"{sdedit_steps(st.num_steps, st.sdedit_strength)} of {st.num_steps} {st.scheduler} steps, "
+                 f"guidance {st.guidance_scale:g}, seed {st.seed}",
+                 f"wall-clock: median of {st.timing_repeats} interleaved (full compute, cached) run(s) of "
+                 f"{st.timing_batch} image(s) each, in this process"]
+        if isinstance(rec.get("fid_extractor"), str):
+            lines.append(f"FID/KID feature space: {rec['fid_extractor']}"
+                         + ("" if rec.get("fid_comparable") else ": NOT comparable to published FID"))
+        else:
+            lines.append("FID/KID: not measured (no feature extractor)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def row(self, name: str | None = None) -> dict:
+        """One row of the sweep frame as a dict (default: the recommendation's)."""
+        frame = self.result.frame
+        return frame[frame["name"] == (name or self.name)].iloc[0].to_dict()
+
+    def table(self, decimals: int = 3):
+        """Speed and quality, one row per measure, columns ``full compute`` and ``recommended``. Wall-clock
+        is the median of the interleaved timed runs (both from the recommendation's pairs); FID/KID
+        name their feature space."""
+        import pandas as pd
+
+        full, rec = self.row(FULL_COMPUTE), self.row()
+        fid_label = "FID vs the in-house images"
+        if "fid_extractor" in rec and isinstance(rec.get("fid_extractor"), str):
+            fid_label += f" [{rec['fid_extractor']}]"
+        rows = [
+            ("GFLOPs per image (counted)", full["gflops_per_image"], rec["gflops_per_image"]),
+            ("FLOP ratio (/ full compute)", 1.0, rec["flop_ratio"]),
+            ("FLOP speed-up", 1.0, rec["flop_speedup"]),
+            (f"wall-clock s per run of {self.result.settings.timing_batch} image(s) (median)",
+             rec["t_full_s"], rec["t_variant_s"]),
+            ("wall-clock ratio (/ full compute)", 1.0, rec["time_ratio"]),
+            ("wall-clock speed-up", 1.0, rec["time_speedup"]),
+            ("PSNR vs full compute (dB)", None, rec["psnr"]),
+            ("SSIM vs full compute", 1.0, rec["ssim"]),
+            ("MSE vs full compute", 0.0, rec["mse"]),
+            ("class-consistency", full.get("class_consistency"), rec.get("class_consistency")),
+            (fid_label, full.get("fid"), rec.get("fid")),
+            ("KID vs the in-house images", full.get("kid"), rec.get("kid")),
+        ]
+        out = pd.DataFrame(rows, columns=["measure", FULL_COMPUTE, "recommended"]).set_index("measure")
+        return out.astype(float).round(decimals)
+
+    def per_image(self):
+        """Per image: index, file path (relative to the folder, from the manifest), class, and PSNR / SSIM /
+        MSE of the cached output against the full-compute output."""
+        import pandas as pd
+
+        err = self.result.per_image_error(self.name)
+        recs = self.images.records
+        return pd.DataFrame({"index": np.arange(len(recs)), "path": [r.path for r in recs],
+                             "class": [r.class_name for r in recs], "sha256": [r.sha256 for r in recs],
+                             "psnr": err["psnr"].astype(float), "ssim": err["ssim"].astype(float),
+                             "mse": err["mse"].astype(float)})
+
+    def worst(self, k: int):
+        """The ``k`` images with the lowest PSNR of cached against full compute (worst first), with the full
+        file path and a ``title`` for figures. ``k`` larger than the set keeps every image."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"worst_k must be an integer >= 1 (how many worst images to show), got {k!r}")
+        table = self.per_image().sort_values(["psnr", "index"], kind="stable").head(k).reset_index(drop=True)
+        table.insert(0, "rank", np.arange(1, len(table) + 1))
+        root = Path(self.images.root).resolve()
+        table["file"] = [str(root / p) for p in table["path"]]
+        table["title"] = [f"#{r} {Path(p).name}\n{c}, PSNR {v:.1f} dB"
+                          for r, p, c, v in zip(table["rank"], table["path"], table["class"], table["psnr"])]
+        return table
+
+    def images_of(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, full, cached)`` of the images at ``indices`` (e.g. ``worst(k)["index"]``)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return self.inputs[idx], self.full_images[idx], self.cached_images[idx]
+
+
+def measure_on_images(model, rec: Recommendation, settings: SweepSettings, images, classifier=None,
+                      extractor=None, reference_images: torch.Tensor | None = None,
+                      progress: bool = False) -> InhouseMeasurement:
+    """SDEdit every image of ``images`` (an ImageSet from :func:`select_images`) with full compute and with
+    the recommendation, in one ``tclab.ablation.run_sweep`` harness: FLOPs counted on what ran,
+    wall-clock of ``settings.timing_batch`` images (median of ``settings.timing_repeats`` interleaved
+    pairs, baseline re-run in this process), paired PSNR/SSIM/MSE, class-consistency (``classifier``),
+    FID/KID against ``reference_images`` (default: the inputs) in ``extractor``'s feature space.
+
+    The recommendation's config is first fitted to SDEdit (:func:`fit_cache_to_sdedit`). Raises
+    ``RuntimeError`` when the recommendation fails on these images (the sweep would only record it).
+    """
+    cache, note = fit_cache_to_sdedit(rec.cache, settings.num_steps, settings.sdedit_strength)
+    if extractor is not None and reference_images is None:
+        reference_images = images.images
+    result = run_sweep(model, [rec.variant(cache)], settings, classifier=classifier, extractor=extractor,
+                       reference_images=reference_images if extractor is not None else None,
+                       labels=images.labels, init_images=images.images, progress=progress)
+    row = result.frame[result.frame["name"] == rec.variant_name].iloc[0]
+    if row["error"]:
+        raise RuntimeError(f"the recommended setting {rec.name!r} failed on the in-house images: {row['error']}. "
+                           "Pass another setting as recommendation (a dict of TokenCacheConfig fields)")
+    return InhouseMeasurement(result=result, name=rec.variant_name, images=images, notes=[note] if note else [])
+
+
+# ---- 7. summary.json ----------------------------------------------------------------------------------
+
+def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendation, measured: InhouseMeasurement,
+                     worst) -> dict:
+    """Everything ``summary.json`` of the in-house report holds (plain JSON values).
+
+    ``headline`` (flat scalars for ``reports/index.html``): the image check (``usable_images``,
+    ``bad_images``, ``images_used``), redundancy verdicts on the SDEdit traces, the recommendation
+    (``recommendation``, ``recommendation_source``, ``recommendation_from``, ``within_budget``), and its
+    measurement on the images (FLOP / time ratios and speed-ups, PSNR, SSIM, class-consistency and
+    FID/KID of full compute and cached, ``worst_psnr``). ``details``: the image check with every bad file,
+    the redundancy analysis, the recommendation with the runs or candidates it was chosen from, the
+    measurement rows, per-image errors and the worst images. ``identity``: the manifest hashes of the
+    folder and of the images used, and the model's weights hash.
+    """
+    full, row = measured.row(FULL_COMPUTE), measured.row()
+    per_image = measured.per_image()
+    red = redundancy.get("headline", {})
+    head = {
+        "usable_images": len(image_set), "bad_images": len(image_set.skipped), "images_used": len(used),
+        "frac_tokens_below_5pct": red.get("frac_tokens_below_5pct"),
+        "adjacent_rank_corr": red.get("adjacent_rank_corr"),
+        "obs1_holds": red.get("obs1_holds"), "obs2_holds": red.get("obs2_holds"), "obs3_holds": red.get("obs3_holds"),
+        "recommendation": rec.name, "recommendation_source": rec.source, "recommendation_from": rec.origin,
+        "within_budget": rec.within_budget, "budget_flop_ratio": rec.budget,
+        "flop_ratio": row["flop_ratio"], "time_ratio": row["time_ratio"],
+        "flop_speedup": row["flop_speedup"], "time_speedup": row["time_speedup"],
+        "psnr": row["psnr"], "ssim": row["ssim"],
+        "class_consistency_full": full.get("class_consistency"),
+        "class_consistency_cached": row.get("class_consistency"),
+        "fid_full": full.get("fid"), "fid_cached": row.get("fid"),
+        "kid_full": full.get("kid"), "kid_cached": row.get("kid"),
+        "fid_comparable_to_published": row.get("fid_comparable"),
+        "worst_psnr": float(per_image["psnr"].min()),
+    }
+    frame = measured.result.frame.drop(columns=[c for c in ("traceback",) if c in measured.result.frame])
+    fid_note = None
+    if isinstance(row.get("fid_extractor"), str) and not row.get("fid_comparable"):
+        fid_note = ("FID/KID in a local feature space: NOT comparable to published FID; compare only between runs "
+                    "with the same extractor, reference images and image count")
+    details = {
+        "image_check": {**image_set.summary(), "bad_files": bad_images_table(image_set).to_dict(orient="records")},
+        "images_used": {**used.summary(), "files": [r.path for r in used.records]},
+        "redundancy": redundancy,
+        "recommendation": rec.to_dict(),
+        "measurement": {"settings": dataclasses.asdict(measured.result.settings), "notes": measured.notes,
+                        "fid_extractor": row.get("fid_extractor"),
+                        "fid_note": fid_note,
+                        "rows": frame.to_dict(orient="records")},
+        "per_image": per_image.to_dict(orient="records"),
+        "worst": worst.drop(columns=["title"]).to_dict(orient="records"),
+    }
+    identity = {"model": model.name, "model_weights_sha256": model.identity().get("weights_sha256"),
+                "images_manifest_sha256": image_set.manifest_hash(),
+                "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used)}
+    return to_plain({"headline": head, "details": details, "identity": identity})
