@@ -230,7 +230,8 @@ def test_a_held_lock_refuses_a_second_run_with_a_clear_message(project):
 
 def test_example_jobs_file_is_valid():
     plan = jobs.load_jobs(Path(__file__).resolve().parents[1] / "jobs" / "example.yaml")
-    [job] = plan.jobs
-    assert job.notebook.name == "01_token_redundancy.ipynb" and job.params["images"] == "../data/shapes"
-    assert (job.notebook.parent / job.params["images"]).is_dir()      # the notebook reads it from its folder
+    assert [j.notebook.name for j in plan.jobs] == ["01_token_redundancy.ipynb", "05_inhouse_report.ipynb"]
+    for job in plan.jobs:
+        assert job.params["images"] == "../data/shapes"
+        assert (job.notebook.parent / job.params["images"]).is_dir()  # the notebook reads it from its folder
     assert plan.reports == Path(__file__).resolve().parents[1] / "reports"
