@@ -132,6 +132,9 @@ def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), f
     external peers (diffusers' cache hooks, cache-dit). ``fewer_steps`` values >= ``num_steps`` are
     dropped (they would not save anything)."""
     out = [full_compute()]
+    dropped = [int(n) for n in fewer_steps if int(n) >= num_steps]
+    if dropped:
+        print(f"fewer-steps baseline: {dropped} not below num_steps={num_steps}, so not a saving; left out")
     for n in fewer_steps:
         if int(n) < num_steps:
             out.append(Variant(f"fewer steps ({int(n)})", "fewer steps", "baseline", num_steps=int(n), knob=f"steps={n}"))
@@ -201,15 +204,18 @@ def schedule_variants(base: dict | None = None, tprr: Sequence[Sequence[float]] 
 
 def measure_step_importance(model, settings: "SweepSettings", num_samples: int = 4) -> list[float]:
     """Mean ``update_change`` per step (what a cached update errs by), measured with the recorder on
-    ``num_samples`` class-balanced samples of the sweep's settings: the importance the percentile
-    schedule places its full steps by. Step 0 (no previous step; always full anyway) gets the
+    ``num_samples`` class-balanced samples of the sweep's settings but seed ``seed + 1`` (other noise
+    than the quality run's, so the schedule is not tuned on the images it is scored on): the
+    importance the percentile schedule places its full steps by. Step 0 (no previous step; always full anyway) gets the
     largest measured value."""
     from .analysis import per_step_mean_change
     from .record import record_token_changes
 
     labels = balanced_labels(num_samples, model.num_classes)
+    cfg = settings.sample_config(batch_size=num_samples)
+    cfg = SampleConfig(**{**cfg.__dict__, "seed": settings.seed + 1})  # not the quality run's noise: no tuning on the test images
     with record_token_changes(model.transformer) as rec:
-        sample(model, labels, settings.sample_config(batch_size=num_samples), progress=False)
+        sample(model, labels, cfg, progress=False)
     curve = per_step_mean_change(rec.record, "update_change")
     finite = curve[np.isfinite(curve)]
     fill = float(finite.max()) if finite.size else 1.0
@@ -273,6 +279,9 @@ class SweepResult:
 
     def per_image_error(self, name: str) -> dict[str, np.ndarray]:
         """Per-image PSNR / SSIM / MSE of variant ``name`` against full compute (same seeds)."""
+        if name not in self.images:
+            raise KeyError(f"no images of {name!r}: it failed or is not in this sweep (see frame['error']); "
+                           f"variants with images: {sorted(self.images)}")
         a, b = self.images[name], self.full_images
         return {"psnr": psnr(a, b).numpy(), "ssim": ssim(a, b).numpy(), "mse": mse(a, b).numpy()}
 
@@ -289,19 +298,33 @@ def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, in
 
 def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.Tensor,
                init_images=None) -> tuple[float, float]:
-    """Median seconds of (full compute, variant): interleaved repeats, attach/detach outside the clock."""
+    """Median seconds of (full compute, variant) on the timing batch.
+
+    One untimed (full, variant) pair first (each variant's first call pays its own set-up: predictor
+    load, buffers), then ``timing_repeats`` pairs whose order alternates (full, variant), (variant,
+    full), ... so neither side always runs second. Attach / detach are outside the clock."""
     cfg = settings.sample_config(batch_size=settings.timing_batch)
     full, var = [], []
-    for _ in range(settings.timing_repeats):
-        for v, out in ((full_compute(), full), (variant, var)):
-            detach = v.attach(model)
-            try:
-                c = cfg if v.num_steps is None else SampleConfig(**{**cfg.__dict__, "num_steps": v.num_steps})
-                t0 = time.perf_counter()
-                sample(model, labels, c, init_images=init_images, progress=False)
-                out.append(time.perf_counter() - t0)
-            finally:
-                detach()
+
+    def once(v: Variant) -> float:
+        detach = v.attach(model)
+        try:
+            c = cfg if v.num_steps is None else SampleConfig(**{**cfg.__dict__, "num_steps": v.num_steps})
+            t0 = time.perf_counter()
+            sample(model, labels, c, init_images=init_images, progress=False)
+            return time.perf_counter() - t0
+        finally:
+            detach()
+
+    once(full_compute())
+    once(variant)
+    for i in range(settings.timing_repeats):
+        if i % 2 == 0:
+            full.append(once(full_compute()))
+            var.append(once(variant))
+        else:
+            var.append(once(variant))
+            full.append(once(full_compute()))
     return statistics.median(full), statistics.median(var)
 
 
@@ -329,8 +352,10 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     from tqdm.auto import tqdm
 
     settings = settings or SweepSettings()
-    variants = [v for v in variants if v.name != FULL_COMPUTE]
-    variants = [full_compute(), *variants]
+    if any(v.name == FULL_COMPUTE and v != full_compute() for v in variants):
+        raise ValueError(f"a variant is named {FULL_COMPUTE!r} but is not plain full compute; rename it "
+                         "(full compute is always measured first, as the reference)")
+    variants = [full_compute(), *[v for v in variants if v.name != FULL_COMPUTE]]
     _check_unique(variants)
     if classifier is not None and list(classifier.class_names) != list(model.class_names):
         raise ValueError(f"classifier classes {classifier.class_names} differ from the model's "
@@ -446,7 +471,7 @@ def best_under_budget(frame, budget: float, cost: str = "flop_ratio", quality: s
     the cheaper point."""
     _check_column(frame, cost, COST_COLUMNS)
     _check_column(frame, quality, QUALITY_COLUMNS)
-    if not (isinstance(budget, (int, float)) and budget > 0):
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget > 0):
         raise ValueError(f"budget must be a positive cost ratio (e.g. 0.5 = half of full compute), got {budget!r}")
     m = _usable(frame, cost, quality) & frame["family"].isin(list(families)) & (frame[cost] <= budget)
     if not m.any():
@@ -502,14 +527,16 @@ def compare_at_reductions(frame, reductions: Sequence[float] = (2, 3), cost: str
     out = pd.DataFrame(rows, columns=["reduction", "curve", "name", cost, quality, *also])
     sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
     out["rank"] = out.groupby("reduction")[quality].rank(ascending=sign < 0, method="min")
-    return out.sort_values(["reduction", "rank"], na_position="last").reset_index(drop=True)
+    out["tied"] = out.duplicated(["reduction", "rank"], keep=False) & out["rank"].notna()
+    # equal quality: the cheaper point ranks first (as in best_under_budget)
+    return out.sort_values(["reduction", "rank", cost], na_position="last").reset_index(drop=True)
 
 
 def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, cost: str = "flop_ratio",
              quality: str = "psnr") -> dict:
     """The numbers a reader wants first, as plain values for ``summary.json``: per reduction the
-    winning curve, its point, its PSNR and class-consistency and its margin over the runner-up (and
-    over full compute's class-consistency); the best point under ``budget`` (ablated variants only,
+    winning curve, its point, its PSNR and class-consistency and its margin over the runner-up, and
+    the best baseline or peer at the same reduction; full compute's class-consistency; the best point under ``budget`` (ablated variants only,
     and over every family including baselines and peers); the Pareto points."""
     comp = compare_at_reductions(frame, reductions, cost, quality)
     full = frame[frame["name"] == FULL_COMPUTE]
@@ -517,14 +544,15 @@ def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, c
     out: dict[str, Any] = {"cost": cost, "quality": quality, "budget": budget,
                            "full_compute_class_consistency": _num(full_cc)}
     for r in reductions:
-        sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()].sort_values("rank")
+        sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()].sort_values(["rank", cost], kind="stable")
         key = f"at_{r:g}x"
         if sub.empty:
             out[key] = {"winner": None, "note": f"no ablated variant reached {r:g}x lower {cost}"}
             continue
         w = sub.iloc[0]
         d = {"winner": w["curve"], "point": w["name"], cost: _num(w[cost]), quality: _num(w[quality]),
-             "class_consistency": _num(w.get("class_consistency"))}
+             "class_consistency": _num(w.get("class_consistency")),
+             "tied_with": sub[(sub["rank"] == w["rank"]) & (sub["curve"] != w["curve"])]["curve"].tolist()}
         if len(sub) > 1:
             ru = sub.iloc[1]
             d.update({"runner_up": ru["curve"], f"{quality}_margin": _num(w[quality] - ru[quality]),
@@ -586,6 +614,9 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
         flat[f"psnr_margin_at_{tag}"] = d.get("psnr_margin")
         flat[f"class_consistency_at_{tag}"] = d.get("class_consistency")
         flat[f"winner_at_{tag}_wall_clock"] = clock[f"at_{r:g}x"].get("winner")
+        ref = d.get("best_reference") or {}
+        flat[f"best_reference_at_{tag}"] = ref.get("name")
+        flat[f"psnr_best_reference_at_{tag}"] = _num(ref.get("psnr"))
     best = flops["best_under_budget"]
     flat["budget_flop_ratio"] = budget
     flat["best_under_budget"] = best["name"] if best else None
@@ -632,6 +663,6 @@ def images_of_winners(result: SweepResult, budget: float, cost: str = "flop_rati
     for curve, sub in frame[frame["family"].isin(list(families))].groupby("curve", sort=False):
         best = best_under_budget(sub, budget, cost, quality, families=families)
         if best is not None and best["name"] in result.images:
-            out[f"{curve}: {best['name']} ({best[quality]:.1f} dB)" if quality == "psnr" else f"{curve}: {best['name']}"] = \
-                result.images[best["name"]]
+            label = f"{best['name']} ({best[quality]:.1f} dB)" if quality == "psnr" else best["name"]
+            out[label] = result.images[best["name"]]
     return out

@@ -367,18 +367,39 @@ def plot_image_rows(rows: Mapping[str, object], max_images: int = 8, title: str 
 # ---- quality against cost (ablation sweeps, tclab.ablation) ------------------------------------------
 
 _FAMILY_MARKER = {"ablation": "o", "baseline": "s", "peer": "^", "reference": "*"}
+PSNR_DISPLAY_CAP = 60.0  # dB; paired PSNR of identical images is 100 (metrics.psnr's cap)
+
+
+def curve_colors(frame) -> dict[str, object]:
+    """One colour per curve of a sweep, fixed for every panel of a figure (ablated curves first, from
+    the default cycle; baselines and peers from a second palette so they never share a colour)."""
+    import matplotlib
+
+    plt = _plt()
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    other = matplotlib.colormaps["Dark2"].colors
+    out: dict[str, object] = {}
+    abl = [c for c in dict.fromkeys(frame.loc[frame["family"] == "ablation", "curve"])]
+    rest = [c for c in dict.fromkeys(frame.loc[~frame["family"].isin(["ablation", "reference"]), "curve"])]
+    for i, c in enumerate(abl):
+        out[c] = cycle[i % len(cycle)] if len(abl) <= len(cycle) else matplotlib.colormaps["tab20"](i % 20)
+    for i, c in enumerate(rest):
+        out[c] = other[i % len(other)]
+    return out
 
 
 def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: float | None = None, ax=None,
-                title: str | None = None, legend: bool = True):
+                title: str | None = None, legend: bool = True, colors: Mapping[str, object] | None = None):
     """Quality against cost for every point of a sweep (``tclab.ablation.run_sweep(...).frame``).
 
-    Ablated variants are circles joined along their curve (in cost order), baselines squares, external
-    peers triangles; the Pareto front over all of them (``tclab.ablation.pareto_front``) is the dashed
-    black line with ringed points. Full compute is the dotted vertical line at cost 1 (its paired
-    PSNR / SSIM are perfect by construction; for class-consistency and FID its value is also a dotted
-    horizontal line). ``budget`` draws the cost budget as a shaded band to its right (out of budget).
-    Failed points are left out (they are in the table with their error)."""
+    Every point is a marker: ablated variants circles, baselines squares, external peers triangles,
+    one colour per curve (``colors``, default :func:`curve_colors`). Each curve's line joins only
+    its own Pareto-efficient points (what that variant achieves at each cost: a curve whose points
+    differ in several knobs is not drawn as if one knob moved). The Pareto front over all points
+    (``tclab.ablation.pareto_front``) is the dashed black staircase with ringed points. Full compute
+    is the dotted vertical line at cost 1 (its paired PSNR / SSIM are perfect by construction; for
+    class-consistency and FID its value is also a dotted horizontal line). ``budget`` shades the
+    costs over it. Failed points are left out (they are in the table with their error)."""
     from .ablation import COST_LABELS, FULL_COMPUTE, HIGHER_IS_BETTER, QUALITY_LABELS, _usable, pareto_front
 
     plt = _plt()
@@ -386,15 +407,22 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
         fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
     else:
         fig = ax.figure
+    colors = dict(colors) if colors is not None else curve_colors(frame)
+    capped = False
+    if quality == "psnr" and (frame["psnr"] > PSNR_DISPLAY_CAP).any():
+        # identical outputs score 100 dB (the metric's cap): draw them at the cap so the rest stays legible
+        frame = frame.assign(psnr=frame["psnr"].clip(upper=PSNR_DISPLAY_CAP))
+        capped = (frame.loc[frame["family"] != "reference", "psnr"] >= PSNR_DISPLAY_CAP).any()
     ok = _usable(frame, cost, quality)
     pts = frame[ok & (frame["family"] != "reference")]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (curve, sub) in enumerate(pts.groupby("curve", sort=False)):
-        sub = sub.sort_values(cost)
+    for curve, sub in pts.groupby("curve", sort=False):
         fam = sub["family"].iloc[0]
-        col = colors[i % len(colors)]
-        ax.plot(sub[cost], sub[quality], marker=_FAMILY_MARKER.get(fam, "o"), color=col, lw=1.2 if fam == "ablation" else 0.8,
-                ls="-" if fam == "ablation" else ":", ms=6 if fam == "ablation" else 7, label=curve, alpha=0.9)
+        col = colors.get(curve, "gray")
+        own = sub[pareto_front(sub, cost, quality)].sort_values(cost)
+        ax.plot(own[cost], own[quality], color=col, lw=1.2 if fam == "ablation" else 0.8,
+                ls="-" if fam == "ablation" else ":", alpha=0.9)
+        ax.scatter(sub[cost], sub[quality], marker=_FAMILY_MARKER.get(fam, "o"), color=col,
+                   s=36 if fam == "ablation" else 48, label=curve, alpha=0.9, zorder=3)
     front = pareto_front(frame, cost, quality)
     fr = frame[front].sort_values(cost)
     if len(fr):
@@ -413,6 +441,9 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     ax.set_xlabel(COST_LABELS.get(cost, cost) + "  (lower = cheaper)")
     arrow = "higher = better" if HIGHER_IS_BETTER.get(quality, True) else "lower = better"
     ax.set_ylabel(f"{QUALITY_LABELS.get(quality, quality)}  ({arrow})")
+    if capped:
+        ax.annotate(f"points at {PSNR_DISPLAY_CAP:g} dB: >= {PSNR_DISPLAY_CAP:g} dB (output ~identical to full compute)",
+                    (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=7, color="gray")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
@@ -426,14 +457,24 @@ def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str
     """Quality against FLOPs (left) and against wall-clock (right), one row per quality measure:
     the same points on both cost axes, so a FLOP saving that wall-clock does not deliver shows."""
     plt = _plt()
+    requested = list(qualities)
     qualities = [q for q in qualities if q in frame and frame[q].notna().any()]
     if not qualities:
-        raise ValueError("none of the requested quality columns was measured in this sweep")
+        raise ValueError(f"none of the quality columns {requested} was measured in this sweep (class-consistency "
+                         "needs a classifier, FID/KID an extractor and reference images in run_sweep)")
     fig, axes = plt.subplots(len(qualities), 2, figsize=(13, 4.4 * len(qualities)), squeeze=False,
                              layout="constrained")
+    colors = curve_colors(frame)
     for r, q in enumerate(qualities):
         for c, cost in enumerate(("flop_ratio", "time_ratio")):
-            plot_pareto(frame, cost, q, budget=budget, ax=axes[r, c], legend=(r == 0 and c == 1))
+            plot_pareto(frame, cost, q, budget=budget, ax=axes[r, c], legend=False, colors=colors)
+    handles, labels = [], []
+    for ax in axes.flat:  # one legend for the figure, with every curve that appears in any panel
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     if title:
         fig.suptitle(title)
     return fig

@@ -101,6 +101,21 @@ def test_compare_at_reductions_and_headline():
         A.compare_at_reductions(HAND, (1,))
 
 
+def test_ties_go_to_the_cheaper_point_and_are_flagged():
+    f = frame([("full compute", "full compute", "reference", 1.0, 1.0, 100.0, 0.9),
+               ("x", "x", "ablation", 0.45, 0.5, 25.0, 0.8),
+               ("y", "y", "ablation", 0.30, 0.4, 25.0, 0.7),
+               ("z", "z", "ablation", 0.40, 0.4, 20.0, 0.7)])
+    comp = A.compare_at_reductions(f, (2,))
+    assert list(comp["curve"]) == ["y", "x", "z"] and list(comp["tied"]) == [True, True, False]
+    h = A.headline(f, (2,), budget=0.5)
+    assert h["at_2x"]["winner"] == "y" and h["at_2x"]["tied_with"] == ["x"]
+    assert h["at_2x"]["psnr_margin"] == 0.0
+    assert A.best_under_budget(f, 0.5)["name"] == "y"  # the same answer as the headline
+    with pytest.raises(ValueError, match="budget"):
+        A.best_under_budget(f, True)
+
+
 def test_variant_builders_make_valid_distinct_configs():
     v = A.predictor_variants(["learned-static", "random"], [0.5, 0.1], {"kv": "kept"})
     assert [x.name for x in v] == ["learned-static rho=0.5", "learned-static rho=0.1", "random rho=0.5", "random rho=0.1"]
