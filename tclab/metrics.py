@@ -153,12 +153,21 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1)
 
 
-def paired_quality(test: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM and MSE of ``test`` images against same-seed ``reference`` images."""
+def paired_quality(test: torch.Tensor, reference: torch.Tensor, *, lpips_model=None) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and MSE of ``test`` images against same-seed ``reference`` images.
+
+    With ``lpips_model`` (a ``tclab.lpips.LPIPS`` from ``load_lpips(backbone, lin)``, local files
+    only) the mean LPIPS is added as ``"lpips"``; record ``lpips_model.identity()`` next to it.
+    """
     if test.shape != reference.shape:
         raise ValueError(f"paired metrics need equal shapes, got {tuple(test.shape)} and {tuple(reference.shape)}")
-    return {"psnr": float(psnr(test, reference).mean()), "ssim": float(ssim(test, reference).mean()),
-            "mse": float(mse(test, reference).mean())}
+    out = {"psnr": float(psnr(test, reference).mean()), "ssim": float(ssim(test, reference).mean()),
+           "mse": float(mse(test, reference).mean())}
+    if lpips_model is not None:
+        from .lpips import lpips_distance
+
+        out["lpips"] = float(lpips_distance(test, reference, lpips_model).mean())
+    return out
 
 
 # =============================================================================================
