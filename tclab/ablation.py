@@ -43,12 +43,14 @@ from .sampling import SampleConfig, sample
 
 FAMILIES = ("reference", "ablation", "baseline", "peer")
 FULL_COMPUTE = "full compute"
-QUALITY_COLUMNS = ("psnr", "ssim", "mse", "class_consistency", "fid", "kid")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "class_consistency": True, "mse": False, "fid": False, "kid": False}
+QUALITY_COLUMNS = ("psnr", "ssim", "mse", "lpips", "class_consistency", "fid", "kid")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "class_consistency": True, "mse": False, "lpips": False, "fid": False,
+                    "kid": False}
 COST_COLUMNS = ("flop_ratio", "time_ratio")
 COST_LABELS = {"flop_ratio": "FLOPs / full compute (counted)", "time_ratio": "wall-clock / full compute (median)"}
 QUALITY_LABELS = {"psnr": "PSNR vs full compute (dB)", "ssim": "SSIM vs full compute", "mse": "MSE vs full compute",
-                  "class_consistency": "class-consistency", "fid": "FID (see extractor note)", "kid": "KID"}
+                  "lpips": "LPIPS vs full compute", "class_consistency": "class-consistency",
+                  "fid": "FID (see extractor note)", "kid": "KID"}
 DEFAULT_PEERS = ("fbcache", "taylorseer", "pab", "dbcache")
 
 
@@ -330,7 +332,7 @@ def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.T
 
 def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None = None, classifier=None,
               extractor=None, reference_images=None, labels: torch.Tensor | None = None,
-              init_images: torch.Tensor | None = None, progress: bool = True) -> SweepResult:
+              init_images: torch.Tensor | None = None, lpips_model=None, progress: bool = True) -> SweepResult:
     """Measure every variant on ``model`` (a ``LoadedDiT``); full compute is always measured first.
 
     The quality run samples ``settings.quality_samples`` class-balanced labels from noise, or the
@@ -338,7 +340,8 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     run of those images at ``settings.sdedit_strength`` instead, so every image is a paired test case.
     Timed runs use the first ``timing_batch`` of the same labels (and images).
 
-    ``classifier`` (``tclab.classifier.ShapesClassifier``) adds class-consistency; ``extractor`` (a
+    ``classifier`` (``tclab.classifier.ShapesClassifier``) adds class-consistency; ``lpips_model``
+    (``tclab.lpips.load_lpips`` from local weights) adds paired LPIPS; ``extractor`` (a
     ``tclab.features.FeatureExtractor``) with ``reference_images`` adds FID / KID against them
     (labelled by ``fid_extractor`` / ``fid_comparable``). A variant that fails is kept as a row with
     its ``error`` (never dropped); the others go on.
@@ -346,7 +349,8 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     Returns a :class:`SweepResult` whose ``frame`` has one row per variant: ``name, curve, family,
     knob, flop_ratio, flop_speedup, gflops_per_image, time_ratio, time_speedup, t_full_s,
     t_variant_s, realisation`` ((1 - time ratio) / (1 - FLOP ratio): the share of saved FLOPs that
-    became saved time), ``psnr, ssim, mse, class_consistency, fid, kid, error, config`` (JSON).
+    became saved time), ``psnr, ssim, mse, lpips, class_consistency, fid, kid, error, config`` (JSON);
+    quality columns that were not measured are NaN.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -400,6 +404,10 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
             row["psnr"] = float(psnr(imgs, full).mean())
             row["ssim"] = float(ssim(imgs, full).mean())
             row["mse"] = float(mse(imgs, full).mean())
+            if lpips_model is not None:
+                from .lpips import lpips_distance
+
+                row["lpips"] = float(lpips_distance(imgs, full, lpips_model).mean())
             if classifier is not None:
                 row["class_consistency"] = float((classifier.predict(imgs) == labels).float().mean())
             if extractor is not None:
@@ -422,7 +430,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     saved = 1 - frame["flop_ratio"]
     frame["realisation"] = np.where(saved > 1e-9, (1 - frame["time_ratio"]) / saved.where(saved > 1e-9), np.nan)
     first = ["name", "curve", "family", "knob", "flop_ratio", "flop_speedup", "time_ratio", "time_speedup",
-             "realisation", "psnr", "ssim", "mse", "class_consistency", "fid", "kid", "gflops_per_image",
+             "realisation", "psnr", "ssim", "mse", "lpips", "class_consistency", "fid", "kid", "gflops_per_image",
              "t_full_s", "t_variant_s", "error"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     return SweepResult(frame=frame, images=images, labels=labels, settings=settings, variants=list(variants))
@@ -580,7 +588,7 @@ def _num(v) -> float | None:
 
 
 def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_ratio", "time_ratio", "realisation",
-                                              "psnr", "ssim", "class_consistency", "fid", "kid", "error"),
+                                              "psnr", "ssim", "lpips", "class_consistency", "fid", "kid", "error"),
           decimals: int = 3):
     """The sweep as a readable table (rounded; columns that were not measured are left out), with
     ``pareto_flops`` / ``pareto_time`` marking the PSNR Pareto points against each cost."""

@@ -164,7 +164,13 @@ def sweep():
     variants = [*A.reference_variants(6, fora_intervals=[2], fewer_steps=[3], peers=["pab"]),
                 A.Variant("bad peer option", "broken", "peer", peer="pab", peer_options={"nonsense": 1}),
                 *A.predictor_variants(["random"], [1.0, 0.25], {"kv": "kept", "schedule": "round-robin", "interval": 2})]
-    return model, A.run_sweep(model, variants, SETTINGS, progress=False)
+    from tclab.lpips import LPIPS
+
+    torch.manual_seed(0)
+    lp = LPIPS()  # random backbone, non-negative lin weights: a perceptual-style distance, not published LPIPS
+    for lin in lp.lins:
+        lin.weight.abs_()
+    return model, A.run_sweep(model, variants, SETTINGS, lpips_model=lp, progress=False)
 
 
 def test_sweep_measures_every_point_and_keeps_failures(sweep):
@@ -187,6 +193,9 @@ def test_sweep_measures_every_point_and_keeps_failures(sweep):
     assert res.images["full compute"].shape == (3, 3, 8, 8)
     assert set(res.images) == set(ok.index)
     assert res.frame["class_consistency"].isna().all()  # no classifier given: not measured, not faked
+    assert res.frame["fid"].isna().all()  # no extractor given
+    assert f.loc["full compute", "lpips"] == 0.0  # paired LPIPS of full compute against itself
+    assert 0 < f.loc["random rho=0.25", "lpips"] and f.loc["random rho=1", "lpips"] < 1e-2 * f.loc["random rho=0.25", "lpips"]
 
 
 def test_per_image_error_matches_the_table(sweep):
