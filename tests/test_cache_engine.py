@@ -434,3 +434,18 @@ def test_token_cache_refuses_a_transformer_carrying_a_peer(pixel_dit):
     state = apply_token_cache(pixel_dit.transformer, TokenCacheConfig())  # fine once the peer is gone
     assert state is not None
     remove_token_cache(pixel_dit.transformer)
+
+
+def test_rho_below_the_forced_blocks_share_is_warned(pixel_dit):
+    """2 blocks, first 1 forced full: rho < 0.5 cannot be honoured (the forced block alone is half the pairs)."""
+    import warnings as _w
+
+    from tclab.cache import TokenCacheConfig, apply_token_cache, remove_token_cache
+
+    with pytest.warns(UserWarning, match=r"rho=0.2 is below the share of the forced-full blocks \(1 of 2 = 0.5\)"):
+        apply_token_cache(pixel_dit.transformer, TokenCacheConfig(rho=0.2, full_first_blocks=1))
+    remove_token_cache(pixel_dit.transformer)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        apply_token_cache(pixel_dit.transformer, TokenCacheConfig(rho=0.6, full_first_blocks=1))  # no warning
+    remove_token_cache(pixel_dit.transformer)

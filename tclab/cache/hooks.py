@@ -575,6 +575,11 @@ def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None
                            "call its handle's remove() before applying a token cache")
     if not config.enabled:
         return TokenCacheState(config=config, num_blocks=len(blocks), scorer=None)
+    forced = min(len(blocks), config.full_first_blocks + config.full_last_blocks)
+    if forced and config.rho < forced / len(blocks):
+        warnings.warn(f"token cache: rho={config.rho:g} is below the share of the forced-full blocks ({forced} of "
+                      f"{len(blocks)} = {forced / len(blocks):.3g}); cached steps compute exactly those blocks and rho "
+                      "has no effect. Raise rho or force fewer blocks", stacklevel=2)
     scorer = None if config.skips_all_blocks else make_scorer(config)
     state = TokenCacheState(config=config, num_blocks=len(blocks), scorer=scorer)
     for i, blk in enumerate(blocks):
