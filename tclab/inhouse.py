@@ -333,7 +333,8 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
     """The best TokenCache setting the ablation notebooks found for this model within ``budget``.
 
     Reads the run folders of ``notebooks`` in ``reports_dir`` (``tclab.runs.list_runs``). Per
-    notebook, only the **most recent successful** run of this model counts (``provenance.json``
+    notebook, only the **most recent successful** run of this model at this report's ``num_steps``
+    counts (runs at another step count are ignored; ``provenance.json``
     status ``ok`` and ``summary.json`` ``identity.model_weights_sha256 == weights_sha256``): older runs
     are superseded, since code and settings move on. Each such run's ``best_under_budget`` (written
     by ``tclab.ablation.summarise_sweep``) is eligible when its ``config.cache`` is a TokenCache
@@ -372,6 +373,12 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
             continue
         if sha != weights_sha256:
             row["verdict"] = f"ignored: another model (weights {_short(sha)}, this model {_short(weights_sha256)})"
+            continue
+        run_steps = (summary.get("settings") or {}).get("num_steps") if isinstance(summary.get("settings"), dict) else None
+        if num_steps is not None and run_steps is not None and run_steps != num_steps:
+            # a setting's cost and quality depend on the step count: a quick run at other settings
+            # (a smoke preset, the test suite) must neither be chosen nor hide a matching older run
+            row["verdict"] = f"ignored: sampled with {run_steps} steps, this report samples {num_steps}"
             continue
         if info.notebook in newest:
             row["verdict"] = f"ignored: superseded by the newer run {newest[info.notebook]} of the same notebook"

@@ -461,8 +461,15 @@ class RunContext:
         return out
 
 
+REPORTS_DIR_ENV = "TCLAB_REPORTS_DIR"
+
+
 def _find_reports_dir(start: Path | None = None) -> Path:
-    """``reports/`` at the project root: the nearest folder up from ``start`` with pyproject.toml or .git."""
+    """``$TCLAB_REPORTS_DIR`` when set (the test suite points it at a temporary folder, so executing
+    the notebooks there never adds runs to your reports), else ``reports/`` at the project root: the
+    nearest folder up from ``start`` with pyproject.toml or .git."""
+    if os.environ.get(REPORTS_DIR_ENV):
+        return Path(os.environ[REPORTS_DIR_ENV])
     here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / "pyproject.toml").is_file() or (d / ".git").exists():

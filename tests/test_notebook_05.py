@@ -33,7 +33,8 @@ CACHE = {"scorer": "learned-static", "selection": "global", "kv": "all", "rho": 
          "k1": 5, "k2": 3, "split": 0.5}
 
 
-def _plant(reports: Path, name: str, notebook: str, status: str, sha: str, flop_ratio: float, psnr: float) -> str:
+def _plant(reports: Path, name: str, notebook: str, status: str, sha: str, flop_ratio: float, psnr: float,
+           num_steps: int = TINY["num_steps"]) -> str:
     d = reports / name
     d.mkdir(parents=True)
     start = f"{name[:4]}-{name[4:6]}-{name[6:8]}T{name[9:11]}:{name[11:13]}:{name[13:15]}Z"
@@ -43,7 +44,7 @@ def _plant(reports: Path, name: str, notebook: str, status: str, sha: str, flop_
             "time_ratio": 0.5, "psnr": psnr, "ssim": 0.8, "class_consistency": 0.5,
             "config": {"name": f"planted {notebook}", "cache": CACHE}}
     (d / "summary.json").write_text(json.dumps({
-        "headline": {}, "best_under_budget": best, "settings": {"num_steps": 10, "scheduler": "ddim"},
+        "headline": {}, "best_under_budget": best, "settings": {"num_steps": num_steps, "scheduler": "ddim"},
         "identity": {"model": "shapes-dit", "model_weights_sha256": sha}}))
     return name
 
@@ -65,6 +66,8 @@ def run05(tmp_path_factory, weights_sha):
                          weights_sha, 0.3, 40.0),
         "other_model": _plant(reports, "20260104T000000Z_04_ablation_tprr_smoke", "04_ablation_tprr", "ok",
                               "0" * 64, 0.3, 41.0),
+        "other_steps": _plant(reports, "20260105T000000Z_02_ablation_predictor_smoke", "02_ablation_predictor", "ok",
+                              weights_sha, 0.3, 42.0, num_steps=10),
     }
     folder = runs.run_notebook(NB, TINY, reports_dir=reports, tag="test", progress_bar=False)
     return folder, planted
@@ -122,7 +125,7 @@ def test_notebook_05_recommends_from_the_right_ablation_run(run05):
     assert "exceeds the budget" in v[planted["over_budget"]]
     assert "status 'failed'" in v[planted["failed"]]
     assert "another model" in v[planted["other_model"]]
-    assert any("num_steps 10 there, 5 here" in n for n in rec["notes"])
+    assert "sampled with 10 steps, this report samples 5" in v[planted["other_steps"]]  # newer, better, other steps
 
 
 def test_notebook_05_summary_numbers(run05, weights_sha):

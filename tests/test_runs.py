@@ -263,6 +263,24 @@ def test_default_tag_is_a_stable_parameters_hash():
 
 # ---- the notebook side, interactively ------------------------------------------------------------
 
+def test_reports_dir_environment_variable_wins(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "notebooks").mkdir(parents=True)
+    (tmp_path / "proj" / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path / "proj" / "notebooks")
+    monkeypatch.setenv(runs.REPORTS_DIR_ENV, str(tmp_path / "elsewhere"))
+    run = runs.open_run(None, notebook="x.ipynb")
+    assert run.dir.parent == tmp_path / "elsewhere"
+    monkeypatch.delenv(runs.REPORTS_DIR_ENV)
+    assert runs.open_run(None, notebook="x.ipynb").dir.parent == tmp_path / "proj" / "reports"
+
+
+def test_the_test_session_never_writes_into_the_projects_reports():
+    import os
+
+    assert os.environ.get(runs.REPORTS_DIR_ENV), "conftest.py must point notebook runs away from reports/"
+    assert not os.environ[runs.REPORTS_DIR_ENV].startswith(str(Path(__file__).resolve().parents[1] / "reports"))
+
+
 def test_open_run_interactive_makes_its_own_folder(tmp_path, monkeypatch):
     import matplotlib
 
@@ -272,6 +290,7 @@ def test_open_run_interactive_makes_its_own_folder(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("")
     nb = write_notebook(tmp_path / "notebooks" / "tiny_study.ipynb")
     monkeypatch.chdir(tmp_path / "notebooks")            # JupyterLab's working directory
+    monkeypatch.delenv(runs.REPORTS_DIR_ENV, raising=False)  # the suite sets it (conftest.py)
     run = runs.open_run(None, notebook=str(nb))
     assert not run.managed and run.dir.parent == tmp_path / "reports"
     assert run.dir.name.endswith("_tiny_study_interactive")
