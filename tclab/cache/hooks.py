@@ -608,10 +608,15 @@ def remove_token_cache(transformer) -> None:
         reg = getattr(module, "_diffusers_hook", None)
         if reg is not None and not reg.hooks:
             del module._diffusers_hook
-            fwd = module.__dict__.get("forward")
-            if fwd is not None and getattr(fwd, "__self__", None) is module and \
-                    getattr(fwd, "__func__", None) is type(module).forward:
-                del module.forward
+            drop_plain_forward(module)
+
+
+def drop_plain_forward(module: torch.nn.Module) -> None:
+    """Delete an instance ``forward`` that is just the class's own (left behind by hook removal)."""
+    fwd = module.__dict__.get("forward")
+    if fwd is not None and getattr(fwd, "__self__", None) is module and \
+            getattr(fwd, "__func__", None) is type(module).forward:
+        del module.forward
 
 
 def get_token_cache_state(transformer) -> TokenCacheState | None:

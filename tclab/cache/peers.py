@@ -84,7 +84,7 @@ import torch
 
 from ..models import NULL_CLASS, LoadedDiT
 from ..sampling import current_step
-from .hooks import TOKEN_CACHE_MODEL_HOOK
+from .hooks import TOKEN_CACHE_MODEL_HOOK, drop_plain_forward
 
 PEER_CONTEXT_HOOK = "tclab_peer_context"
 CACHE_DIT_TESTED_VERSION = "1.5.3"
@@ -375,7 +375,7 @@ class PeerHandle:
             reg = getattr(module, "_diffusers_hook", None)
             if reg is not None and not reg.hooks:
                 del module._diffusers_hook
-                _drop_plain_forward(module)
+                drop_plain_forward(module)
         if getattr(tr, "_diffusers_hook", None) is not None and hasattr(tr._diffusers_hook,
                                                                         "invalidate_child_registries_cache"):
             tr._diffusers_hook.invalidate_child_registries_cache()
@@ -451,14 +451,6 @@ def _is_cfg_batch(labels) -> bool:
     if not torch.is_tensor(labels) or labels.ndim != 1 or len(labels) % 2:
         return False
     return bool((labels[len(labels) // 2:] == NULL_CLASS).all())
-
-
-def _drop_plain_forward(module: torch.nn.Module) -> None:
-    """Delete an instance ``forward`` that is just the class's own (left behind by hook removal)."""
-    fwd = module.__dict__.get("forward")
-    if fwd is not None and getattr(fwd, "__self__", None) is module and \
-            getattr(fwd, "__func__", None) is type(module).forward:
-        del module.forward
 
 
 def _blocks(model: LoadedDiT) -> torch.nn.ModuleList:
