@@ -479,8 +479,7 @@ def best_under_budget(frame, budget: float, cost: str = "flop_ratio", quality: s
     the cheaper point."""
     _check_column(frame, cost, COST_COLUMNS)
     _check_column(frame, quality, QUALITY_COLUMNS)
-    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget > 0):
-        raise ValueError(f"budget must be a positive cost ratio (e.g. 0.5 = half of full compute), got {budget!r}")
+    check_budget(budget, "cost ratio")
     m = _usable(frame, cost, quality) & frame["family"].isin(list(families)) & (frame[cost] <= budget)
     if not m.any():
         return None
@@ -550,7 +549,7 @@ def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, c
     full = frame[frame["name"] == FULL_COMPUTE]
     full_cc = float(full["class_consistency"].iloc[0]) if len(full) and "class_consistency" in full else float("nan")
     out: dict[str, Any] = {"cost": cost, "quality": quality, "budget": budget,
-                           "full_compute_class_consistency": _num(full_cc)}
+                           "full_compute_class_consistency": finite_or_none(full_cc)}
     for r in reductions:
         sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()].sort_values(["rank", cost], kind="stable")
         key = f"at_{r:g}x"
@@ -558,13 +557,13 @@ def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, c
             out[key] = {"winner": None, "note": f"no ablated variant reached {r:g}x lower {cost}"}
             continue
         w = sub.iloc[0]
-        d = {"winner": w["curve"], "point": w["name"], cost: _num(w[cost]), quality: _num(w[quality]),
-             "class_consistency": _num(w.get("class_consistency")),
+        d = {"winner": w["curve"], "point": w["name"], cost: finite_or_none(w[cost]), quality: finite_or_none(w[quality]),
+             "class_consistency": finite_or_none(w.get("class_consistency")),
              "tied_with": sub[(sub["rank"] == w["rank"]) & (sub["curve"] != w["curve"])]["curve"].tolist()}
         if len(sub) > 1:
             ru = sub.iloc[1]
-            d.update({"runner_up": ru["curve"], f"{quality}_margin": _num(w[quality] - ru[quality]),
-                      "class_consistency_margin": _num(w.get("class_consistency", np.nan) - ru.get("class_consistency", np.nan))})
+            d.update({"runner_up": ru["curve"], f"{quality}_margin": finite_or_none(w[quality] - ru[quality]),
+                      "class_consistency_margin": finite_or_none(w.get("class_consistency", np.nan) - ru.get("class_consistency", np.nan))})
         out[key] = d
         ref = best_under_budget(frame, 1.0 / r, cost, quality, families=("baseline", "peer"))
         if ref is not None:
@@ -579,7 +578,14 @@ def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, c
     return out
 
 
-def _num(v) -> float | None:
+def check_budget(budget, what: str = "cost ratio") -> None:
+    """A budget is a positive number (a ratio to full compute: 0.5 = half); ``True`` is not one."""
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget > 0):
+        raise ValueError(f"budget must be a positive {what} (0.5 = half of full compute), got {budget!r}")
+
+
+def finite_or_none(v) -> float | None:
+    """``float(v)`` when it is a finite number, else None (for plain-JSON summaries)."""
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -624,7 +630,7 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
         flat[f"winner_at_{tag}_wall_clock"] = clock[f"at_{r:g}x"].get("winner")
         ref = d.get("best_reference") or {}
         flat[f"best_reference_at_{tag}"] = ref.get("name")
-        flat[f"psnr_best_reference_at_{tag}"] = _num(ref.get("psnr"))
+        flat[f"psnr_best_reference_at_{tag}"] = finite_or_none(ref.get("psnr"))
     best = flops["best_under_budget"]
     flat["budget_flop_ratio"] = budget
     flat["best_under_budget"] = best["name"] if best else None

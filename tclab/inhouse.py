@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -41,7 +40,8 @@ import numpy as np
 import torch
 
 from . import runs
-from .ablation import FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, run_sweep
+from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, check_budget,
+                       finite_or_none, run_sweep)
 from .analysis import choose_balanced_images, to_plain
 from .cache import TokenCacheConfig
 
@@ -314,19 +314,6 @@ def _short(sha: Any) -> str:
     return f"{str(sha)[:12]}..." if sha else "none"
 
 
-def _number(v: Any) -> float | None:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _check_budget(budget) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"budget must be a positive FLOP ratio (0.5 = half of full compute), got {budget!r}")
-
-
 def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | None, budget: float,
                                  num_steps: int | None = None,
                                  notebooks: Sequence[str] = ABLATION_NOTEBOOKS) -> tuple[dict | None, list[dict]]:
@@ -346,7 +333,7 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
     "time_ratio", "psnr", "class_consistency", "settings"}`` or None, and ``considered`` one dict per
     run looked at (``run``, ``notebook``, ``status``, ``name``, ``flop_ratio``, ``psnr``, ``verdict``).
     """
-    _check_budget(budget)
+    check_budget(budget, "FLOP ratio")
     considered: list[dict] = []
     eligible: list[dict] = []
     newest: dict[str, str] = {}
@@ -357,8 +344,8 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
         best = summary.get("best_under_budget") if isinstance(summary.get("best_under_budget"), dict) else None
         row = {"run": info.path.name, "notebook": info.notebook, "status": info.status,
                "name": best.get("name") if best else None,
-               "flop_ratio": _number(best.get("flop_ratio")) if best else None,
-               "psnr": _number(best.get("psnr")) if best else None}
+               "flop_ratio": finite_or_none(best.get("flop_ratio")) if best else None,
+               "psnr": finite_or_none(best.get("psnr")) if best else None}
         considered.append(row)
         identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
         sha = identity.get("model_weights_sha256")
@@ -407,8 +394,8 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
             row["verdict"] = "eligible"
             eligible.append({"run": info.path.name, "notebook": info.notebook, "name": best.get("name"),
                              "cache": dict(cache), "flop_ratio": row["flop_ratio"],
-                             "time_ratio": _number(best.get("time_ratio")), "psnr": row["psnr"],
-                             "class_consistency": _number(best.get("class_consistency")),
+                             "time_ratio": finite_or_none(best.get("time_ratio")), "psnr": row["psnr"],
+                             "class_consistency": finite_or_none(best.get("class_consistency")),
                              "settings": summary.get("settings") if isinstance(summary.get("settings"), dict) else {}})
     if not eligible:
         return None, considered
@@ -470,7 +457,7 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
     taken and why. When even the candidates miss the budget, the cheapest candidate that ran is
     returned with ``within_budget=False`` (the report says so loudly); when none ran, ``RuntimeError``.
     """
-    _check_budget(budget)
+    check_budget(budget, "FLOP ratio")
     settings = settings or SweepSettings()
     if isinstance(recommendation, Mapping):
         try:
@@ -532,7 +519,7 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
     return Recommendation(
         name=name, cache=TokenCacheConfig.from_dict(cache).to_dict(), source=MEASURED_HERE, origin=MEASURED_HERE,
         reason=reason, budget=float(budget), within_budget=within,
-        source_metrics={k: _number(pick.get(k)) for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency")},
+        source_metrics={k: finite_or_none(pick.get(k)) for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency")},
         considered=considered, candidates=frame)
 
 
