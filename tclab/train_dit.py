@@ -7,7 +7,8 @@ Standard DiT training (Peebles & Xie, 2023) scaled down to a 2-core CPU:
   after 1,750 steps; v stays well conditioned at every noise level. The scheduler config shipped with
   the model says ``prediction_type="v_prediction"``, so DiTPipeline and every sampler use it;
 - adaLN-Zero initialisation (modulation and output layers start at zero, so every block starts as
-  the identity), AdamW, constant learning rate after a short warm-up, EMA of the weights (the EMA is
+  the identity), AdamW, constant learning rate after a short warm-up and, optionally, a linear
+  cool-down to zero over the last ``cooldown`` steps (see ``lr_at``), EMA of the weights (the EMA is
   what gets exported);
 - classifier-free guidance training: labels are replaced by the null class (1000, as DiTPipeline
   expects) with probability ``class_dropout``. The dropping is done here, once per sample; diffusers'
@@ -46,6 +47,9 @@ class TrainDiTConfig:
         steps: optimiser steps. More steps -> better samples; ~0.9 s/step at batch 32 on 2 cores.
         batch_size: images per step.
         lr / warmup: AdamW learning rate and its linear warm-up length in steps.
+        cooldown: the last ``cooldown`` steps of the run (up to ``steps``) decay the learning rate
+            linearly to zero; 0 keeps it constant. It depends only on the step, so ``--resume`` with a
+            larger ``steps`` and a cool-down continues a constant-rate run into its cool-down.
         ema_decay: decay of the exported weight average (higher = smoother, slower to follow).
         class_dropout: chance of training a sample unconditionally (needed for CFG).
         seed: fixes init, data order, noise and dropout.
@@ -65,6 +69,7 @@ class TrainDiTConfig:
     batch_size: int = 32
     lr: float = 3e-4
     warmup: int = 200
+    cooldown: int = 0
     ema_decay: float = 0.999
     class_dropout: float = 0.1
     seed: int = 0
@@ -110,6 +115,16 @@ def _load_init(model: DiTTransformer2DModel, folder: Path, prediction_type: str)
 def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
     return torch.cumprod(1 - betas, 0).float()
+
+
+def lr_at(config: TrainDiTConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, constant, linear cool-down."""
+    if config.cooldown < 0 or config.warmup < 1:
+        raise ValueError(f"cooldown={config.cooldown}, warmup={config.warmup}: need cooldown >= 0 and warmup >= 1")
+    factor = min(1.0, (step + 1) / config.warmup)
+    if config.cooldown:
+        factor = min(factor, max(0.0, (config.steps - step) / config.cooldown))
+    return config.lr * factor
 
 
 def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -174,7 +189,7 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         a = acp[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
-            g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+            g["lr"] = lr_at(config, step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
             pred = model(xt, t, y).sample
         target = noise if config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0

@@ -34,3 +34,16 @@ def test_init_from_refuses_a_mismatched_target(tmp_path):
     with pytest.raises(ValueError, match="trained for 'v_prediction'"):
         train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=1, batch_size=2,
                                  init_from=str(EMBEDDED_DIR), prediction_type="epsilon"), progress=False)
+
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
+    from tclab.train_dit import lr_at
+
+    cfg = TrainDiTConfig(steps=1000, lr=1e-3, warmup=100, cooldown=400)
+    assert lr_at(cfg, 0) == pytest.approx(1e-5)
+    assert lr_at(cfg, 99) == lr_at(cfg, 600) == pytest.approx(1e-3)
+    assert lr_at(cfg, 800) == pytest.approx(0.5e-3)
+    assert lr_at(cfg, 999) == pytest.approx(1e-3 / 400) and lr_at(cfg, 1000) == 0.0
+    assert lr_at(TrainDiTConfig(steps=1000, lr=1e-3, warmup=100), 999) == pytest.approx(1e-3)  # no cool-down
+    with pytest.raises(ValueError, match="cooldown=-1"):
+        lr_at(TrainDiTConfig(cooldown=-1), 0)
