@@ -213,6 +213,19 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
     return export_model(ema, config, data, losses, elapsed, sched_cfg, work)
 
 
+def lineage_of(init_from: Path, steps: int, seconds: float) -> dict:
+    """What a model continued from ``init_from`` owes to it: the starting model's own record and weights
+    hash, and the totals over both runs (so the shipped metadata says how the weights were really made)."""
+    import hashlib
+
+    parent = json.loads((init_from / META_FILE).read_text())
+    weights = next((init_from / "transformer").glob("*.safetensors"))
+    parent["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return {"init_model": parent,
+            "total_steps": int(parent.get("total_steps", parent["steps"])) + steps,
+            "total_train_seconds": round(float(parent.get("total_train_seconds", parent["train_seconds"])) + seconds, 1)}
+
+
 def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, work: Path) -> Path:
     """Write the model folder atomically (build in a sibling folder, then swap it in)."""
     import matplotlib
@@ -242,6 +255,8 @@ def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, 
         "train_seconds": round(elapsed, 1),
         "torch": torch.__version__,
     }
+    if config.init_from:
+        meta.update(lineage_of(Path(config.init_from), len(losses), elapsed))
     (stage / META_FILE).write_text(json.dumps(meta, indent=2))
     np.savetxt(stage / "loss.csv", np.array(losses), fmt="%.6f", header="loss per step", comments="")
     fig, ax = plt.subplots(figsize=(6, 3.5))

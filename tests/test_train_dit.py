@@ -1,5 +1,7 @@
 """train-dit: a short run exports a loadable model; --init-from starts from an exported model."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +22,9 @@ def test_init_from_starts_at_the_shipped_weights(tmp_path):
     a, b = _weights(out), _weights(EMBEDDED_DIR)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_dit(str(out)).class_names == load_dit("shapes-dit").class_names
+    meta, parent = (json.loads((f / "tclab_model.json").read_text()) for f in (out, EMBEDDED_DIR))
+    assert meta["init_model"]["train_config"] == parent["train_config"]
+    assert meta["total_steps"] == parent.get("total_steps", parent["steps"]) + 1
 
 
 def test_short_run_from_scratch_differs_and_exports_atomically(tmp_path):
