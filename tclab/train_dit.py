@@ -13,7 +13,11 @@ Standard DiT training (Peebles & Xie, 2023) scaled down to a 2-core CPU:
 - classifier-free guidance training: labels are replaced by the null class (1000, as DiTPipeline
   expects) with probability ``class_dropout``. The dropping is done here, once per sample; diffusers'
   own label dropout is per block (each block has its own embedder), so the model runs in eval mode;
-- horizontal flips as augmentation.
+- horizontal flips as augmentation;
+- optionally, Min-SNR-gamma loss weighting (Hang et al., 2023, arXiv 2303.09556): each sample's loss
+  is weighted by ``min(SNR, gamma) / (SNR + 1)`` for v-prediction (``min(SNR, gamma) / SNR`` for
+  epsilon), which stops the many nearly-clean timesteps from dominating the gradient; the paper
+  reports ~3x faster convergence for ViT/DiT diffusion models. Off (``snr_gamma=None``) by default.
 
 Checkpoints (tensors only, readable with ``weights_only=True``) are written every
 ``checkpoint_every`` steps and ``resume=True`` continues from the last one exactly where it stopped.
@@ -59,6 +63,7 @@ class TrainDiTConfig:
         init_from: an exported model folder (e.g. ``tclab/weights/shapes-dit``) to start from instead of
             the adaLN-Zero initialisation: model and EMA start at its weights, the optimiser starts fresh
             (to continue training a shipped model; an interrupted run continues exactly with ``--resume``).
+        snr_gamma: Min-SNR-gamma loss weighting (5 in the paper); None = plain MSE.
         bf16_autocast: run forward/backward matmuls in bfloat16 (weights, optimiser and EMA stay
             float32). About 2x faster on CPUs with AVX512-BF16/AMX; no visible quality cost here.
     """
@@ -77,6 +82,7 @@ class TrainDiTConfig:
     half_precision_export: bool = True
     bf16_autocast: bool = True
     prediction_type: str = "v_prediction"
+    snr_gamma: float | None = None
     init_from: str | None = None
 
 
@@ -115,6 +121,18 @@ def _load_init(model: DiTTransformer2DModel, folder: Path, prediction_type: str)
 def _alphas_cumprod(cfg: dict) -> torch.Tensor:
     betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], cfg["num_train_timesteps"], dtype=torch.float64)
     return torch.cumprod(1 - betas, 0).float()
+
+
+def loss_weights(alphas_cumprod_t: torch.Tensor, prediction_type: str, snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights: ones, or Min-SNR-gamma's ``min(SNR, gamma) / (SNR + 1)`` (v) or
+    ``min(SNR, gamma) / SNR`` (epsilon), with SNR = a / (1 - a) at the sampled timesteps."""
+    if snr_gamma is None:
+        return torch.ones_like(alphas_cumprod_t)
+    if snr_gamma <= 0:
+        raise ValueError(f"snr_gamma={snr_gamma}: must be > 0 (or None for plain MSE)")
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    clipped = snr.clamp(max=snr_gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
 def lr_at(config: TrainDiTConfig, step: int) -> float:
@@ -156,6 +174,7 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         raise ValueError(f"prediction_type={config.prediction_type!r}; choose 'v_prediction' or 'epsilon'")
     sched_cfg = {**default_scheduler_config(), "prediction_type": config.prediction_type}
     acp = _alphas_cumprod(sched_cfg)
+    loss_weights(acp[:1], config.prediction_type, config.snr_gamma)  # refuses a bad snr_gamma before any work
     gen = torch.Generator().manual_seed(config.seed)
     step, losses, elapsed = 0, [], 0.0
 
@@ -193,7 +212,11 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
             pred = model(xt, t, y).sample
         target = noise if config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        loss = F.mse_loss(pred.float(), target)
+        if config.snr_gamma is None:
+            loss = F.mse_loss(pred.float(), target)
+        else:
+            per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+            loss = (per_sample * loss_weights(acp[t], config.prediction_type, config.snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -52,3 +52,23 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
     assert lr_at(TrainDiTConfig(steps=1000, lr=1e-3, warmup=100), 999) == pytest.approx(1e-3)  # no cool-down
     with pytest.raises(ValueError, match="cooldown=-1"):
         lr_at(TrainDiTConfig(cooldown=-1), 0)
+
+
+def test_min_snr_weights_cap_the_clean_timesteps_and_leave_noisy_ones_whole():
+    from tclab.train_dit import loss_weights
+
+    acp = torch.tensor([0.999, 5 / 6, 0.5, 0.01])  # SNR 999, 5, 1, ~0.0101
+    assert torch.equal(loss_weights(acp, "v_prediction", None), torch.ones(4))
+    w = loss_weights(acp, "v_prediction", 5.0)
+    snr = acp / (1 - acp)
+    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert w[0] < 0.01 and w[1] == pytest.approx(5 / 6) and w[2] == pytest.approx(0.5)
+    assert torch.allclose(loss_weights(acp, "epsilon", 5.0)[1:], torch.tensor([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        loss_weights(acp, "v_prediction", 0)
+
+
+def test_min_snr_run_records_gamma(tmp_path):
+    out = train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=2, batch_size=2,
+                                   snr_gamma=5.0), progress=False)
+    assert json.loads((out / "tclab_model.json").read_text())["train_config"]["snr_gamma"] == 5.0
