@@ -159,7 +159,8 @@ class LoadedDiT:
                 "weights_sha256": self.meta.get("weights_sha256")}
 
 
-def _weights_sha(folder: Path) -> str | None:
+def weights_sha(folder: Path) -> str | None:
+    """sha256 over the folder's safetensors files in name order (a model's weights identity); None if none."""
     import hashlib
 
     files = sorted(folder.glob("*.safetensors"))
@@ -208,14 +209,14 @@ def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> Loa
             vae = PixelSpaceVAE(latent_channels=transformer.config.in_channels)
         sched_file = path / "scheduler" / "scheduler_config.json"
         sched = json.loads(sched_file.read_text()) if sched_file.exists() else default_scheduler_config()
-        wsha = _weights_sha(tdir)
+        wsha = weights_sha(tdir)
     else:
         transformer = _load_transformer(path, dtype)
         if transformer.config.in_channels == 4:
             raise ModelSpecError(f"{path} is a transformer-only folder of a latent DiT (4 channels) with no VAE; "
                                  "pass the full DiTPipeline folder (with vae/) so samples can be decoded")
         vae = PixelSpaceVAE(latent_channels=transformer.config.in_channels)
-        sched, wsha = default_scheduler_config(), _weights_sha(path)
+        sched, wsha = default_scheduler_config(), weights_sha(path)
     class_names = meta.get("class_names")
     if class_names is None and (path / "model_index.json").exists():
         idx = json.loads((path / "model_index.json").read_text())

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 
 from .data import load_image_folder
-from .models import META_FILE, NULL_CLASS, default_scheduler_config, embedded_transformer_config
+from .models import META_FILE, NULL_CLASS, default_scheduler_config, embedded_transformer_config, weights_sha
 
 
 @dataclass
@@ -239,11 +239,8 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
 def lineage_of(init_from: Path, steps: int, seconds: float) -> dict:
     """What a model continued from ``init_from`` owes to it: the starting model's own record and weights
     hash, and the totals over both runs (so the shipped metadata says how the weights were really made)."""
-    import hashlib
-
     parent = json.loads((init_from / META_FILE).read_text())
-    weights = next((init_from / "transformer").glob("*.safetensors"))
-    parent["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    parent["weights_sha256"] = weights_sha(init_from / "transformer")
     return {"init_model": parent,
             "total_steps": int(parent.get("total_steps", parent["steps"])) + steps,
             "total_train_seconds": round(float(parent.get("total_train_seconds", parent["train_seconds"])) + seconds, 1)}

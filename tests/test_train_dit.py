@@ -25,6 +25,7 @@ def test_init_from_starts_at_the_shipped_weights(tmp_path):
     meta, parent = (json.loads((f / "tclab_model.json").read_text()) for f in (out, EMBEDDED_DIR))
     assert meta["init_model"]["train_config"] == parent["train_config"]
     assert meta["total_steps"] == parent.get("total_steps", parent["steps"]) + 1
+    assert meta["init_model"]["weights_sha256"] == load_dit("shapes-dit").meta["weights_sha256"]
 
 
 def test_short_run_from_scratch_differs_and_exports_atomically(tmp_path):
