@@ -165,8 +165,10 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         raise ValueError(f"at most {NULL_CLASS - 1} classes (class {NULL_CLASS} is the null label)")
     model = DiTTransformer2DModel(**tcfg)
     _adaln_zero_init(model)
+    init_model = None
     if config.init_from:
         _load_init(model, Path(config.init_from), config.prediction_type)
+        init_model = lineage_of(Path(config.init_from))  # read with the weights, not at export time
     ema = DiTTransformer2DModel(**tcfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -187,12 +189,14 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
         step, losses, elapsed = int(ck["step"]), ck["losses"].tolist(), float(ck["elapsed"])
+        if ck.get("init_model"):  # the model this run really started from, even if that folder changed since
+            init_model = json.loads(ck["init_model"])
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "gen": gen.get_state(), "step": step, "losses": torch.tensor(losses),
-                    "elapsed": elapsed}, tmp)
+                    "elapsed": elapsed, "init_model": json.dumps(init_model) if init_model else ""}, tmp)
         tmp.replace(ckpt_path)
 
     n = len(data)
@@ -235,21 +239,22 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint()
     bar.close()
-    return export_model(ema, config, data, losses, elapsed, sched_cfg, work)
+    return export_model(ema, config, data, losses, elapsed, sched_cfg, work, init_model)
 
 
-def lineage_of(init_from: Path, steps: int, seconds: float) -> dict:
-    """What a model continued from ``init_from`` owes to it: the starting model's own record and weights
-    hash, and the totals over both runs (so the shipped metadata says how the weights were really made)."""
+def lineage_of(init_from: Path) -> dict:
+    """The record of the model a run starts from (``--init-from``): its own ``tclab_model.json`` plus its
+    weights hash. It is read when its weights are loaded and kept in the checkpoint, so the exported
+    metadata names the weights the run really started from."""
     parent = json.loads((init_from / META_FILE).read_text())
     parent["weights_sha256"] = weights_sha(init_from / "transformer")
-    return {"init_model": parent,
-            "total_steps": int(parent.get("total_steps", parent["steps"])) + steps,
-            "total_train_seconds": round(float(parent.get("total_train_seconds", parent["train_seconds"])) + seconds, 1)}
+    return parent
 
 
-def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, work: Path) -> Path:
-    """Write the model folder atomically (build in a sibling folder, then swap it in)."""
+def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, work: Path,
+                 init_model: dict | None = None) -> Path:
+    """Write the model folder atomically (build in a sibling folder, then swap it in). ``init_model``
+    (from ``lineage_of``) adds the lineage: the starting model's record and the totals over both runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,8 +282,11 @@ def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, 
         "train_seconds": round(elapsed, 1),
         "torch": torch.__version__,
     }
-    if config.init_from:
-        meta.update(lineage_of(Path(config.init_from), len(losses), elapsed))
+    if init_model:
+        meta.update({"init_model": init_model,
+                     "total_steps": int(init_model.get("total_steps", init_model["steps"])) + len(losses),
+                     "total_train_seconds": round(float(init_model.get("total_train_seconds",
+                                                                      init_model["train_seconds"])) + elapsed, 1)})
     (stage / META_FILE).write_text(json.dumps(meta, indent=2))
     np.savetxt(stage / "loss.csv", np.array(losses), fmt="%.6f", header="loss per step", comments="")
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -73,3 +73,20 @@ def test_min_snr_run_records_gamma(tmp_path):
     out = train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=2, batch_size=2,
                                    snr_gamma=5.0), progress=False)
     assert json.loads((out / "tclab_model.json").read_text())["train_config"]["snr_gamma"] == 5.0
+
+
+def test_resumed_run_keeps_the_lineage_of_the_weights_it_started_from(tmp_path):
+    # --init-from A, interrupted, then A is replaced (e.g. by an export of this very run): the export
+    # must still name the weights the run started from, as read when they were loaded.
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(EMBEDDED_DIR, start)
+    original = json.loads((start / "tclab_model.json").read_text())
+    cfg = dict(images="data/shapes", out=str(tmp_path / "m"), batch_size=2, init_from=str(start), checkpoint_every=1)
+    train_dit(TrainDiTConfig(steps=1, **cfg), progress=False)
+    (start / "tclab_model.json").write_text(json.dumps({**original, "steps": 999, "total_steps": 999}))
+    out = train_dit(TrainDiTConfig(steps=2, **cfg), resume=True, progress=False)
+    meta = json.loads((out / "tclab_model.json").read_text())
+    assert meta["init_model"]["steps"] == original["steps"]
+    assert meta["total_steps"] == original.get("total_steps", original["steps"]) + 2
