@@ -20,7 +20,7 @@ def _cmd_train_dit(a: argparse.Namespace) -> int:
     from .train_dit import TrainDiTConfig, train_dit
 
     cfg = TrainDiTConfig(images=a.images, out=a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
-                         init_from=a.init_from, cooldown=a.cooldown, snr_gamma=a.snr_gamma)
+                         init_from=a.init_from, cooldown=a.cooldown, snr_gamma=a.snr_gamma, lr=a.lr)
     print(train_dit(cfg, resume=a.resume))
     return 0
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=4000)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lr", type=float, default=3e-4,
+                   help="AdamW peak learning rate (default 3e-4; lower suits continuing a trained model)")
     s.add_argument("--cooldown", type=int, default=0,
                    help="decay the learning rate linearly to 0 over the last N steps (default 0: constant)")
     s.add_argument("--snr-gamma", type=float, default=None,

@@ -139,8 +139,9 @@ def loss_weights(alphas_cumprod_t: torch.Tensor, prediction_type: str, snr_gamma
 
 def lr_at(config: TrainDiTConfig, step: int) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up, constant, linear cool-down."""
-    if config.cooldown < 0 or config.warmup < 1:
-        raise ValueError(f"cooldown={config.cooldown}, warmup={config.warmup}: need cooldown >= 0 and warmup >= 1")
+    if config.cooldown < 0 or config.warmup < 1 or config.lr < 0:
+        raise ValueError(f"cooldown={config.cooldown}, warmup={config.warmup}, lr={config.lr}: "
+                         "need cooldown >= 0, warmup >= 1 and lr >= 0")
     factor = min(1.0, (step + 1) / config.warmup)
     if config.cooldown:
         factor = min(factor, max(0.0, (config.steps - step) / config.cooldown))
@@ -151,6 +152,7 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
     """Train and export; returns the model folder. See the module docstring."""
     from tqdm.auto import tqdm
 
+    lr_at(config, 0)  # refuses bad schedule knobs before any folder is made
     torch.manual_seed(config.seed)
     out = Path(config.out)
     work = out.parent / f".{out.name}.training"

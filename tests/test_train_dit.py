@@ -28,6 +28,18 @@ def test_init_from_starts_at_the_shipped_weights(tmp_path):
     assert meta["init_model"]["weights_sha256"] == load_dit("shapes-dit").meta["weights_sha256"]
 
 
+
+def test_cli_lr_reaches_the_optimiser(tmp_path, capsys):
+    # --lr 0 from the shipped weights must export them unchanged; the 3e-4 default would move them.
+    from tclab.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train-dit", "--images", "data/shapes", "--out", str(out), "--steps", "1", "--batch-size", "2",
+                 "--lr", "0", "--init-from", str(EMBEDDED_DIR)]) == 0
+    a, b = _weights(out), _weights(EMBEDDED_DIR)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "tclab_model.json").read_text())["train_config"]["lr"] == 0.0
+
 def test_short_run_from_scratch_differs_and_exports_atomically(tmp_path):
     out = train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), steps=2, batch_size=2),
                     progress=False)
@@ -53,6 +65,14 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
     assert lr_at(TrainDiTConfig(steps=1000, lr=1e-3, warmup=100), 999) == pytest.approx(1e-3)  # no cool-down
     with pytest.raises(ValueError, match="cooldown=-1"):
         lr_at(TrainDiTConfig(cooldown=-1), 0)
+    with pytest.raises(ValueError, match="lr=-0.001"):
+        lr_at(TrainDiTConfig(lr=-1e-3), 0)
+
+
+def test_bad_learning_rate_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="lr=-0.001"):
+        train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), lr=-1e-3), progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_min_snr_weights_cap_the_clean_timesteps_and_leave_noisy_ones_whole():
