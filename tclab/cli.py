@@ -20,7 +20,8 @@ def _cmd_train_dit(a: argparse.Namespace) -> int:
     from .train_dit import TrainDiTConfig, train_dit
 
     cfg = TrainDiTConfig(images=a.images, out=a.out, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
-                         init_from=a.init_from, cooldown=a.cooldown, snr_gamma=a.snr_gamma, lr=a.lr)
+                         init_from=a.init_from, cooldown=a.cooldown, snr_gamma=a.snr_gamma, lr=a.lr,
+                         t_sampling=a.t_sampling)
     print(train_dit(cfg, resume=a.resume))
     return 0
 
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decay the learning rate linearly to 0 over the last N steps (default 0: constant)")
     s.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (e.g. 5; default: plain MSE)")
+    s.add_argument("--t-sampling", default="uniform", choices=["uniform", "lognormal-mix"],
+                   help="how training timesteps are drawn (lognormal-mix: half of them around sigma = 1, "
+                        "see TrainDiTConfig)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.add_argument("--init-from", help="start from an exported model folder (e.g. tclab/weights/shapes-dit)")
     s.set_defaults(func=_cmd_train_dit)

@@ -66,6 +66,12 @@ class TrainDiTConfig:
             the adaLN-Zero initialisation: model and EMA start at its weights, the optimiser starts fresh
             (to continue training a shipped model; an interrupted run continues exactly with ``--resume``).
         snr_gamma: Min-SNR-gamma loss weighting (5 in the paper); None = plain MSE.
+        t_sampling: how training timesteps are drawn: ``"uniform"`` over all 1,000 (DDPM, DiT), or
+            ``"lognormal-mix"``: half uniform, half log-normal in noise level (ln sigma ~ N(0, 1.2^2),
+            the form of EDM's, Karras et al. 2022, centred on sigma = 1) mapped to the nearest
+            timestep. On 32 px images the linear schedule leaves about 40 % of uniform draws at
+            sigma > 5, where the image is all noise; SDEdit of real images shows the embedded model
+            loses crosses and triangles at sigma 1-5 (t 250-500), and the mix moves draws there.
         bf16_autocast: run forward/backward matmuls in bfloat16 (weights, optimiser and EMA stay
             float32). About 2x faster on CPUs with AVX512-BF16/AMX; no visible quality cost here.
     """
@@ -85,6 +91,7 @@ class TrainDiTConfig:
     bf16_autocast: bool = True
     prediction_type: str = "v_prediction"
     snr_gamma: float | None = None
+    t_sampling: str = "uniform"
     init_from: str | None = None
 
 
@@ -137,6 +144,24 @@ def loss_weights(alphas_cumprod_t: torch.Tensor, prediction_type: str, snr_gamma
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+T_SAMPLINGS = ("uniform", "lognormal-mix")
+LOGNORMAL_MEAN, LOGNORMAL_STD = 0.0, 1.2  # of ln sigma
+
+
+def sample_timesteps(kind: str, alphas_cumprod: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` training timesteps drawn as ``kind`` says (see ``TrainDiTConfig.t_sampling``)."""
+    if kind not in T_SAMPLINGS:
+        raise ValueError(f"t_sampling={kind!r}; choose one of {', '.join(T_SAMPLINGS)}")
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
+    if kind == "lognormal-mix":
+        log_sigma = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, generator=gen)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # increasing in t
+        nearest = torch.searchsorted(sigmas.log(), log_sigma).clamp(1, len(sigmas) - 1)
+        nearest -= (log_sigma - sigmas[nearest - 1].log() < sigmas[nearest].log() - log_sigma).long()
+        t = torch.where(torch.rand(n, generator=gen) < 0.5, t, nearest)
+    return t
+
+
 def lr_at(config: TrainDiTConfig, step: int) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up, constant, linear cool-down."""
     if config.cooldown < 0 or config.warmup < 1 or config.lr < 0:
@@ -152,7 +177,14 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
     """Train and export; returns the model folder. See the module docstring."""
     from tqdm.auto import tqdm
 
-    lr_at(config, 0)  # refuses bad schedule knobs before any folder is made
+    # refuse bad knobs before any folder is made
+    lr_at(config, 0)
+    if config.prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"prediction_type={config.prediction_type!r}; choose 'v_prediction' or 'epsilon'")
+    sched_cfg = {**default_scheduler_config(), "prediction_type": config.prediction_type}
+    acp = _alphas_cumprod(sched_cfg)
+    loss_weights(acp[:1], config.prediction_type, config.snr_gamma)
+    sample_timesteps(config.t_sampling, acp, 1, torch.Generator())
     torch.manual_seed(config.seed)
     out = Path(config.out)
     work = out.parent / f".{out.name}.training"
@@ -176,11 +208,6 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
     ema.requires_grad_(False)
     model.eval()  # no dropout layers are active; eval turns off diffusers' per-block label dropout
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    if config.prediction_type not in ("v_prediction", "epsilon"):
-        raise ValueError(f"prediction_type={config.prediction_type!r}; choose 'v_prediction' or 'epsilon'")
-    sched_cfg = {**default_scheduler_config(), "prediction_type": config.prediction_type}
-    acp = _alphas_cumprod(sched_cfg)
-    loss_weights(acp[:1], config.prediction_type, config.snr_gamma)  # refuses a bad snr_gamma before any work
     gen = torch.Generator().manual_seed(config.seed)
     step, losses, elapsed = 0, [], 0.0
 
@@ -211,7 +238,7 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         y = data.labels[idx]
         y = torch.where(torch.rand(config.batch_size, generator=gen) < config.class_dropout, NULL_CLASS, y)
-        t = torch.randint(0, sched_cfg["num_train_timesteps"], (config.batch_size,), generator=gen)
+        t = sample_timesteps(config.t_sampling, acp, config.batch_size, gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = acp[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise

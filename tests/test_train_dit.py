@@ -110,3 +110,51 @@ def test_resumed_run_keeps_the_lineage_of_the_weights_it_started_from(tmp_path):
     meta = json.loads((out / "tclab_model.json").read_text())
     assert meta["init_model"]["steps"] == original["steps"]
     assert meta["total_steps"] == original.get("total_steps", original["steps"]) + 2
+
+
+def test_timestep_sampling_uniform_is_unchanged_and_the_mix_moves_draws_to_middle_noise():
+    from tclab.models import default_scheduler_config
+    from tclab.train_dit import _alphas_cumprod, sample_timesteps
+
+    acp = _alphas_cumprod(default_scheduler_config())
+    # uniform draws exactly what the loop drew before the option existed (shipped runs resume unchanged)
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(sample_timesteps("uniform", acp, 64, a), torch.randint(0, 1000, (64,), generator=b))
+    t = sample_timesteps("lognormal-mix", acp, 20000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999
+    sigma = ((1 - acp[t]) / acp[t]).sqrt()
+    assert 0.62 < (t < 500).float().mean() < 0.72  # uniform: 0.50
+    assert 0.22 < (sigma > 5).float().mean() < 0.30  # uniform: 0.43
+    with pytest.raises(ValueError, match="t_sampling='cosine'"):
+        sample_timesteps("cosine", acp, 1, torch.Generator())
+
+
+def test_lognormal_mix_maps_a_noise_level_to_its_nearest_timestep(monkeypatch):
+    from tclab import train_dit as td
+    from tclab.models import default_scheduler_config
+
+    acp = td._alphas_cumprod(default_scheduler_config())
+    sigmas = ((1 - acp) / acp).sqrt()
+    target = 400
+    # ln sigma drawn exactly at timestep 400's level (std 0), every sample from the log-normal half
+    monkeypatch.setattr(td, "LOGNORMAL_MEAN", float(sigmas[target].log()))
+    monkeypatch.setattr(td, "LOGNORMAL_STD", 0.0)
+    g = torch.Generator().manual_seed(0)
+    t = td.sample_timesteps("lognormal-mix", acp, 4000, g)
+    mixed = t[t == target].numel() / t.numel()
+    assert 0.45 < mixed < 0.56  # half the draws (plus uniform's 1/1000 chance)
+
+
+def test_bad_t_sampling_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="t_sampling='edm'"):
+        train_dit(TrainDiTConfig(images="data/shapes", out=str(tmp_path / "m"), t_sampling="edm"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_t_sampling_is_recorded(tmp_path):
+    from tclab.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train-dit", "--images", "data/shapes", "--out", str(out), "--steps", "1", "--batch-size", "2",
+                 "--t-sampling", "lognormal-mix"]) == 0
+    assert json.loads((out / "tclab_model.json").read_text())["train_config"]["t_sampling"] == "lognormal-mix"
