@@ -122,6 +122,16 @@ def _sample_config(a: argparse.Namespace):
                         batch_size=a.batch_size)
 
 
+def _strength_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers in (0, 1], e.g. 0.3,0.5,1") from None
+    if any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every strength must be in (0, 1]")
+    return values
+
+
 def _cmd_sample(a: argparse.Namespace) -> int:
     from .evaluate import sample_grid
 
@@ -131,8 +141,17 @@ def _cmd_sample(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_class_consistency
+    from .evaluate import evaluate_class_consistency, evaluate_sdedit_consistency
 
+    if a.sdedit_from:
+        result = evaluate_sdedit_consistency(a.model, a.sdedit_from, _sample_config(a), a.out, a.strengths,
+                                             a.per_class, a.classifier)
+        for r in result["rows"]:
+            per = " ".join(f"{k} {v:.2f}" for k, v in r["per_class"].items())
+            print(f"strength {r['strength']:.2f}: class-consistency {r['class_consistency']:.3f} ({per})")
+        print(f"real images: {result['real_images']:.3f} ({result['n']} images, {result['seconds']} s)")
+        print(result["out"])
+        return 0
     result = evaluate_class_consistency(a.model, _sample_config(a), a.num_samples, a.out, a.classifier)
     print(json.dumps({k: result[k] for k in ("class_consistency", "per_class", "seconds")}, indent=2))
     print(result["out"])
@@ -230,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default=f"reports/{name}")
         if name == "evaluate":
             s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one)")
+            s.add_argument("--sdedit-from", metavar="DIR",
+                           help="diagnosis instead of sampling from noise: SDEdit real images of each class "
+                                "(DIR has one sub-folder per class) at --strengths, conditioned on their class")
+            s.add_argument("--strengths", type=_strength_list, default="0.3,0.5,0.7,0.85,1.0",
+                           help="with --sdedit-from: comma-separated, each in (0, 1]")
+            s.add_argument("--per-class", type=int, default=16, help="with --sdedit-from: images per class")
         s.set_defaults(func=func)
     _add_schedule_parser(sub)
     return p

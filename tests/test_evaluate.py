@@ -1,0 +1,50 @@
+"""tclab evaluate: class-consistency of generated samples, and the SDEdit diagnosis from real images."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from tclab.cli import main
+from tclab.evaluate import evaluate_class_consistency, evaluate_sdedit_consistency
+from tclab.sampling import SampleConfig
+
+
+def test_class_consistency_writes_one_complete_folder(tmp_path):
+    res = evaluate_class_consistency("shapes-dit", SampleConfig(num_steps=2, batch_size=12), 12, tmp_path)
+    assert 0.0 <= res["class_consistency"] <= 1.0 and res["n"] == 12
+    assert set(res["per_class"]) == {"cross", "disc", "ring", "square", "star", "triangle"}
+    (folder,) = tmp_path.iterdir()
+    assert str(folder) == res["out"] and sorted(p.name for p in folder.iterdir()) == ["grid.png", "result.json"]
+    assert json.loads((folder / "result.json").read_text())["class_consistency"] == res["class_consistency"]
+
+
+def test_sdedit_of_barely_noised_real_images_keeps_their_class(tmp_path):
+    # strength 0.04 of 50 steps: 2 denoising steps from sigma ~0.14, so the classes must survive
+    res = evaluate_sdedit_consistency("shapes-dit", "data/shapes", SampleConfig(num_steps=50), tmp_path,
+                                      strengths=[0.04], per_class=2)
+    assert res["n"] == 12 and res["real_images"] == 1.0
+    assert res["rows"][0]["strength"] == 0.04 and res["rows"][0]["class_consistency"] >= 11 / 12
+    folder = tmp_path / res["out"].split("/")[-1]
+    assert (folder / "sdedit_consistency.png").stat().st_size > 0 and (folder / "result.json").exists()
+
+
+def test_sdedit_refuses_a_folder_of_other_classes_and_writes_nothing(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "imgs" / cls / "a.png")
+    with pytest.raises(ValueError, match=r"found \['cat', 'dog'\]"):
+        evaluate_sdedit_consistency("shapes-dit", tmp_path / "imgs", SampleConfig(), tmp_path / "out")
+    with pytest.raises(ValueError, match="strengths"):
+        evaluate_sdedit_consistency("shapes-dit", "data/shapes", SampleConfig(), tmp_path / "out", strengths=[1.5])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_sdedit_prints_a_row_per_strength(tmp_path, capsys):
+    assert main(["evaluate", "--sdedit-from", "data/shapes", "--strengths", "0.04,0.08", "--per-class", "1",
+                 "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "strength 0.04: class-consistency" in text and "strength 0.08: class-consistency" in text
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--sdedit-from", "data/shapes", "--strengths", "0,1"])
+    assert "every strength must be in (0, 1]" in capsys.readouterr().err
