@@ -42,6 +42,20 @@ def _finish(stage: Path, final: Path) -> Path:
     return target
 
 
+def _run_into_new_folder(out: str | Path, model_name: str, build) -> dict:
+    """``build(stage)`` fills a staged folder and returns the result; it is saved as ``result.json``, the
+    folder is renamed into place and the result gets ``out``. On any failure the stage is removed."""
+    stage, final = _new_folder(out, model_name)
+    try:
+        result = build(stage)
+        (stage / "result.json").write_text(json.dumps(result, indent=2))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    result["out"] = str(_finish(stage, final))
+    return result
+
+
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """0, 1, ..., C-1, 0, 1, ...: an equal share of every class."""
     return torch.arange(num_samples) % num_classes
@@ -76,24 +90,19 @@ def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_sample
                          "trained on a labelled image set")
     clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
     labels = balanced_labels(num_samples, model.num_classes)
-    stage, final = _new_folder(out, model.name)
-    try:
+
+    def build(stage: Path) -> dict:
         t0 = time.perf_counter()
         res = sample(model, labels, config)
         cc = class_consistency(clf, res.images, labels, model.class_names)
         save_grid(res.images[: 8 * len(model.class_names)], stage / "grid.png", nrow=len(model.class_names),
                   scale=max(1, 128 // model.resolution))
-        result = {"class_consistency": cc["accuracy"], "per_class": cc["per_class"], "n": cc["n"],
-                  "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(res.seconds, 1),
-                  "classifier": str(classifier_path or SHIPPED_CLASSIFIER),
-                  "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(),
-                  "config": config.__dict__}
-        (stage / "result.json").write_text(json.dumps(result, indent=2))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    result["out"] = str(_finish(stage, final))
-    return result
+        return {"class_consistency": cc["accuracy"], "per_class": cc["per_class"], "n": cc["n"],
+                "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(res.seconds, 1),
+                "classifier": str(classifier_path or SHIPPED_CLASSIFIER),
+                "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(), "config": config.__dict__}
+
+    return _run_into_new_folder(out, model.name, build)
 
 
 DEFAULT_SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
@@ -121,8 +130,7 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
         raise ValueError(f"{images}: needs one sub-folder per class of {model.name} {model.class_names}, "
                          f"found {found}")
     clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
-    stage, final = _new_folder(out, model.name)
-    try:
+    def build(stage: Path) -> dict:
         t0 = time.perf_counter()
         rows = []
         for strength in strengths:
@@ -131,16 +139,12 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
             cc = class_consistency(clf, res.images, data.labels, model.class_names)
             rows.append({"strength": strength, "class_consistency": cc["accuracy"], "per_class": cc["per_class"]})
         real = class_consistency(clf, data.images, data.labels, model.class_names)
-        result = {"rows": rows, "real_images": real["accuracy"], "n": len(data.labels), "images": str(images),
-                  "seconds": round(time.perf_counter() - t0, 1), "model": model.identity(),
-                  "config": config.__dict__, "classifier": str(classifier_path or SHIPPED_CLASSIFIER)}
         _plot_sdedit(rows, model.class_names, stage / "sdedit_consistency.png", model.name)
-        (stage / "result.json").write_text(json.dumps(result, indent=2))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    result["out"] = str(_finish(stage, final))
-    return result
+        return {"rows": rows, "real_images": real["accuracy"], "n": len(data.labels), "images": str(images),
+                "seconds": round(time.perf_counter() - t0, 1), "model": model.identity(),
+                "config": config.__dict__, "classifier": str(classifier_path or SHIPPED_CLASSIFIER)}
+
+    return _run_into_new_folder(out, model.name, build)
 
 
 def _plot_sdedit(rows: list[dict], class_names: list[str], path: Path, model_name: str) -> None:
