@@ -130,6 +130,7 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
         raise ValueError(f"{images}: needs one sub-folder per class of {model.name} {model.class_names}, "
                          f"found {found}")
     clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
+
     def build(stage: Path) -> dict:
         t0 = time.perf_counter()
         rows = []
