@@ -108,11 +108,16 @@ def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_sample
 DEFAULT_SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 
+GRID_PER_CLASS = 2
+
+
 def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: SampleConfig, out: str | Path,
                                 strengths=DEFAULT_SDEDIT_STRENGTHS, per_class: int = 16,
                                 classifier_path: str | None = None) -> dict:
     """Class-consistency of SDEdit from real images (``per_class`` of each class in ``images``) at each
-    of ``strengths``; writes ``result.json`` and ``sdedit_consistency.png`` (per class vs strength)."""
+    of ``strengths``; writes ``result.json``, ``sdedit_consistency.png`` (per class vs strength) and
+    ``sdedit_grid.png`` (top row: real images, ``GRID_PER_CLASS`` per class; then one row per strength), so
+    one can see how a class is lost: a wrong shape, or the right shape with ragged edges."""
     from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier, class_consistency
     from .data import load_image_folder
 
@@ -131,16 +136,22 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
                          f"found {found}")
     clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
 
+    # the grid shows the first GRID_PER_CLASS images of each class: the real one, then one row per strength
+    shown = torch.cat([torch.nonzero(data.labels == c).flatten()[:GRID_PER_CLASS]
+                       for c in range(len(model.class_names))])
+
     def build(stage: Path) -> dict:
         t0 = time.perf_counter()
-        rows = []
+        rows, grid = [], [data.images[shown]]
         for strength in strengths:
             cfg = SampleConfig(**{**config.__dict__, "sdedit_strength": strength})
             res = sample(model, data.labels, cfg, init_images=data.images)
             cc = class_consistency(clf, res.images, data.labels, model.class_names)
             rows.append({"strength": strength, "class_consistency": cc["accuracy"], "per_class": cc["per_class"]})
+            grid.append(res.images[shown])
         real = class_consistency(clf, data.images, data.labels, model.class_names)
         _plot_sdedit(rows, model.class_names, stage / "sdedit_consistency.png", model.name)
+        save_grid(torch.cat(grid), stage / "sdedit_grid.png", nrow=len(shown), scale=3)
         return {"rows": rows, "real_images": real["accuracy"], "n": len(data.labels), "images": str(images),
                 "seconds": round(time.perf_counter() - t0, 1), "model": model.identity(),
                 "config": config.__dict__, "classifier": str(classifier_path or SHIPPED_CLASSIFIER)}

@@ -27,6 +27,9 @@ def test_sdedit_of_barely_noised_real_images_keeps_their_class(tmp_path):
     assert res["rows"][0]["strength"] == 0.04 and res["rows"][0]["class_consistency"] >= 11 / 12
     folder = tmp_path / res["out"].split("/")[-1]
     assert (folder / "sdedit_consistency.png").stat().st_size > 0 and (folder / "result.json").exists()
+    # the grid: 2 real images per class (12 columns), then one row per strength; 32 px + 2 px padding, x3
+    with Image.open(folder / "sdedit_grid.png") as grid:
+        assert grid.size == ((12 * 34 + 2) * 3, (2 * 34 + 2) * 3)
 
 
 def test_sdedit_refuses_a_folder_of_other_classes_and_writes_nothing(tmp_path):
