@@ -106,9 +106,7 @@ def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_sample
 
 
 DEFAULT_SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
-
-
-GRID_PER_CLASS = 2
+GRID_PER_CLASS = 2  # images of each class in sdedit_grid.png
 
 
 def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: SampleConfig, out: str | Path,
