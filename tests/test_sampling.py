@@ -8,15 +8,22 @@ from diffusers.utils.torch_utils import randn_tensor
 from tclab.sampling import SampleConfig, current_step, make_scheduler, sample
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_matches_diffusers_dit_pipeline(latent_dit, scheduler, guidance):
-    """With nothing attached, tclab's loop reproduces DiTPipeline exactly (same seed, scheduler, CFG)."""
+def test_matches_diffusers_dit_pipeline(latent_dit, scheduler, guidance, device):
+    """With nothing attached, tclab's loop reproduces DiTPipeline exactly (same seed, scheduler, CFG), on
+    the CPU and, where there is one, on a CUDA device (both draw the noise from a generator on it)."""
+    latent_dit.transformer.to(device)
+    latent_dit.vae.to(device)
     labels = [3, 7, 1]
     pipe = latent_dit.pipeline(make_scheduler(scheduler, latent_dit.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=6,
-               generator=torch.Generator().manual_seed(5), output_type="np").images  # (N, H, W, 3) in [0, 1]
+               generator=torch.Generator(device).manual_seed(5), output_type="np").images  # (N, H, W, 3) in [0, 1]
     ours = sample(latent_dit, labels, SampleConfig(num_steps=6, scheduler=scheduler, guidance_scale=guidance,
                                                    seed=5), progress=False)
     ours01 = (ours.images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the pipeline's own mapping
