@@ -239,14 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("sample", _cmd_sample, "sample a class-balanced grid and save it"),
                                  ("evaluate", _cmd_evaluate, "class-consistency of generated samples")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("--model", default="shapes-dit")
-        s.add_argument("--num-samples", type=int, default=256 if name == "evaluate" else 48)
-        s.add_argument("--steps", type=int, default=50)
-        s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"))
-        s.add_argument("--guidance", type=float, default=4.0)
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--batch-size", type=int, default=64)
-        s.add_argument("--out", default=f"reports/{name}")
+        s.add_argument("--model", default="shapes-dit",
+                       help="'shapes-dit' (default), a local diffusers folder, or an untrained preset")
+        s.add_argument("--num-samples", type=int, default=256 if name == "evaluate" else 48,
+                       help="images, class-balanced (default: %(default)s)")
+        s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+        s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"),
+                       help="default: %(default)s")
+        s.add_argument("--guidance", type=float, default=4.0,
+                       help="classifier-free guidance scale; 1 turns it off (default: %(default)s)")
+        s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
+        s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+        s.add_argument("--out", default=f"reports/{name}",
+                       help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
         if name == "evaluate":
             s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one)")
             s.add_argument("--sdedit-from", metavar="DIR",
