@@ -34,8 +34,9 @@ def main() -> None:
     runs = [sample(model, labels, cfg, progress=False) for _ in range(a.repeats)]
     total = statistics.median(r.seconds for r in runs)
     tr = statistics.median(r.transformer_seconds for r in runs)
-    where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else f"torch threads {torch.get_num_threads()}"
-    share = "" if a.device.startswith("cuda") else f", transformer {100 * tr / total:.0f}% of it"  # no sync per call
+    on_gpu = a.device.startswith("cuda")
+    where = torch.cuda.get_device_name(a.device) if on_gpu else f"torch threads {torch.get_num_threads()}"
+    share = "" if on_gpu else f", transformer {100 * tr / total:.0f}% of it"  # no sync per call on a GPU
     print(f"{model.name}: {a.samples} images x {a.steps} steps (guidance {a.guidance}), {where}: median "
           f"{total:.2f} s over {a.repeats} runs ({1000 * total / a.steps:.1f} ms/step{share})")
 
