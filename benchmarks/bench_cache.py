@@ -143,9 +143,7 @@ def bench_sampling(model_spec: str | None, steps: int, batch: int, guidance: flo
                    device: torch.device, scorer: str, schedule: dict) -> list[dict]:
     if model_spec is None:
         model_spec = "shapes-dit" if (EMBEDDED_DIR / "transformer").is_dir() else "DiT-S/2"
-    m = load_dit(model_spec)
-    m.transformer.to(device)
-    m.vae.to(device)
+    m = load_dit(model_spec).to(device)
     n_classes = m.num_classes
     labels = [i % n_classes for i in range(batch)]
     sc = SampleConfig(num_steps=steps, guidance_scale=guidance, batch_size=batch, seed=0)

@@ -98,8 +98,7 @@ def main(argv=None) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, args.resolution, dtype)
-    model.transformer.to(args.device)
-    model.vae.to(args.device)
+    model.to(args.device)
     labels = [i % model.num_classes for i in range(args.samples)]
     cfg = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance, seed=0,
                        batch_size=args.batch_size or args.samples)

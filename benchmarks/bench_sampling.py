@@ -25,9 +25,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the total is timed after the images reach the host)")
     a = p.parse_args()
-    model = load_dit(a.model)
-    model.transformer.to(a.device)
-    model.vae.to(a.device)
+    model = load_dit(a.model).to(a.device)
     labels = torch.arange(a.samples) % model.num_classes
     cfg = SampleConfig(num_steps=a.steps, guidance_scale=a.guidance, batch_size=a.samples)
     sample(model, labels, SampleConfig(num_steps=2, batch_size=a.samples), progress=False)  # warm-up

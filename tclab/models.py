@@ -132,6 +132,12 @@ class LoadedDiT:
     def learned_sigma(self) -> bool:
         return self.transformer.config.out_channels == 2 * self.latent_channels
 
+    def to(self, device: str | torch.device) -> "LoadedDiT":
+        """Move the transformer and the decoder to ``device`` (in place); returns self."""
+        self.transformer.to(device)
+        self.vae.to(device)
+        return self
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> latents the transformer denoises."""
         if self.pixel_space:

@@ -17,8 +17,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 def test_matches_diffusers_dit_pipeline(latent_dit, scheduler, guidance, device):
     """With nothing attached, tclab's loop reproduces DiTPipeline exactly (same seed, scheduler, CFG), on
     the CPU and, where there is one, on a CUDA device (both draw the noise from a generator on it)."""
-    latent_dit.transformer.to(device)
-    latent_dit.vae.to(device)
+    latent_dit.to(device)
     labels = [3, 7, 1]
     pipe = latent_dit.pipeline(make_scheduler(scheduler, latent_dit.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
