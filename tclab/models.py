@@ -14,6 +14,11 @@ class names, identity). Specs:
 
 Weights are read from safetensors (or ``torch.load(weights_only=True)``): no pickled code runs and
 nothing is downloaded (``local_files_only``).
+
+Label layout: every DiT tclab runs has ``num_embeds_ada_norm = 1000`` (DiT's ImageNet layout), whose
+label 1000 is the null label of classifier-free guidance (``NULL_CLASS``, hard-coded in diffusers'
+``DiTPipeline`` too); a model may use fewer real classes. Another label count is refused at load
+(``check_null_class``); ``widen_label_table`` converts a model with fewer than 1000.
 """
 
 from __future__ import annotations
@@ -100,6 +105,13 @@ class LoadedDiT:
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_null_class(getattr(getattr(self.transformer, "config", None), "num_embeds_ada_norm", None), self.source)
+        if self.class_names is not None and len(self.class_names) > NULL_CLASS:
+            raise ModelSpecError(f"{self.source}: {len(self.class_names)} class names, but labels 0..{NULL_CLASS - 1} "
+                                 f"are all a DiT has (label {NULL_CLASS} is the null label of guidance); "
+                                 f"give at most {NULL_CLASS} names")
+
     @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
@@ -165,6 +177,62 @@ class LoadedDiT:
                 "weights_sha256": self.meta.get("weights_sha256")}
 
 
+def check_null_class(num_embeds_ada_norm: int | None, where: str, transformer_folder: Path | None = None) -> None:
+    """Refuse a DiT whose null (unconditional) label is not ``NULL_CLASS``.
+
+    A ``DiTTransformer2DModel`` with ``num_embeds_ada_norm = n`` has a label table of n + 1 rows whose
+    last row, label n, is its null label. tclab's sampler, diffusers' ``DiTPipeline``, the Cache
+    Predictor and the recorder all take label 1000 to be the null label (DiT's ImageNet layout), so
+    with n < 1000 guidance would index past the table, and with n > 1000 it would silently use a real
+    class as "unconditional". Such a model is refused once, here, rather than half-supported.
+    """
+    n = num_embeds_ada_norm
+    if n is None or n == NULL_CLASS:
+        return
+    if n < NULL_CLASS:
+        src = f"'{transformer_folder}'" if transformer_folder is not None else "ITS_TRANSFORMER_FOLDER"
+        fix = (f"Widen its label table once (classes 0..{n - 1} and the null row keep their weights): "
+               f"`tclab.models.widen_label_table(DiTTransformer2DModel.from_pretrained({src})).save_pretrained(NEW)` "
+               f"and use NEW (with model_index.json's id2label naming your {n} classes) in its place")
+    else:
+        fix = f"tclab cannot use it as it is: label {NULL_CLASS} is one of its real classes"
+    raise ModelSpecError(
+        f"{where}: the transformer has num_embeds_ada_norm={n}, so its null (unconditional) label is {n}; "
+        f"tclab, like diffusers' DiTPipeline, feeds label {NULL_CLASS} as the null label of classifier-free "
+        f"guidance and needs num_embeds_ada_norm={NULL_CLASS} (DiT's layout; fewer real classes are fine). {fix}")
+
+
+def widen_label_table(transformer: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Move the null label of a DiT with ``num_embeds_ada_norm = n < 1000`` to ``NULL_CLASS`` (in place).
+
+    Every block's label table (n + 1, C) becomes (1001, C): rows 0..n-1 (the classes) stay, the null
+    row n moves to row 1000, and rows n..999, which no label of the model names, get copies of the
+    null row. The model's outputs for its labels 0..n-1 and for its null label are unchanged; pass
+    only labels 0..n-1 (list their names in ``id2label`` so tclab refuses the others). Returns the
+    transformer.
+    """
+    from diffusers.models.embeddings import LabelEmbedding
+
+    n = transformer.config.num_embeds_ada_norm
+    if n >= NULL_CLASS:
+        raise ValueError(f"num_embeds_ada_norm is {n}; only a label table with fewer than {NULL_CLASS} classes "
+                         "can be widened")
+    for module in transformer.modules():
+        if isinstance(module, LabelEmbedding):
+            old = module.embedding_table.weight  # (n + 1, C): classes 0..n-1, then the null row
+            if old.shape[0] != n + 1:
+                raise ValueError(f"a label table has {old.shape[0]} rows, expected {n + 1} "
+                                 f"(num_embeds_ada_norm={n} plus the null row)")
+            new = torch.nn.Embedding(NULL_CLASS + 1, old.shape[1], device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                new.weight[:n] = old[:n]
+                new.weight[n:] = old[n]  # the null row at n..1000
+            new.weight.requires_grad_(old.requires_grad)
+            module.embedding_table, module.num_classes = new, NULL_CLASS
+    transformer.register_to_config(num_embeds_ada_norm=NULL_CLASS)
+    return transformer
+
+
 def weights_sha(folder: Path) -> str | None:
     """sha256 over the folder's safetensors files in name order (a model's weights identity); None if none."""
     import hashlib
@@ -192,11 +260,33 @@ def _load_transformer(folder: Path, dtype: torch.dtype) -> DiTTransformer2DModel
     if not _is_dit_config(cfg):
         raise ModelSpecError(f"{folder} holds a {cfg.get('_class_name', 'model of unknown class')}, not a DiT "
                              "(DiTTransformer2DModel with patch_size and ada_norm_zero); tclab studies DiTs only")
+    check_null_class(cfg.get("num_embeds_ada_norm"), str(folder), folder)
     if not list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")):
         raise ModelSpecError(f"{folder} has a DiT config but no weights (*.safetensors or *.bin)")
     # use_safetensors=None: prefer safetensors; .bin files are read by diffusers with weights_only=True.
     return DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                  low_cpu_mem_usage=False)  # no `accelerate` needed, no warning
+
+
+def _class_names_of_index(index_file: Path) -> list[str] | None:
+    """Class names in label order from model_index.json's ``id2label`` (string keys "0".."n-1", as
+    facebook/DiT-XL-2-256 has it); None when there is none."""
+    id2label = json.loads(index_file.read_text()).get("id2label")
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+        raise ModelSpecError(f"{index_file}: id2label must map labels to names, e.g. {{\"0\": \"tench, Tinca tinca\"}}")
+    try:
+        labels = {int(k): v for k, v in id2label.items()}
+    except ValueError:
+        bad = [k for k in id2label if not str(k).strip().lstrip("-").isdigit()]
+        raise ModelSpecError(f"{index_file}: id2label keys must be class labels (integers), got {bad[:5]}") from None
+    if sorted(labels) != list(range(len(labels))):
+        missing = sorted(set(range(len(labels))) - set(labels))[:5]
+        raise ModelSpecError(f"{index_file}: id2label must name labels 0..{len(labels) - 1} without gaps, but "
+                             f"it has keys {min(labels)}..{max(labels)} and lacks {missing}; class names are "
+                             "matched to labels by position, so name every label or renumber the classes")
+    return [labels[k] for k in range(len(labels))] or None
 
 
 def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> LoadedDiT:
@@ -225,9 +315,7 @@ def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> Loa
         sched, wsha = default_scheduler_config(), weights_sha(path)
     class_names = meta.get("class_names")
     if class_names is None and (path / "model_index.json").exists():
-        idx = json.loads((path / "model_index.json").read_text())
-        if isinstance(idx.get("id2label"), dict):
-            class_names = [idx["id2label"][k] for k in sorted(idx["id2label"], key=int)]
+        class_names = _class_names_of_index(path / "model_index.json")
     transformer.eval().requires_grad_(False)
     return LoadedDiT(name=name or path.name, transformer=transformer, vae=vae.eval(), scheduler_config=sched,
                      trained=True, source=str(path), class_names=class_names, meta={**meta, "weights_sha256": wsha})
@@ -250,9 +338,13 @@ def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtyp
         return LoadedDiT(name=f"{spec}@{resolution}", transformer=transformer,
                          vae=PixelSpaceVAE(latent_channels=4), scheduler_config=default_scheduler_config(),
                          trained=False, source=f"preset {spec} (random weights, seed {seed}; UNTRAINED)")
-    path = Path(spec).expanduser()
+    from .paths import base_dir, resolve_path
+
+    path = resolve_path(spec, what="model folder", must_exist=False)  # relative: the user's folder (tclab.paths)
     if path.is_dir():
         return _load_folder(path, dtype)
     presets = ", ".join(PRESETS)
+    where = f"; looked for a folder at {path}" + ("" if Path(spec).expanduser().is_absolute() else
+                                                  f" (relative paths are read from {base_dir()[1]})")
     raise ModelSpecError(f"model spec {spec!r} is neither {EMBEDDED_NAME!r}, a preset ({presets}), "
-                         "nor an existing local folder")
+                         f"nor an existing local folder{where}")

@@ -124,11 +124,16 @@ class SampleResult:
 
 
 def _check_labels(model: LoadedDiT, labels: torch.Tensor) -> None:
-    bad = labels[(labels < 0) | (labels >= model.num_classes)]
+    """Every label is a class id of the model or the null label (an unconditional sample)."""
+    bad = labels[((labels < 0) | (labels >= model.num_classes)) & (labels != NULL_CLASS)]
     if len(bad):
-        names = f" ({model.class_names})" if model.class_names else ""
+        names = [repr(c) for c in model.class_names or []]
+        if len(names) > 8:  # an ImageNet id2label would fill the screen: its ends say enough
+            names = [*names[:3], "...", *names[-2:]]
+        names = f" ({', '.join(names)})" if names else ""
         raise ValueError(f"class label(s) {sorted(set(bad.tolist()))} out of range for {model.name}: "
-                         f"valid labels are 0..{model.num_classes - 1}{names}")
+                         f"valid labels are 0..{model.num_classes - 1}{names}, or {NULL_CLASS} for an "
+                         "unconditional sample")
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""Paths as a user types them: where a relative model or image path is read from, and the built-in names.
+
+A relative path (``-p images data/our-set``, ``model = "models/dit"``) means what it means in the
+user's shell, wherever the code that opens it runs:
+
+- under ``tclab run`` (and ``tclab schedule run``) the notebook's kernel works in the notebook's own
+  folder, so the runner passes its caller's folder in ``$TCLAB_CALLER_CWD`` and paths are read from
+  there (a jobs file's paths: from the jobs file's folder);
+- in a notebook opened by hand in JupyterLab (working directory = ``notebooks/`` of the checkout),
+  relative paths are read from the **repository root**, so the same text works in both places;
+- everywhere else (the CLI, a script, a test), from the working directory.
+
+Built-in names, valid anywhere: the model ``shapes-dit`` (``tclab.models``) and the image set
+``shapes``, the committed stand-in set (``data/shapes`` of the checkout; written by
+``tclab make-images`` into the artefact store when tclab is installed without its checkout). To use a
+folder that happens to be called ``shapes``, write ``./shapes``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CALLER_CWD_ENV = "TCLAB_CALLER_CWD"
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: The stand-in image set's built-in name, and how it is made when the checkout's copy is absent.
+STAND_IN_IMAGES = "shapes"
+STAND_IN_SPEC = {"per_class": 50, "seed": 1, "resolution": 32}
+
+
+class PathNotFoundError(FileNotFoundError):
+    """A path the user gave does not exist; the message says where it was looked for and why there."""
+
+
+def repo_root() -> Path | None:
+    """The source checkout tclab runs from (editable install), or None for an installed package."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
+def base_dir() -> tuple[Path, str]:
+    """The folder relative paths are read from, and why (a phrase for messages)."""
+    caller = os.environ.get(CALLER_CWD_ENV)
+    if caller:
+        return Path(caller), "the folder `tclab run` was called from"
+    cwd = Path.cwd()
+    root = repo_root()
+    if root is not None and cwd.resolve() == (root / "notebooks").resolve():
+        return root, "the repository root (this notebook runs in the checkout's notebooks/ folder)"
+    return cwd, "the working directory"
+
+
+def resolve_path(path: str | os.PathLike, what: str = "path", must_exist: bool = True) -> Path:
+    """``path`` as the user meant it: ``~`` expanded, a relative path read from :func:`base_dir`.
+
+    Raises :class:`PathNotFoundError` naming the absolute path looked at (and why there) when
+    ``must_exist`` and nothing is there.
+    """
+    if not isinstance(path, (str, os.PathLike)) or str(path).strip() == "":
+        raise TypeError(f"{what} must be a path (text), got {type(path).__name__} {path!r}")
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        if must_exist and not p.exists():
+            raise PathNotFoundError(f"{what} {str(path)!r} not found: nothing at {p}")
+        return p
+    base, why = base_dir()
+    full = (base / p).resolve()
+    if must_exist and not full.exists():
+        raise PathNotFoundError(f"{what} {str(path)!r} not found: looked at {full} (relative paths are read from "
+                                f"{why}, {base}); give an absolute path or one relative to that folder")
+    return full
+
+
+def stand_in_images() -> Path:
+    """The stand-in image set: the checkout's ``data/shapes``, else made once in the artefact store."""
+    root = repo_root()
+    if root is not None and (root / "data" / STAND_IN_IMAGES).is_dir():
+        return root / "data" / STAND_IN_IMAGES
+    from .artefacts import tclab_home
+    from .shapes import ShapesConfig, write_shapes_dataset
+
+    out = tclab_home() / "data" / STAND_IN_IMAGES
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        write_shapes_dataset(tmp, ShapesConfig(**STAND_IN_SPEC))
+        tmp.replace(out)
+    return out
+
+
+def resolve_images(images: str | os.PathLike) -> Path:
+    """An image-folder parameter: the built-in ``"shapes"`` or a path (see :func:`resolve_path`)."""
+    if isinstance(images, str) and images == STAND_IN_IMAGES:
+        return stand_in_images()
+    return resolve_path(images, what="image folder")
