@@ -27,6 +27,11 @@ Two extractors ship:
     trained on your reference set with ``tclab train-classifier``). Needs no download and suits
     small in-house images; **not** comparable to published FID.
 
+The feature dimension D also sets how many images FID needs: at least D + 1 in each set, so the
+sample covariance can be full rank (129 for ClassifierFeatures, 2049 for InceptionV3); below that
+``tclab.metrics.distribution_quality`` reports FID as not computed, with the reason (see
+``tclab.metrics.fid_min_images``), and KID, which has no such floor, with its std over subsets.
+
 Write your own by subclassing :class:`FeatureExtractor` and implementing ``_features``.
 """
 

@@ -177,6 +177,18 @@ def paired_quality(test: torch.Tensor, reference: torch.Tensor, *, lpips_model=N
 # set, in the feature space of one extractor (``tclab.features``). Their value depends on that
 # extractor, on the number of images (FID is biased upwards at small N, KID is not) and on the
 # reference set, so ``distribution_quality`` records all three next to the numbers.
+#
+# The floor. FID summarises each set by its sample covariance: a (D, D) matrix estimated from N
+# feature vectors with their mean removed, so its rank is at most N - 1. It can be full rank (every
+# direction of feature space estimated) only from N >= D + 1; below that the matrix square root in
+# the Frechet distance is taken of a singular product and the value leans on the eps added to the
+# diagonals, not on the images (6 images in 128-d features gave "751 against 738": numbers that
+# mean nothing). So ``distribution_quality`` reports FID only when *both* sets hold at least
+# ``fid_min_images(D) = D + 1`` images (129 for the 128-d classifier features, 2049 for Inception)
+# and otherwise gives None with the reason "not computed: N images, needs at least M". D + 1 is
+# the floor, not a guarantee: above it FID is still biased upwards at small N, so compare FIDs only
+# at equal N (papers use 50,000). KID has no such floor (its unbiased estimate needs 2 images per
+# subset) and carries its spread over subsets, ``kid_std``.
 
 import warnings  # noqa: E402 - kept with the section that uses them
 
@@ -246,13 +258,47 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2, eps: float = 1e-6
     return 0.0 if -1e-9 * scale < d2 < 0 else d2
 
 
+#: The rule ``fid_min_images`` applies, in words, for code docs, messages and summaries.
+FID_FLOOR_RULE = ("FID needs at least feature dimension + 1 images in each set: the sample covariance of N "
+                  "D-dimensional features has rank at most N - 1, so it can be full rank only from N = D + 1")
+
+
+def fid_min_images(feature_dim: int) -> int:
+    """The fewest images, in each of the two sets, for which FID is reported: ``feature_dim + 1``.
+
+    The N - 1 sample covariance of N vectors in D dimensions has rank at most N - 1; it can be
+    full rank only from N = D + 1 (see :data:`FID_FLOOR_RULE` and the section comment above).
+    129 for the 128-d ``ClassifierFeatures``, 2049 for the 2048-d InceptionV3 pool features.
+    """
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, (int, np.integer)) or feature_dim < 1:
+        raise ValueError(f"feature_dim must be a positive integer (the D of (N, D) features), got {feature_dim!r}")
+    return int(feature_dim) + 1
+
+
+def fid_floor_reason(n_images: int, n_reference: int, feature_dim: int) -> str | None:
+    """Why FID is not computed for these set sizes, or None when both reach :func:`fid_min_images`.
+
+    The reason starts "not computed: N images, needs at least M" (or "N reference images") and
+    says the rule and what to do, so a report can print it where the number would be.
+    """
+    need = fid_min_images(feature_dim)
+    short = [f"{n} {what}" for n, what in ((n_images, "images"), (n_reference, "reference images")) if n < need]
+    if not short:
+        return None
+    return (f"not computed: {' and '.join(short)}, needs at least {need} ({need - 1}-d features: FID needs "
+            f"feature dimension + 1 = {need} images per set for a full-rank covariance). Use at least {need} "
+            "images, or read KID, which has no such floor")
+
+
 def frechet_distance(feats_a, feats_b) -> float:
     """FID when the features are InceptionV3's: the Frechet distance of two ``(N, D)`` feature sets.
 
     Each set is summarised by its mean and covariance (:func:`feature_statistics`); see
     :func:`frechet_distance_from_statistics` for the formula and its numerical guards. With fewer
     vectors than dimensions the covariances are singular and the value leans on ``eps``: use many
-    more images than ``D`` (2048 for Inception, 128 for the small classifier).
+    more images than ``D`` (2048 for Inception, 128 for the small classifier). This low-level
+    function computes it anyway; :func:`distribution_quality`, which feeds reports, refuses below
+    :func:`fid_min_images` (``D + 1`` per set).
     """
     return frechet_distance_from_statistics(*feature_statistics(feats_a), *feature_statistics(feats_b))
 
@@ -267,7 +313,9 @@ def kernel_inception_distance(feats_a, feats_b, subsets: int = 100, subset_size:
         MMD^2 = mean_{i != j} k(a_i, a_j) + mean_{i != j} k(b_i, b_j) - 2 mean_{i, j} k(a_i, b_j).
 
     Returns ``{"mean", "std", "subsets", "subset_size"}``: mean and population std over the rounds
-    (the std is the spread of the estimate, as torchmetrics and torch-fidelity report it).
+    (the std is the spread of the estimate, as torchmetrics and torch-fidelity report it; it shrinks
+    as ``subset_size`` grows, and when ``subset_size`` is a whole set it reflects only which images
+    of the other set were drawn).
     ``subset_size`` is capped at the smaller set's size, and the cap is returned. Unbiased, so a
     set against itself is 0 up to noise (small negative values happen) and, unlike FID, the
     expected value does not depend on N: KID is the fairer number for small sets.
@@ -302,11 +350,14 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
         extractor: a ``tclab.features.FeatureExtractor``: ``InceptionV3Features(weights)`` for the
             published feature space, ``ClassifierFeatures()`` for an offline, relative one.
 
-    Returns ``fid``, ``kid_mean``, ``kid_std``, the KID subset settings, ``n_images``,
-    ``n_reference``, ``feature_dim``, ``extractor`` (its name), ``comparable_to_published`` (the
-    extractor's flag: is this the feature space papers use?), ``extractor_identity`` (weights and
-    hash) and a ``note`` saying what the number can be compared with. Even in Inception space a
-    paper's FID is FID-50k against its own reference batch: compare only at equal N and reference.
+    Returns ``fid`` (None below the floor), ``fid_reason`` (None when FID was computed, else
+    "not computed: N images, needs at least M ..."), ``fid_min_images`` (the floor,
+    :func:`fid_min_images`: feature dimension + 1 per set), ``kid_mean``, ``kid_std`` (over the
+    subsets), the KID subset settings, ``n_images``, ``n_reference``, ``feature_dim``, ``extractor``
+    (its name), ``comparable_to_published`` (the extractor's flag: is this the feature space papers
+    use?), ``extractor_identity`` (weights and hash) and a ``note`` saying what the numbers can be
+    compared with. Even in Inception space a paper's FID is FID-50k against its own reference
+    batch: compare only at equal N and reference.
     """
     feats = extractor(images)
     ref = reference_images
@@ -325,7 +376,11 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
     else:
         note = (f"published FIDs are FID-50k against the paper's reference batch (ADM evaluator); this is "
                 f"FID-{len(feats)} against {len(ref_feats)} reference images: compare only at equal N and reference")
-    return {"fid": frechet_distance(feats, ref_feats), "kid_mean": kid["mean"], "kid_std": kid["std"],
+    dim = int(feats.shape[1])
+    reason = fid_floor_reason(len(feats), len(ref_feats), dim)
+    fid = None if reason is not None else frechet_distance(feats, ref_feats)
+    return {"fid": fid, "fid_reason": reason, "fid_min_images": fid_min_images(dim),
+            "kid_mean": kid["mean"], "kid_std": kid["std"],
             "kid_subsets": kid["subsets"], "kid_subset_size": kid["subset_size"], "n_images": len(feats),
             "n_reference": len(ref_feats), "feature_dim": int(feats.shape[1]), "extractor": extractor.name,
             "comparable_to_published": comparable, "extractor_identity": extractor.identity(), "note": note}

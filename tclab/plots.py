@@ -388,6 +388,23 @@ def curve_colors(frame) -> dict[str, object]:
     return out
 
 
+def distribution_caption(frame) -> str | None:
+    """What an FID/KID figure must state: N, the reference N and the feature extractor, e.g.
+    "N = 256 images per point vs 300 reference; features: tclab-smallcnn-shipped (...); KID +- std over 100
+    subsets of 256", plus why FID is missing where it was not computed. None when the sweep has no FID/KID."""
+    if "fid_n" not in frame or not frame["fid_n"].notna().any():
+        return None
+    row = frame[frame["fid_n"].notna()].iloc[0]
+    ns = sorted({int(n) for n in frame["fid_n"].dropna()})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    text = (f"N = {n} images per point vs {int(row['fid_n_reference'])} reference; features: {row['fid_extractor']}; "
+            f"KID +- std over {int(row['kid_subsets'])} subsets of {int(row['kid_subset_size'])}")
+    reasons = frame["fid_reason"].fillna("").astype(str) if "fid_reason" in frame else None
+    if reasons is not None and (reasons != "").any():
+        text += "\nFID " + reasons[reasons != ""].iloc[0].split(" (", 1)[0]
+    return text
+
+
 def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: float | None = None, ax=None,
                 title: str | None = None, legend: bool = True, colors: Mapping[str, object] | None = None):
     """Quality against cost for every point of a sweep (``tclab.ablation.run_sweep(...).frame``).
@@ -426,6 +443,9 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
                 ls="-" if fam == "ablation" else ":", alpha=0.9)
         ax.scatter(sub[cost], sub[quality], marker=_FAMILY_MARKER.get(fam, "o"), color=col,
                    s=36 if fam == "ablation" else 48, label=curve, alpha=0.9, zorder=3)
+        if quality == "kid" and "kid_std" in sub:   # KID's spread over its subsets
+            ax.errorbar(sub[cost], sub[quality], yerr=sub["kid_std"].to_numpy(float), fmt="none", ecolor=col,
+                        elinewidth=0.8, alpha=0.6, zorder=2)
     front = pareto_front(frame, cost, quality)
     fr = frame[front].sort_values(cost)
     if len(fr):
@@ -444,6 +464,9 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     ax.set_xlabel(COST_LABELS.get(cost, cost) + "  (lower = cheaper)")
     arrow = "higher = better" if HIGHER_IS_BETTER.get(quality, True) else "lower = better"
     ax.set_ylabel(f"{QUALITY_LABELS.get(quality, quality)}  ({arrow})")
+    caption = distribution_caption(frame) if quality in ("fid", "kid") else None
+    if caption:   # every distribution figure states N and the feature extractor
+        ax.annotate(caption, (0.01, 0.01), xycoords="axes fraction", va="bottom", fontsize=6, color="gray")
     if capped:
         ax.annotate(f"points on the top line: >= {PSNR_DISPLAY_CAP:g} dB (output ~identical to full compute)",
                     (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=7, color="gray")
@@ -463,8 +486,11 @@ def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str
     requested = list(qualities)
     qualities = [q for q in qualities if q in frame and frame[q].notna().any()]
     if not qualities:
+        why = ""
+        if "fid" in requested and "fid_reason" in frame and (frame["fid_reason"].fillna("") != "").any():
+            why = f"; FID {frame.loc[frame['fid_reason'].fillna('') != '', 'fid_reason'].iloc[0]}"
         raise ValueError(f"none of the quality columns {requested} was measured in this sweep (class-consistency "
-                         "needs a classifier, FID/KID an extractor and reference images in run_sweep)")
+                         f"needs a classifier, FID/KID an extractor and reference images in run_sweep){why}")
     fig, axes = plt.subplots(len(qualities), 2, figsize=(13, 4.4 * len(qualities)), squeeze=False,
                              layout="constrained")
     colors = curve_colors(frame)

@@ -74,7 +74,8 @@ __all__ = [
     "RUN_DIR_PARAMETER", "STAGING_DIRNAME", "FAILED_SUFFIX", "REPORT_NAME",
     "ParameterError", "RunFailedError", "RunContext", "RunInfo",
     "notebook_parameters", "validate_parameters", "parse_parameter_value", "load_parameters",
-    "parameters_hash", "run_notebook", "open_run", "provenance", "environment", "git_state",
+    "parameters_hash", "resolve_notebook", "resolve_params_file", "project_notebooks_dir", "PROJECT_ROOT",
+    "run_notebook", "open_run", "provenance", "environment", "git_state",
     "list_runs", "write_index", "render_html",
 ]
 
@@ -246,6 +247,136 @@ def load_parameters(param_file: str | os.PathLike | None = None,
     for name, text in overrides:
         merged[name] = parse_parameter_value(text)
     return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook and parameter-file names as a user types them
+# --------------------------------------------------------------------------------------------
+
+#: The project's root in a source checkout (``pip install -e .``): the folder holding the ``tclab``
+#: package, where ``notebooks/`` (and ``notebooks/params/``) live.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIRNAME = "notebooks"
+PARAMS_DIRNAME = "params"
+
+
+def project_notebooks_dir() -> Path:
+    """``notebooks/`` of the project this tclab was imported from (it need not exist)."""
+    return PROJECT_ROOT / NOTEBOOKS_DIRNAME
+
+
+def _notebook_number(stem: str) -> str | None:
+    head = stem.split("_", 1)[0]
+    return head if head.isdigit() else None
+
+
+def _list_names(paths: Iterable[Path]) -> str:
+    names = [p.stem for p in paths]
+    return ", ".join(names) if names else "(none)"
+
+
+def resolve_notebook(name: str | os.PathLike, *, cwd: str | os.PathLike | None = None,
+                     notebooks_dir: str | os.PathLike | None = None) -> Path:
+    """The notebook ``name`` means, as an absolute path; ``tclab run NAME`` calls this.
+
+    In order, the first that exists wins:
+
+    1. ``name`` as a path relative to ``cwd`` (default: the working directory), or absolute:
+       a file the user points at is always the one run.
+    2. A relative path with a folder part (``notebooks/01_token_redundancy.ipynb``) relative to the
+       project root, so the README's commands work from any working directory.
+    3. A bare name, looked up in ``notebooks_dir`` (default: the project's ``notebooks/``, found
+       from where this package is installed): the file name (``01_token_redundancy.ipynb``), its
+       stem (``01_token_redundancy``), its number (``01`` or ``1``), or a prefix of the stem that
+       names one notebook (``01_token``).
+
+    Raises ``FileNotFoundError`` saying where it looked and listing the notebooks that exist (with
+    close matches first) when nothing matches, or the candidates when a name is ambiguous.
+    """
+    text = os.fspath(name).strip()
+    if not text:
+        raise FileNotFoundError("no notebook given; name one of the project's notebooks "
+                                f"({_list_names(sorted(project_notebooks_dir().glob('*.ipynb')))}) or give a path")
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    folder = Path(notebooks_dir) if notebooks_dir is not None else project_notebooks_dir()
+    typed = Path(text).expanduser()
+    direct = typed if typed.is_absolute() else here / typed
+    if direct.is_file():
+        return direct.resolve()
+    if direct.is_dir():
+        raise FileNotFoundError(f"notebook {text!r} is a folder ({direct.resolve()}); give an .ipynb file in it "
+                                f"({_list_names(sorted(direct.glob('*.ipynb')))})")
+    available = sorted(folder.glob("*.ipynb")) if folder.is_dir() else []
+    looked = [str(direct.resolve())]
+    if not typed.is_absolute() and len(typed.parts) > 1:
+        at_root = PROJECT_ROOT / typed
+        if at_root.is_file():
+            return at_root.resolve()
+        looked.append(str(at_root))
+    elif not typed.is_absolute():
+        stem = text[:-len(".ipynb")] if text.lower().endswith(".ipynb") else text
+        key = stem.lower()
+        matches = [p for p in available if p.stem.lower() == key]
+        if not matches and stem.isdigit():
+            matches = [p for p in available if _notebook_number(p.stem) is not None
+                       and int(_notebook_number(p.stem)) == int(stem)]
+        if not matches:
+            matches = [p for p in available if p.stem.lower().startswith(key)]
+        if len(matches) == 1:
+            return matches[0].resolve()
+        if len(matches) > 1:
+            raise FileNotFoundError(f"notebook {text!r} is ambiguous: it matches {_list_names(matches)} in "
+                                    f"{folder}; give more of the name, e.g. {matches[0].stem}")
+        looked.append(f"{folder}{os.sep}{stem}*.ipynb")
+    if not folder.is_dir():
+        where = (f"there is no notebooks folder at {folder} (tclab is imported from {PROJECT_ROOT}, which is not "
+                 "a source checkout): give the path to the .ipynb")
+    else:
+        close = difflib.get_close_matches(Path(text).stem, [p.stem for p in available], n=3, cutoff=0.4)
+        hint = f"Did you mean {' or '.join(close)}? " if close else ""
+        where = (f"{hint}The notebooks in {folder} are: {_list_names(available)}. Name one by its number "
+                 "(tclab run 01), its name (tclab run 01_token_redundancy) or give a path to an .ipynb file")
+    raise FileNotFoundError(f"notebook {text!r} not found: looked at {' and '.join(looked)}. {where}")
+
+
+def resolve_params_file(name: str | os.PathLike, notebook: str | os.PathLike, *,
+                        cwd: str | os.PathLike | None = None) -> Path:
+    """The parameter file ``tclab run NOTEBOOK -f NAME`` means, as an absolute path.
+
+    ``NAME`` as a path relative to ``cwd`` (or absolute) wins if it exists; a relative path with a
+    folder part is then tried relative to the project root (``-f notebooks/params/01_smoke.yaml``
+    from anywhere). A bare name is a preset in the notebook's ``params/`` folder (next to the
+    notebook): ``smoke`` or ``01_smoke`` (with or without ``.yaml``) both mean
+    ``notebooks/params/01_smoke.yaml`` for notebook 01. Raises :class:`ParameterError` saying where
+    it looked and listing the notebook's presets.
+    """
+    text = os.fspath(name).strip()
+    nb = Path(notebook)
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    params_dir = nb.resolve().parent / PARAMS_DIRNAME
+    number = _notebook_number(nb.stem)
+    typed = Path(text).expanduser()
+    direct = typed if typed.is_absolute() else here / typed
+    if direct.is_file():
+        return direct.resolve()
+    looked = [str(direct.resolve())]
+    if text and not typed.is_absolute() and len(typed.parts) > 1:
+        at_root = PROJECT_ROOT / typed
+        if at_root.is_file():
+            return at_root.resolve()
+        looked.append(str(at_root))
+    elif text and not typed.is_absolute():
+        stem = re.sub(r"\.ya?ml$", "", text, flags=re.IGNORECASE)
+        names = [stem] + ([f"{number}_{stem}"] if number and not stem.startswith(f"{number}_") else [])
+        for n in names:
+            for ext in (".yaml", ".yml"):
+                if (params_dir / (n + ext)).is_file():
+                    return (params_dir / (n + ext)).resolve()
+        looked.append(" or ".join(str(params_dir / (n + ".yaml")) for n in names))
+    own = sorted(params_dir.glob(f"{number}_*.y*ml")) if number and params_dir.is_dir() else []
+    presets = ", ".join(f"{p.stem[len(number) + 1:]} ({p.name})" for p in own) if own else "(none)"
+    raise ParameterError(f"parameter file {text!r} not found: looked at {' and '.join(looked)}. Presets of "
+                         f"{nb.stem} in {params_dir}: {presets}; give one by name (-f smoke) or a path to a YAML file")
 
 
 def _plain(value: Any) -> Any:
@@ -550,24 +681,29 @@ def _unique_path(p: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _kernel_imports_this_tclab() -> Iterator[None]:
-    """Let the kernel import the same tclab as this process, even if tclab is not installed.
+def _kernel_imports_this_tclab(caller_cwd: str | os.PathLike | None = None) -> Iterator[None]:
+    """Let the kernel import the same tclab as this process, and read relative paths as the caller meant.
 
     The kernel is a separate process started with a copy of ``os.environ`` and its working
     directory set to the notebook's folder, so a source checkout on ``sys.path`` here is invisible
-    there. Prepending the checkout to PYTHONPATH while the kernel starts fixes that; the variable
-    is restored afterwards so nothing leaks into the caller.
+    there. Prepending the checkout to PYTHONPATH while the kernel starts fixes that. The caller's
+    folder goes to ``$TCLAB_CALLER_CWD`` (``tclab.paths``), so ``-p images data/set`` means what it
+    means in the caller's shell. Both variables are restored afterwards so nothing leaks.
     """
+    from .paths import CALLER_CWD_ENV
+
     root = str(Path(__file__).resolve().parent.parent)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = root if not old else root + os.pathsep + old
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", CALLER_CWD_ENV)}
+    os.environ["PYTHONPATH"] = root if not old["PYTHONPATH"] else root + os.pathsep + old["PYTHONPATH"]
+    os.environ[CALLER_CWD_ENV] = str(Path(caller_cwd or os.getcwd()).resolve())
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _error_text(exc: BaseException) -> str:
@@ -612,8 +748,15 @@ def render_html(executed: str | os.PathLike, out: str | os.PathLike, title: str 
 
 def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None,
                  reports_dir: str | os.PathLike | None = None, tag: str | None = None, *,
-                 kernel_name: str | None = None, progress_bar: bool = True) -> Path:
+                 kernel_name: str | None = None, progress_bar: bool = True,
+                 caller_cwd: str | os.PathLike | None = None) -> Path:
     """Execute ``notebook`` with ``params`` into a new run folder; return the folder's path.
+
+    Relative paths among ``params`` are read from ``caller_cwd`` (default: the working directory),
+    not from the notebook's folder (``tclab.paths``); a jobs file passes its own folder.
+
+    ``notebook`` is a path, or a name the project's ``notebooks/`` folder resolves (``"01"``,
+    ``"01_token_redundancy"``; see :func:`resolve_notebook`).
 
     Steps: read the notebook's parameters cell and refuse unknown names (nothing is created if
     that fails); build ``<reports>/.staging/<UTC time>_<stem>_<tag>/`` with params.yaml (defaults
@@ -634,7 +777,7 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     """
     import papermill as pm
 
-    notebook = Path(notebook)
+    notebook = resolve_notebook(notebook)   # a path, or a name/number of the project's notebooks
     params = dict(params or {})
     defaults = notebook_parameters(notebook)
     validate_parameters(params, defaults, notebook=f"notebook {str(notebook)!r}")
@@ -666,7 +809,7 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
 
     error: BaseException | None = None
     try:
-        with _kernel_imports_this_tclab():
+        with _kernel_imports_this_tclab(caller_cwd):
             pm.execute_notebook(str(notebook), str(executed), parameters={**params, RUN_DIR_PARAMETER: str(staging)},
                                 kernel_name=kernel_name, progress_bar=progress_bar, cwd=str(notebook.resolve().parent))
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed

@@ -141,7 +141,11 @@ def test_notebook_05_summary_numbers(run05, weights_sha):
     assert head["worst_psnr"] <= head["psnr"]
     for k in ("class_consistency_full", "class_consistency_cached"):
         assert 0 <= head[k] <= 1 and head[k] * 3 == pytest.approx(round(head[k] * 3))  # k of 3 images
-    assert head["fid_full"] >= 0 and head["fid_cached"] >= 0 and head["fid_comparable_to_published"] is False
+    # 3 images in 128-d features are below the FID floor (129): no number, the reason instead; KID and its std stay
+    assert head["fid_full"] is None and head["fid_cached"] is None and head["fid_comparable_to_published"] is False
+    assert head["fid_reason"] == "not computed: 3 images, needs at least 129"
+    assert (head["fid_n"], head["fid_n_reference"]) == (3, 300) and head["kid_std_cached"] >= 0
+    assert "not computed: 3 images, needs at least 129" in (folder / runs.REPORT_NAME).read_text()
     assert "NOT comparable to published FID" in s["details"]["measurement"]["fid_extractor"]
     assert s["details"]["redundancy"]["record"]["steps"] == 3  # SDEdit: the last round(5 * 0.6) steps
     assert set(s["figures"]) >= {f"{n}.png" for n in FIGURES}

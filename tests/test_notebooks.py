@@ -82,8 +82,24 @@ def test_smoke_preset_equals_the_notebook_defaults(path):
 
 @pytest.fixture(scope="module")
 def run01(tmp_path_factory):
-    reports = tmp_path_factory.mktemp("reports")
-    return runs.run_notebook(NB01, TINY, reports_dir=reports, tag="test", progress_bar=False)
+    """Notebook 01 run as a user types it, `tclab run 01 -f smoke -p ...`, from a folder that is not the
+    project: the bare number and preset name resolve against the project's notebooks/ folder."""
+    import contextlib
+    import io
+
+    from tclab import cli
+
+    reports, elsewhere = tmp_path_factory.mktemp("reports"), tmp_path_factory.mktemp("elsewhere")
+    args = ["run", "01", "-f", "smoke", *[a for k, v in TINY.items() for a in ("-p", k, str(v))],
+            "--reports", str(reports), "--tag", "test"]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.chdir(elsewhere)
+        rc = cli.main(args)
+    lines = out.getvalue().strip().splitlines()
+    assert rc == 0 and lines, f"tclab {' '.join(args)} exited {rc}: {lines}"
+    assert not any(elsewhere.iterdir())                        # nothing written where it was called from
+    return Path(lines[-1])
 
 
 def test_notebook_01_writes_a_complete_run_folder(run01):

@@ -11,8 +11,9 @@ import torch
 from tclab.data import load_image_folder
 from tclab.features import (ClassifierFeatures, FeatureExtractor, FIDInceptionV3, InceptionV3Features,
                             load_inception_weights)
-from tclab.metrics import (distribution_quality, export_adm_npz, feature_statistics, frechet_distance,
-                           frechet_distance_from_statistics, kernel_inception_distance)
+from tclab.metrics import (FID_FLOOR_RULE, distribution_quality, export_adm_npz, feature_statistics,
+                           fid_floor_reason, fid_min_images, frechet_distance, frechet_distance_from_statistics,
+                           kernel_inception_distance)
 
 SHAPES = Path(__file__).resolve().parents[1] / "data" / "shapes"
 
@@ -194,3 +195,123 @@ def test_inception_features_load_local_weights_and_give_2048_dims(tmp_path):
     np.testing.assert_allclose(f_pth, f_st)
     ext = InceptionV3Features(tmp_path / "w.pth")
     assert ext.comparable_to_published is True and ext.identity()["weights_sha256"]
+
+
+# ---- the FID floor, KID's spread, and how sweeps and reports carry them -----------------------------
+
+class FirstPixels(FeatureExtractor):
+    """Features = the first ``dim`` values of each image: a D you choose, so the floor is known."""
+
+    def __init__(self, dim: int):
+        self.dim, self.name = dim, f"first-{dim}-pixels"
+
+    def _features(self, batch):
+        return batch.flatten(1)[:, : self.dim]                      # (B, dim)
+
+
+def test_the_fid_floor_is_the_feature_dimension_plus_one():
+    # the N - 1 sample covariance of N vectors has rank <= N - 1: full rank in D dims needs N >= D + 1
+    assert fid_min_images(128) == 129 and fid_min_images(2048) == 2049 and fid_min_images(1) == 2
+    assert "feature dimension + 1" in FID_FLOOR_RULE
+    f = np.random.default_rng(0).normal(size=(9, 8))
+    assert np.linalg.matrix_rank(np.cov(f[:8], rowvar=False)) == 7            # N = D: singular
+    assert np.linalg.matrix_rank(np.cov(f, rowvar=False)) == 8                # N = D + 1: full rank
+    assert fid_floor_reason(129, 129, 128) is None
+    assert fid_floor_reason(128, 500, 128).startswith("not computed: 128 images, needs at least 129")
+    assert fid_floor_reason(500, 40, 128).startswith("not computed: 40 reference images, needs at least 129")
+    assert fid_floor_reason(6, 40, 128).startswith("not computed: 6 images and 40 reference images, needs at least 129")
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="positive integer"):
+            fid_min_images(bad)
+
+
+def test_distribution_quality_below_the_floor_gives_none_with_the_reason():
+    torch.manual_seed(0)
+    ref = np.random.default_rng(0).normal(size=(50, 4))              # (M, D) precomputed, D = 4: floor 5
+    q = distribution_quality(torch.randn(4, 3, 2, 2), ref, FirstPixels(4), kid_subsets=10)
+    assert q["fid"] is None and q["fid_min_images"] == 5
+    assert q["fid_reason"].startswith("not computed: 4 images, needs at least 5")
+    assert "feature dimension + 1" in q["fid_reason"]
+    assert (q["n_images"], q["n_reference"], q["feature_dim"], q["extractor"]) == (4, 50, 4, "first-4-pixels")
+    assert np.isfinite(q["kid_mean"]) and q["kid_std"] >= 0                   # KID has no such floor
+
+    at_floor = distribution_quality(torch.randn(5, 3, 2, 2), ref, FirstPixels(4), kid_subsets=10)
+    assert at_floor["fid_reason"] is None
+    assert isinstance(at_floor["fid"], float) and np.isfinite(at_floor["fid"]) and at_floor["fid"] >= 0
+
+    small_ref = distribution_quality(torch.randn(20, 3, 2, 2), ref[:3], FirstPixels(4), kid_subsets=10)
+    assert small_ref["fid"] is None and small_ref["fid_reason"].startswith("not computed: 3 reference images")
+
+
+def test_kid_std_over_two_subsets_matches_a_hand_computation():
+    # a = {0, 1} (always the whole set), b = {1, 2, 2}, m = 2, D = 1, k(x, y) = (xy + 1)^3.
+    # b-subset {1, 2}: MMD^2 = k(0,1) + k(1,2) - 2 (1 + 1 + 8 + 27) / 4 = 1 + 27 - 18.5 = 9.5
+    # b-subset {2, 2}: MMD^2 = k(0,1) + k(2,2) - 2 (1 + 1 + 27 + 27) / 4 = 1 + 125 - 28 = 98
+    # over 2 subsets: (mean, population std) is (9.5, 0), (98, 0) or, one of each, (53.75, 44.25)
+    a, b = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0], [2.0]])
+    outcomes = {(9.5, 0.0), (98.0, 0.0), (53.75, 44.25)}
+    got = [kernel_inception_distance(a, b, subsets=2, subset_size=2, seed=s) for s in range(12)]
+    assert all((round(r["mean"], 9), round(r["std"], 9)) in outcomes for r in got), got
+    assert any(r["std"] == pytest.approx(44.25) and r["mean"] == pytest.approx(53.75) for r in got)
+
+
+def test_kid_std_is_non_negative_and_shrinks_with_larger_subsets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1000, 8)), rng.normal(size=(1000, 8)) + 0.3
+    small = kernel_inception_distance(a, b, subsets=30, subset_size=20, seed=0)
+    large = kernel_inception_distance(a, b, subsets=30, subset_size=500, seed=0)
+    assert 0 <= large["std"] and large["std"] * 2 < small["std"], (small, large)
+
+
+@pytest.fixture(scope="module")
+def sweep_below_the_floor():
+    """A sweep on the tiny DiT with 3 samples and 4-d features (floor 5): FID refused, KID measured."""
+    from conftest import tiny_transformer
+    from tclab import ablation as A
+    from tclab.models import LoadedDiT, PixelSpaceVAE, default_scheduler_config
+
+    model = LoadedDiT(name="tiny-pixel", transformer=tiny_transformer(3, 3), vae=PixelSpaceVAE(),
+                      scheduler_config=default_scheduler_config(), trained=False, source="test",
+                      class_names=["a", "b", "c"])
+    settings = A.SweepSettings(num_steps=4, quality_samples=3, timing_batch=1, timing_repeats=1, guidance_scale=2.0)
+    variants = A.reference_variants(4, fora_intervals=[2], fewer_steps=[], peers=[])
+    torch.manual_seed(0)
+    return A.run_sweep(model, variants, settings, extractor=FirstPixels(4), reference_images=torch.rand(40, 3, 8, 8),
+                       progress=False)
+
+
+def test_sweep_frame_and_table_say_fid_was_not_computed(sweep_below_the_floor):
+    from tclab import ablation as A
+
+    f = sweep_below_the_floor.frame
+    assert len(f) == 2 and (f["error"] == "").all()
+    assert f["fid"].isna().all()                                     # NaN, never a fake number
+    assert f["fid_reason"].str.startswith("not computed: 3 images, needs at least 5").all()
+    assert (f["fid_n"] == 3).all() and (f["fid_n_reference"] == 40).all() and (f["fid_min_images"] == 5).all()
+    assert (f["fid_extractor"] == "first-4-pixels").all()
+    assert np.isfinite(f["kid"]).all() and (f["kid_std"] >= 0).all() and (f["kid_subset_size"] == 3).all()
+    t = A.table(f)
+    assert t["fid"].tolist() == ["not computed: 3 images, needs at least 5"] * 2
+    assert "kid_std" in t and (t["fid_n"] == 3).all()
+    points = A.summarise_sweep(sweep_below_the_floor, budget=0.9, reductions=(1.5,))["points"]
+    assert all(p["fid"] is None and p["fid_reason"].startswith("not computed") for p in points)
+
+
+def test_distribution_figures_state_n_and_the_feature_extractor(sweep_below_the_floor):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tclab import plots
+
+    f = sweep_below_the_floor.frame
+    caption = plots.distribution_caption(f)
+    assert "N = 3 images per point vs 40 reference" in caption and "features: first-4-pixels" in caption
+    assert "FID not computed: 3 images, needs at least 5" in caption
+    fig = plots.plot_pareto(f, "flop_ratio", "kid")
+    assert any(caption == t.get_text() for t in fig.axes[0].texts)
+    plt.close(fig)
+    assert plots.distribution_caption(f.drop(columns=["fid_n"])) is None      # a sweep without FID/KID
+    with pytest.raises(ValueError, match="FID not computed: 3 images, needs at least 5"):
+        plots.plot_pareto_grid(f, qualities=("fid",))

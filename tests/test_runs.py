@@ -321,3 +321,115 @@ def test_open_run_managed_needs_an_existing_folder(tmp_path):
         runs.open_run(tmp_path / "nope")
     run = runs.open_run(str(tmp_path))
     assert run.managed and run.dir == tmp_path
+
+
+# ---- notebook and preset names as a user types them (no kernel) ----------------------------------
+
+PROJECT = Path(__file__).resolve().parents[1]
+NB01 = PROJECT / "notebooks" / "01_token_redundancy.ipynb"
+
+
+@pytest.mark.parametrize("typed", ["01", "1", "01_token_redundancy", "01_token_redundancy.ipynb", "01_token",
+                                   "notebooks/01_token_redundancy.ipynb", str(NB01)])
+def test_a_notebook_is_found_by_number_name_file_name_or_path_from_any_folder(typed, tmp_path):
+    # tmp_path is not the project: bare names are looked up in the project's notebooks/, found from the package
+    assert runs.resolve_notebook(typed, cwd=tmp_path) == NB01.resolve()
+
+
+def test_a_path_that_exists_from_the_working_directory_wins(tmp_path):
+    mine = write_notebook(tmp_path / "01_token_redundancy.ipynb")
+    assert runs.resolve_notebook("01_token_redundancy.ipynb", cwd=tmp_path) == mine.resolve()
+    assert runs.resolve_notebook("01", cwd=tmp_path) == NB01.resolve()    # "01" is no file here: the project's
+    (tmp_path / "sub").mkdir()
+    assert runs.resolve_notebook("../01_token_redundancy.ipynb", cwd=tmp_path / "sub") == mine.resolve()
+
+
+def test_an_unknown_notebook_lists_the_notebooks_that_exist(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        runs.resolve_notebook("07", cwd=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("notebook '07' not found: looked at ") and str(tmp_path / "07") in msg
+    assert all(p.stem in msg for p in (PROJECT / "notebooks").glob("*.ipynb"))
+    assert "tclab run 01" in msg
+    with pytest.raises(FileNotFoundError, match="Did you mean 05_inhouse_report"):
+        runs.resolve_notebook("inhouse_report", cwd=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"looked at .*elsewhere/x\.ipynb"):
+        runs.resolve_notebook("elsewhere/x.ipynb", cwd=tmp_path)   # a path with a folder is never matched by name
+
+
+def test_names_resolve_in_a_given_notebooks_folder_and_ambiguity_is_refused(tmp_path):
+    folder = tmp_path / "nbs"
+    for name in ("01_alpha", "02_beta", "12_gamma", "12_delta"):
+        write_notebook(folder / f"{name}.ipynb")
+    find = lambda n: runs.resolve_notebook(n, cwd=tmp_path, notebooks_dir=folder).name  # noqa: E731
+    assert find("2") == find("02") == find("02_beta") == find("02_b") == "02_beta.ipynb"
+    assert find("01_ALPHA.ipynb") == "01_alpha.ipynb"           # case does not matter
+    with pytest.raises(FileNotFoundError, match="ambiguous: it matches 12_delta, 12_gamma"):
+        find("12")
+    with pytest.raises(FileNotFoundError, match="not found.*01_alpha, 02_beta, 12_delta, 12_gamma"):
+        find("3")
+    with pytest.raises(FileNotFoundError, match="no notebooks folder at"):
+        runs.resolve_notebook("01", cwd=tmp_path, notebooks_dir=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("typed", ["smoke", "smoke.yaml", "01_smoke", "01_smoke.yaml",
+                                   "notebooks/params/01_smoke.yaml", str(PROJECT / "notebooks/params/01_smoke.yaml")])
+def test_a_preset_is_found_by_name_or_path(typed, tmp_path):
+    assert runs.resolve_params_file(typed, NB01, cwd=tmp_path) == (PROJECT / "notebooks/params/01_smoke.yaml").resolve()
+
+
+def test_a_params_file_from_the_working_directory_wins_and_unknown_presets_are_listed(tmp_path):
+    (tmp_path / "smoke.yaml").write_text("num_steps: 3\n")
+    assert runs.resolve_params_file("smoke.yaml", NB01, cwd=tmp_path) == (tmp_path / "smoke.yaml").resolve()
+    assert runs.resolve_params_file("full", NB01, cwd=tmp_path).name == "01_full.yaml"
+    with pytest.raises(runs.ParameterError) as err:
+        runs.resolve_params_file("tiny", NB01, cwd=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("parameter file 'tiny' not found: looked at ")
+    assert "smoke (01_smoke.yaml)" in msg and "full (01_full.yaml)" in msg and "-f smoke" in msg
+    with pytest.raises(runs.ParameterError, match="notebooks/params/smoke.yaml"):
+        runs.resolve_params_file("notebooks/params/smoke.yaml", NB01, cwd=tmp_path)
+
+
+def test_cli_refuses_unknown_names_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, _ = cli_run("no_such_notebook", "--reports", str(tmp_path / "reports"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "notebook 'no_such_notebook' not found" in err and "01_token_redundancy" in err
+    rc, _ = cli_run("01", "-f", "nonsense", "--reports", str(tmp_path / "reports"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "parameter file 'nonsense' not found" in err and "smoke (01_smoke.yaml)" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def _help_texts(parser) -> list[str]:
+    import argparse
+
+    out = [parser.description or ""]
+    for action in parser._actions:
+        out.append(action.help or "")
+        if isinstance(action, argparse._SubParsersAction):
+            out += [c.help or "" for c in action._choices_actions]
+            for sub in action.choices.values():
+                out += _help_texts(sub)
+    return out
+
+
+# files the help cites although a fresh checkout lacks them, each with the command that writes it
+MADE_BY_A_COMMAND = {"data/shapes-train": "tclab make-images data/shapes-train"}
+
+
+def test_every_file_a_help_text_cites_exists():
+    import re
+
+    cited = []
+    for text in _help_texts(cli.build_parser()):
+        for path in re.findall(r"(?<![\w/$])(?:notebooks|data|jobs|tclab/weights|docs|benchmarks)/[\w./-]*\w", text):
+            if "<" in text[text.find(path):text.find(path) + len(path) + 1]:
+                continue   # a placeholder such as tclab/weights/<model>-...
+            cited.append(path)
+            if path in MADE_BY_A_COMMAND:
+                assert MADE_BY_A_COMMAND[path] in text, f"help cites {path} but not how to make it: {text!r}"
+            else:
+                assert (PROJECT / path).exists(), f"a help text cites {path}, which does not exist: {text!r}"
+    assert "notebooks/params/01_smoke.yaml" in cited and "jobs/example.yaml" in cited
