@@ -213,7 +213,7 @@ def measure_step_importance(model, settings: "SweepSettings", num_samples: int =
     from .analysis import per_step_mean_change
     from .record import record_token_changes
 
-    labels = balanced_labels(num_samples, model.num_classes)
+    labels = SweepSettings(**{**settings.__dict__, "quality_samples": num_samples}).quality_labels(model.num_classes)
     cfg = settings.sample_config(batch_size=num_samples)
     cfg = SampleConfig(**{**cfg.__dict__, "seed": settings.seed + 1})  # not the quality run's noise: no tuning on the test images
     with record_token_changes(model.transformer) as rec:
@@ -238,6 +238,8 @@ class SweepSettings:
             pairs are timed; the median of each is used.
         quality_batch: images per forward in the quality run.
         sdedit_strength: with ``init_images`` in :func:`run_sweep`: how far the images are noised.
+        classes: the model class ids the quality samples cycle over (e.g. the classes a team's folders
+            map to, ``tclab.labels.LabelMap.class_ids``); None = ``0..K-1`` over the model's classes.
     """
 
     num_steps: int = 50
@@ -249,13 +251,26 @@ class SweepSettings:
     timing_repeats: int = 2
     quality_batch: int = 64
     sdedit_strength: float = 0.6
+    classes: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.classes is not None:
+            if (not isinstance(self.classes, (list, tuple)) or not self.classes
+                    or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.classes)):
+                raise ValueError(f"classes must be a non-empty list of class ids (integers >= 0) or None, "
+                                 f"got {self.classes!r}")
+            self.classes = [int(c) for c in self.classes]
         for name in ("quality_samples", "timing_batch", "timing_repeats", "quality_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.sample_config()  # validates num_steps, scheduler
+
+    def quality_labels(self, num_classes: int) -> torch.Tensor:
+        """The class labels of the quality run: ``quality_samples`` cycling over ``classes`` (or all)."""
+        if self.classes is None:
+            return balanced_labels(self.quality_samples, num_classes)
+        return torch.tensor(self.classes, dtype=torch.long)[balanced_labels(self.quality_samples, len(self.classes))]
 
     def sample_config(self, num_steps: int | None = None, batch_size: int | None = None) -> SampleConfig:
         return SampleConfig(num_steps=num_steps or self.num_steps, scheduler=self.scheduler,
@@ -342,8 +357,12 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
 
     ``classifier`` (``tclab.classifier.ShapesClassifier``) adds class-consistency; ``lpips_model``
     (``tclab.lpips.load_lpips`` from local weights) adds paired LPIPS; ``extractor`` (a
-    ``tclab.features.FeatureExtractor``) with ``reference_images`` adds FID / KID against them
-    (labelled by ``fid_extractor`` / ``fid_comparable``). A variant that fails is kept as a row with
+    ``tclab.features.FeatureExtractor``) with ``reference_images`` adds FID / KID against them,
+    labelled by ``fid_extractor`` / ``fid_comparable`` (feature space), ``fid_n`` / ``fid_n_reference``
+    (the images in each set, for FID and KID alike), ``kid_std`` / ``kid_subsets`` /
+    ``kid_subset_size`` (KID's spread over its subsets) and ``fid_min_images``: below that floor
+    (feature dimension + 1 per set, ``tclab.metrics.fid_min_images``) ``fid`` is NaN and
+    ``fid_reason`` says "not computed: N images, needs at least M". A variant that fails is kept as a row with
     its ``error`` (never dropped); the others go on.
 
     Returns a :class:`SweepResult` whose ``frame`` has one row per variant: ``name, curve, family,
@@ -361,7 +380,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
                          "(full compute is always measured first, as the reference)")
     variants = [full_compute(), *[v for v in variants if v.name != FULL_COMPUTE]]
     _check_unique(variants)
-    if classifier is not None and list(classifier.class_names) != list(model.class_names):
+    if classifier is not None and classifier.class_ids is None and list(classifier.class_names) != list(model.class_names or []):
         raise ValueError(f"classifier classes {classifier.class_names} differ from the model's "
                          f"{model.class_names}; train the classifier on the model's image set")
     if (extractor is None) != (reference_images is None):
@@ -369,8 +388,9 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     if labels is None:
         if init_images is not None:
             raise ValueError("init_images need their class labels (one per image)")
-        labels = balanced_labels(settings.quality_samples, model.num_classes)
+        labels = settings.quality_labels(model.num_classes)
     labels = torch.as_tensor(labels)
+    known = classifier.knows(labels) if classifier is not None else None
     if init_images is not None and len(init_images) != len(labels):
         raise ValueError(f"{len(init_images)} init_images but {len(labels)} labels: give one label per image")
     t_labels = labels[: settings.timing_batch]
@@ -408,11 +428,19 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
                 from .lpips import lpips_distance
 
                 row["lpips"] = float(lpips_distance(imgs, full, lpips_model).mean())
-            if classifier is not None:
-                row["class_consistency"] = float((classifier.predict(imgs) == labels).float().mean())
+            if classifier is not None and bool(known.any()):  # only samples of classes it knows
+                hit = classifier.predict_ids(imgs[known]) == labels[known]
+                row["class_consistency"] = float(hit.float().mean())
+                row["class_consistency_n"] = int(known.sum())
             if extractor is not None:
                 dq = distribution_quality(imgs, ref_feats, extractor, kid_subset_size=min(1000, len(imgs)))
-                row["fid"], row["kid"] = dq["fid"], dq["kid_mean"]
+                # FID below its floor (feature dimension + 1 images per set) is NaN with the reason
+                row["fid"] = np.nan if dq["fid"] is None else dq["fid"]
+                row["fid_reason"] = dq["fid_reason"] or ""
+                row["kid"], row["kid_std"] = dq["kid_mean"], dq["kid_std"]
+                row["kid_subsets"], row["kid_subset_size"] = dq["kid_subsets"], dq["kid_subset_size"]
+                row["fid_n"], row["fid_n_reference"] = dq["n_images"], dq["n_reference"]
+                row["fid_min_images"] = dq["fid_min_images"]
                 row["fid_extractor"], row["fid_comparable"] = dq["extractor"], dq["comparable_to_published"]
         except Exception as e:  # a point that cannot run is reported, never dropped
             if v.name == FULL_COMPUTE:
@@ -594,15 +622,25 @@ def finite_or_none(v) -> float | None:
 
 
 def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_ratio", "time_ratio", "realisation",
-                                              "psnr", "ssim", "lpips", "class_consistency", "fid", "kid", "error"),
+                                              "psnr", "ssim", "lpips", "class_consistency", "fid", "kid", "kid_std",
+                                              "fid_n", "error"),
           decimals: int = 3):
     """The sweep as a readable table (rounded; columns that were not measured are left out), with
-    ``pareto_flops`` / ``pareto_time`` marking the PSNR Pareto points against each cost."""
-    cols = [c for c in columns if c in frame and not (frame[c].isna().all() and c in QUALITY_COLUMNS)]
+    ``pareto_flops`` / ``pareto_time`` marking the PSNR Pareto points against each cost. Where FID
+    was asked for but its sets were below the floor, the ``fid`` cell says "not computed: N images,
+    needs at least M" instead of a number."""
+    fid_reasons = frame["fid_reason"].fillna("").astype(str) if "fid_reason" in frame else None
+    refused = fid_reasons is not None and (fid_reasons != "").any()
+    cols = [c for c in columns if c in frame and not (frame[c].isna().all() and c in QUALITY_COLUMNS)
+            or (c == "fid" and refused)]
     out = frame[cols].copy()
     out["pareto_flops"] = pareto_front(frame, "flop_ratio", "psnr")
     out["pareto_time"] = pareto_front(frame, "time_ratio", "psnr")
-    return out.round(decimals)
+    out = out.round(decimals)
+    if refused and "fid" in out:
+        short = fid_reasons.str.split(" (", n=1, regex=False).str[0]   # "not computed: 6 images, needs at least 129"
+        out["fid"] = [s if s else v for s, v in zip(short, out["fid"])]
+    return out
 
 
 def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequence[float] = (2, 3),
@@ -645,27 +683,6 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
     if model is not None:
         out["identity"] = {"model": model.name, "model_weights_sha256": model.identity()["weights_sha256"]}
     return out
-
-
-def classifier_for(model, path: str | None = None):
-    """The class-consistency classifier for ``model``: the file at ``path`` (``tclab train-classifier``),
-    or, with no path, the shipped shapes classifier when the model's classes are its classes. Returns
-    None (and says why) when there is none, so a sweep without class-consistency is explicit."""
-    from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier
-
-    if path is not None:
-        clf = ShapesClassifier.load(path)
-    else:
-        clf = ShapesClassifier.load(SHIPPED_CLASSIFIER)
-        if list(clf.class_names) != list(model.class_names or []):
-            print(f"class-consistency not measured: no classifier given and the shipped one knows "
-                  f"{clf.class_names}, not this model's classes; train one with `tclab train-classifier "
-                  "--images YOUR_FOLDER` and pass its path")
-            return None
-    if list(clf.class_names) != list(model.class_names or []):
-        raise ValueError(f"classifier {path} knows {clf.class_names}, the model {model.class_names}; "
-                         "train the classifier on the model's image set")
-    return clf
 
 
 def images_of_winners(result: SweepResult, budget: float, cost: str = "flop_ratio", quality: str = "psnr",

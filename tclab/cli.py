@@ -29,31 +29,58 @@ def _cmd_train_dit(a: argparse.Namespace) -> int:
 def _cmd_train_predictor(a: argparse.Namespace) -> int:
     from .cache.train import PredictorTrainConfig, collect_trajectories, train_predictor
     from .models import load_dit
+    from .prepare import describe_predictor
 
     kinds = ["learned-static", "learned-dynamic"] if a.kind == "both" else [a.kind]
+    outs: dict[str, str | None] = {k: a.out for k in kinds}
     if a.out and len(kinds) > 1:
-        print("tclab train-predictor: --out names one file; give --kind learned-static or learned-dynamic with it, "
-              "or leave --out out to write both to tclab/weights/", file=sys.stderr)
-        return 2
+        if not (Path(a.out).is_dir() or a.out.endswith(("/", "\\"))):
+            print("tclab train-predictor: with --kind both, --out must be a folder (each kind is written there as "
+                  "<model>-predictor-<static|dynamic>.safetensors); or leave --out out to write both into the "
+                  "artefact store", file=sys.stderr)
+            return 2
     model = load_dit(a.model)
+    if a.out and len(kinds) > 1:
+        outs = {k: str(Path(a.out) / f"{model.name}-predictor-{k.split('-')[1]}.safetensors") for k in kinds}
     trajectories = None  # collected once, shared by both kinds
     for kind in kinds:
-        cfg = PredictorTrainConfig(kind=kind, images=a.images, steps=a.steps, num_steps=a.num_steps, lam=a.lam,
-                                   scheduler=a.scheduler, guidance_scale=a.guidance, num_samples=a.num_samples,
-                                   batch_size=a.batch_size, max_gap=a.max_gap, seed=a.seed,
-                                   eval_pairs=a.eval_pairs, out=a.out)
+        cfg = PredictorTrainConfig(kind=kind, images=a.images, labels=a.labels, steps=a.steps, num_steps=a.num_steps,
+                                   lam=a.lam, scheduler=a.scheduler, guidance_scale=a.guidance,
+                                   num_samples=a.num_samples, batch_size=a.batch_size, max_gap=a.max_gap, seed=a.seed,
+                                   eval_pairs=a.eval_pairs, out=outs[kind])
         if trajectories is None and len(kinds) > 1 and not a.resume:
             trajectories = collect_trajectories(model, cfg)
-        print(train_predictor(model, cfg, resume=a.resume, trajectories=trajectories))
+        path = train_predictor(model, cfg, resume=a.resume, trajectories=trajectories)
+        print(describe_predictor(path))
+    return 0
+
+
+def _cmd_artefacts(a: argparse.Namespace) -> int:
+    from .artefacts import list_artefacts, tclab_home
+
+    frame = list_artefacts()
+    print(f"artefact store: {tclab_home()} (set $TCLAB_HOME to move it)")
+    if frame.empty:
+        print("  nothing yet: `tclab train-predictor --model M` and `tclab train-classifier --images DIR --model M` "
+              "write here, and so do notebooks run with train_missing=True")
+        return 0
+    for r in frame.itertuples(index=False):
+        print(f"  {r.kind:16s} {r.belongs_to:24s} key {r.key}")
+        for line in (f"{r.file} ({r.bytes / 1024:.0f} KiB)", r.source, r.check):
+            if line:
+                print(f"  {'':16s} {line}")
     return 0
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .runs import ParameterError, RunFailedError, load_parameters, run_notebook
+    from .runs import (ParameterError, RunFailedError, load_parameters, resolve_notebook, resolve_params_file,
+                       run_notebook)
 
     try:
-        params = load_parameters(a.params_file, a.param)
-        out = run_notebook(a.notebook, params, reports_dir=a.reports, tag=a.tag)
+        notebook = resolve_notebook(a.notebook)      # 01, 01_token_redundancy[.ipynb] or a path
+        params_file = resolve_params_file(a.params_file, notebook) if a.params_file else None   # smoke or a path
+        params = load_parameters(params_file, a.param)
+        out = run_notebook(notebook, params, reports_dir=a.reports, tag=a.tag)
     except (ParameterError, FileNotFoundError) as e:
         print(f"tclab run: {e}", file=sys.stderr)
         return 2
@@ -69,12 +96,30 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_train_classifier(a: argparse.Namespace) -> int:
     from .classifier import ClassifierConfig, train_classifier
     from .data import load_image_folder
+    from .paths import resolve_images
 
-    train = load_image_folder(a.images, a.resolution, progress=True)
-    val = load_image_folder(a.val_images, a.resolution) if a.val_images else None
-    clf = train_classifier(train, val, ClassifierConfig(epochs=a.epochs, seed=a.seed))
-    print(f"held-out accuracy: {clf.val_accuracy}" if val else "no validation set given")
-    print(clf.save(a.out))
+    if a.model is None:  # the embedded model's recipe: folder classes in sorted order are the class ids
+        if a.out is None:
+            print("tclab train-classifier: without --model, give --out (the classifier's class ids are then the "
+                  "folders' sorted order); with --model M it goes to the artefact store", file=sys.stderr)
+            return 2
+        train = load_image_folder(resolve_images(a.images), a.resolution, progress=True)
+        val = load_image_folder(resolve_images(a.val_images), a.resolution) if a.val_images else None
+        clf = train_classifier(train, val, ClassifierConfig(epochs=a.epochs, seed=a.seed))
+        print(f"held-out accuracy: {clf.val_accuracy}" if val else "no validation set given")
+        print(clf.save(a.out))
+        return 0
+    from .artefacts import classifier_path
+    from .models import load_dit
+    from .prepare import load_images, train_classifier_for
+
+    model = load_dit(a.model)
+    prepared = load_images(a.images, model, a.labels, progress=True)
+    clf = train_classifier_for(model, prepared.image_set, prepared.label_map, epochs=a.epochs, seed=a.seed)
+    out = clf.save(a.out or classifier_path(prepared.image_set, prepared.label_map, model.resolution))
+    acc = "none held out (fewer than 5 images in a class)" if clf.val_accuracy is None else f"{clf.val_accuracy:.3f}"
+    print(f"classifier of {len(clf.class_names)} mapped classes {clf.model_class_ids}: held-out accuracy {acc}")
+    print(out)
     return 0
 
 
@@ -170,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_make_images)
 
     s = sub.add_parser("train-dit", help="train the small class-conditional DiT on an image folder")
-    s.add_argument("--images", default="data/shapes-train")
+    s.add_argument("--images", default="data/shapes-train",
+                   help="image folder, one sub-folder per class (default data/shapes-train, which is not committed: "
+                        "write it first with `tclab make-images data/shapes-train --per-class 400 --seed 0`)")
     s.add_argument("--out", default="tclab/weights/shapes-dit")
     s.add_argument("--steps", type=int, default=4000)
     s.add_argument("--batch-size", type=int, default=32)
@@ -188,10 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-from", help="start from an exported model folder (e.g. tclab/weights/shapes-dit)")
     s.set_defaults(func=_cmd_train_dit)
 
-    s = sub.add_parser("train-predictor", help="train the learned Cache Predictor (TokenCache) on a frozen DiT")
-    s.add_argument("--model", default="shapes-dit")
+    s = sub.add_parser("train-predictor", help="train the learned Cache Predictor (TokenCache) on a frozen DiT; it is "
+                                              "kept in the artefact store ($TCLAB_HOME), where the scorers find it")
+    s.add_argument("--model", default="shapes-dit", help="'shapes-dit', a local DiT folder or a preset")
     s.add_argument("--kind", default="learned-static", choices=("learned-static", "learned-dynamic", "both"))
     s.add_argument("--images", default=None, help="image folder whose SDEdit traces are added to the trajectories")
+    s.add_argument("--labels", default="auto",
+                   help="how --images folders map onto the model's classes: auto (default), unconditional, or a "
+                        "YAML/JSON/CSV mapping file (folder: class id or name)")
     s.add_argument("--steps", type=int, default=300, help="optimiser steps")
     s.add_argument("--num-steps", type=int, default=50, help="sampling steps of the training trajectories")
     s.add_argument("--lambda", dest="lam", type=float, default=1.0, help="compute penalty (higher = fewer tokens)")
@@ -202,26 +253,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-gap", type=int, default=1, help="pairs (s-g, s) with g up to this (1 = adjacent)")
     s.add_argument("--eval-pairs", type=int, default=16, help="pairs for the predictor-vs-random check (0 = skip)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None, help="predictor file (default tclab/weights/<model>-predictor-<kind>)")
+    s.add_argument("--out", default=None, help="predictor file (a folder with --kind both); default: this model's "
+                                               "place in the artefact store ($TCLAB_HOME, see `tclab artefacts`)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=_cmd_train_predictor)
 
     s = sub.add_parser("run", help="execute a parameterised notebook into a new reports/ run folder")
-    s.add_argument("notebook", help="the .ipynb to execute (its 'parameters' cell defines the valid names)")
+    s.add_argument("notebook", help="the notebook: its number (01), its name (01_token_redundancy, with or "
+                                    "without .ipynb) in the project's notebooks/ folder, or a path to an .ipynb "
+                                    "(a path that exists from the working directory wins); its 'parameters' cell "
+                                    "defines the valid names")
     s.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="set a parameter; VALUE is read as YAML (10 -> int, true -> bool, text -> str)")
-    s.add_argument("-f", "--params-file", help="YAML mapping of parameters (e.g. notebooks/params/smoke.yaml); -p wins")
-    s.add_argument("--reports", help="folder for run folders and index.html (default: reports/ at the project root)")
+    s.add_argument("-f", "--params-file", metavar="PRESET_OR_YAML",
+                   help="parameters from a YAML mapping: a preset of the notebook by name (-f smoke, -f full: "
+                        "notebooks/params/01_smoke.yaml, notebooks/params/01_full.yaml for notebook 01) or a path "
+                        "to a YAML file; -p wins")
+    s.add_argument("--reports", help="folder for run folders and index.html (default: $TCLAB_REPORTS_DIR if set, "
+                                     "else reports/ in the nearest folder up from the working directory that holds "
+                                     "pyproject.toml or .git, else ./reports)")
     s.add_argument("--tag", help="short name for this setting (default: a hash of the parameters)")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("train-classifier", help="train the class-consistency classifier on real images")
-    s.add_argument("--images", default="data/shapes-train")
-    s.add_argument("--val-images", default="data/shapes")
-    s.add_argument("--resolution", type=int, default=32)
+    s.add_argument("--images", default="data/shapes-train",
+                   help="class folders of real images (default data/shapes-train: `tclab make-images data/shapes-train "
+                        "--per-class 400 --seed 0` writes it); 'shapes' is the committed stand-in set")
+    s.add_argument("--model", default=None,
+                   help="the model whose classes the folders map to (--labels); the classifier then answers in its "
+                        "class ids and goes to the artefact store, keyed by these images and labels")
+    s.add_argument("--labels", default="auto", help="with --model: auto (default), unconditional, "
+                                                                        "or a mapping file")
+    s.add_argument("--val-images", default=None, help="held-out folder (without --model; with it, every 5th image "
+                                                      "of each class is held out)")
+    s.add_argument("--resolution", type=int, default=32, help="without --model (with it: the model's resolution)")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="tclab/weights/shapes-classifier.safetensors")
+    s.add_argument("--out", default=None, help="classifier file (default with --model: the artefact store; the "
+                                               "shipped one is tclab/weights/shapes-classifier.safetensors)")
     s.set_defaults(func=_cmd_train_classifier)
 
     s = sub.add_parser("check-images", help="validate an image folder; exit 2 when nothing is usable")
@@ -261,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --sdedit-from: comma-separated, each in (0, 1]")
             s.add_argument("--per-class", type=int, default=16, help="with --sdedit-from: images per class")
         s.set_defaults(func=func)
+    s = sub.add_parser("artefacts", help="list the Cache Predictors and classifiers trained for your models and "
+                                         "image sets ($TCLAB_HOME)")
+    s.set_defaults(func=_cmd_artefacts)
     _add_schedule_parser(sub)
     return p
 

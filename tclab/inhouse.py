@@ -4,7 +4,8 @@
 
 1. **Is the image set usable?** Every file checked (:func:`tclab.data.load_image_folder`), per-class
    counts, every skipped file with its reason (:func:`bad_images_table`), the manifest hash; then a
-   class-balanced subset whose labels are mapped onto the model's classes (:func:`select_images`).
+   class-balanced subset whose folders are mapped onto the model's classes by the one label rule of
+   :mod:`tclab.labels` (:func:`select_images`, :func:`class_table`).
 2. **Is there redundancy to exploit on these images?** The token-change recorder around an SDEdit
    run of the subset, tested with :func:`tclab.analysis.summarise_redundancy` (TokenCache's three
    observations, ``shared/docs/tokencache.md`` section 1).
@@ -31,7 +32,6 @@ on the same images.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,6 +44,7 @@ from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_u
                        finite_or_none, run_sweep)
 from .analysis import choose_balanced_images, to_plain
 from .cache import TokenCacheConfig
+from .metrics import FID_FLOOR_RULE
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
 ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
@@ -94,67 +95,34 @@ def describe_image_set(image_set) -> str:
     return "\n".join(lines)
 
 
-def model_labels(image_set, model) -> torch.Tensor:
-    """The class label of every image of ``image_set`` in ``model``'s class order.
+def select_images(image_set, model, count: int, labels: Any = "auto", label_map=None):
+    """A class-balanced subset of ``count`` images (round robin over the folders, file order within a
+    folder: :func:`tclab.analysis.choose_balanced_images`), as a new ImageSet whose ``labels`` are the
+    model's (class id, or the null class for a folder sampled unconditionally: :mod:`tclab.labels`,
+    ``labels`` or a ready ``label_map``) and whose ``manifest_hash()`` names exactly the images used."""
+    from .labels import resolve_labels
 
-    The folder's classes are its sub-folder names; each must be one of the model's class names
-    (``model.class_names``; the folder may hold a subset of them). A model without class names (an
-    untrained preset, or a DiT folder without ``id2label``) accepts folders named by class index
-    (``207/``). Raises ``ValueError`` saying which names do not match and how to fix the folder.
-    """
-    if not image_set.labelled:
-        raise ValueError(
-            f"the images in {image_set.root} are not in class folders, but SDEdit with a class-conditional DiT "
-            f"needs each image's class: put them in one sub-folder per class, named as the model's classes"
-            + (f" {model.class_names}" if model.class_names else " (class indices, e.g. 207/)"))
-    if model.class_names:
-        index = {name: k for k, name in enumerate(model.class_names)}
-        unknown = [c for c in image_set.class_names if c not in index]
-        if unknown:
-            hints = []
-            for c in unknown:
-                close = difflib.get_close_matches(c, list(model.class_names), n=1)
-                hints.append(repr(c) + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(
-                f"class folder(s) {', '.join(hints)} of {image_set.root} are not classes of model {model.name!r}, "
-                f"which knows {list(model.class_names)}; rename the folders to the model's class names (or drop "
-                "them), or pass the model these images belong to")
-        mapping = [index[c] for c in image_set.class_names]
-    else:
-        bad = [c for c in image_set.class_names if not (c.isdigit() and int(c) < model.num_classes)]
-        if bad:
-            raise ValueError(
-                f"model {model.name!r} has no class names, so the class folders of {image_set.root} must be class "
-                f"indices 0..{model.num_classes - 1}; {bad} are not. Rename them, or use a model folder whose "
-                "model_index.json has id2label")
-        mapping = [int(c) for c in image_set.class_names]
-    return torch.tensor(mapping, dtype=torch.long)[image_set.labels]
-
-
-def select_images(image_set, model, count: int):
-    """A class-balanced subset of ``count`` images (round robin over the folder's classes, file order
-    within a class: :func:`tclab.analysis.choose_balanced_images`), as a new ImageSet whose labels
-    and ``class_names`` are the model's (see :func:`model_labels`) and whose ``manifest_hash()``
-    names exactly the images used."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"num_images must be an integer >= 1 (images to run through the model), got {count!r}")
-    model_labels(image_set, model)  # refuse a mismatch before choosing anything
+    label_map = label_map if label_map is not None else resolve_labels(image_set, model, labels)
     subset = choose_balanced_images(image_set, count)
-    return dataclasses.replace(subset, labels=model_labels(subset, model),
-                               class_names=list(model.class_names or [str(k) for k in range(model.num_classes)]))
+    return dataclasses.replace(subset, labels=label_map.labels_for(subset))
 
 
-def class_table(image_set, used):
-    """Per class: the model's class index, usable images in the folder, images used in the report."""
+def class_table(image_set, used, label_map):
+    """Per folder: usable images, the model class it is sampled as (and how that was decided), images
+    used in the report."""
     import pandas as pd
 
-    folder = image_set.summary()["per_class"]
-    counts: dict[str, int] = {}
+    counts: dict[str | None, int] = {}
     for r in used.records:
         counts[r.class_name] = counts.get(r.class_name, 0) + 1
-    index = {r.class_name: int(lab) for r, lab in zip(used.records, used.labels.tolist())}
-    return pd.DataFrame([{"class": c, "model_class_index": index.get(c), "usable_in_folder": n,
-                          "used_in_report": counts.get(c, 0)} for c, n in folder.items()])
+    rows = []
+    for r in label_map.rows:
+        rows.append({"folder": "(flat folder)" if r.folder is None else r.folder, "usable_in_folder": r.images,
+                     "model_class_id": r.class_id, "model_class_name": r.class_name,
+                     "how": r.how + (f": {r.note}" if r.note else ""), "used_in_report": counts.get(r.folder, 0)})
+    return pd.DataFrame(rows)
 
 
 # ---- 2. redundancy ---------------------------------------------------------------------------------------
@@ -504,11 +472,11 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
     within = pick is not None
     if pick is None:
         if ok.empty:
-            errors = "; ".join(f"{n}: {e}" for n, e in frame.loc[frame["name"] != FULL_COMPUTE, ["name", "error"]]
-                               .itertuples(index=False))
-            raise RuntimeError(f"{why}, and every candidate failed on this model ({errors}). Fix the candidates "
-                               "(a learned scorer needs a predictor trained for this model: `tclab train-predictor`, "
-                               "then scorer_options={'path': ...}) or pass recommendation as a dict")
+            failed = frame.loc[frame["name"] != FULL_COMPUTE, ["name", "error"]]
+            errors = "\n".join(f"  {n}: {_first_line(e)}" for n, e in failed.itertuples(index=False))
+            raise RuntimeError(f"{why}, and every candidate failed on this model:\n{errors}\nFix the candidates (a "
+                               "learned scorer needs this model's predictor: train_missing=True in the notebook, or "
+                               "`tclab train-predictor --model ...`) or pass recommendation as a dict")
         pick = ok.sort_values(["flop_ratio", "psnr"], ascending=[True, False]).iloc[0].to_dict()
     name = str(pick["name"])
     cache = next(v.cache for v in variants if v.name == name)
@@ -523,19 +491,28 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
         considered=considered, candidates=frame)
 
 
+def _first_line(text: str, limit: int = 300) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 # ---- 4. measurement on the in-house images -----------------------------------------------------------
 
-def feature_extractor(inception_weights: str | Path | None = None, classifier: str | Path | None = None):
+def feature_extractor(inception_weights: str | Path | None = None, classifier=None):
     """The FID/KID feature space: ``InceptionV3Features(inception_weights)`` (the published FID space;
     a local file, never downloaded) when a path is given, else ``ClassifierFeatures(classifier)`` (the
-    small class-consistency CNN: offline, labelled NOT comparable to published FID)."""
+    small class-consistency CNN: a ``ShapesClassifier``, its file, or None for the shipped one; offline,
+    labelled NOT comparable to published FID). A relative path is the user's (``tclab.paths``)."""
     from .features import ClassifierFeatures, InceptionV3Features
 
     if inception_weights is not None:
-        path = Path(inception_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"inception_weights {str(path)!r} does not exist; give the local path of "
-                                    "pt_inception-2015-12-05-6726825d.pth, or None for the offline classifier features")
+        from .paths import PathNotFoundError, resolve_path
+
+        try:
+            path = resolve_path(inception_weights, what="inception_weights")
+        except PathNotFoundError as e:
+            raise PathNotFoundError(f"{e}; give the local path of pt_inception-2015-12-05-6726825d.pth, or None "
+                                    "for the offline classifier features") from None
         return InceptionV3Features(path)
     return ClassifierFeatures(classifier)
 
@@ -577,6 +554,11 @@ class InhouseMeasurement:
         if isinstance(rec.get("fid_extractor"), str):
             lines.append(f"FID/KID feature space: {rec['fid_extractor']}"
                          + ("" if rec.get("fid_comparable") else ": NOT comparable to published FID"))
+            lines.append(f"FID/KID on N = {int(rec['fid_n'])} image(s) per setting against "
+                         f"{int(rec['fid_n_reference'])} reference image(s); KID as mean +- std over "
+                         f"{int(rec['kid_subsets'])} subsets of {int(rec['kid_subset_size'])}")
+            if rec.get("fid_reason"):
+                lines.append(f"FID {rec['fid_reason']}")
         else:
             lines.append("FID/KID: not measured (no feature extractor)")
         lines += [f"note: {n}" for n in self.notes]
@@ -590,13 +572,19 @@ class InhouseMeasurement:
     def table(self, decimals: int = 3):
         """Speed and quality, one row per measure, columns ``full compute`` and ``recommended``. Wall-clock
         is the median of the interleaved timed runs (both from the recommendation's pairs); FID/KID
-        name their feature space."""
+        name their feature space and N (images per setting vs reference images). FID below its floor
+        (feature dimension + 1 images per set) is NaN, its row named "... not computed: N images,
+        needs at least M"; KID's std over its subsets is a row of its own."""
         import pandas as pd
 
         full, rec = self.row(FULL_COMPUTE), self.row()
-        fid_label = "FID vs the in-house images"
+        fid_label, kid_label = "FID vs the in-house images", "KID vs the in-house images"
         if "fid_extractor" in rec and isinstance(rec.get("fid_extractor"), str):
-            fid_label += f" [{rec['fid_extractor']}]"
+            n = f"N = {int(rec['fid_n'])} vs {int(rec['fid_n_reference'])} reference"
+            fid_label += f" [{rec['fid_extractor']}; {n}]"
+            kid_label += (f" [{n}; mean over {int(rec['kid_subsets'])} subsets of {int(rec['kid_subset_size'])}]")
+            if rec.get("fid_reason"):
+                fid_label += ": " + str(rec["fid_reason"]).split(" (", 1)[0]
         rows = [
             ("GFLOPs per image (counted)", full["gflops_per_image"], rec["gflops_per_image"]),
             ("FLOP ratio (/ full compute)", 1.0, rec["flop_ratio"]),
@@ -610,7 +598,8 @@ class InhouseMeasurement:
             ("MSE vs full compute", 0.0, rec["mse"]),
             ("class-consistency", full.get("class_consistency"), rec.get("class_consistency")),
             (fid_label, full.get("fid"), rec.get("fid")),
-            ("KID vs the in-house images", full.get("kid"), rec.get("kid")),
+            (kid_label, full.get("kid"), rec.get("kid")),
+            ("KID std over subsets", full.get("kid_std"), rec.get("kid_std")),
         ]
         out = pd.DataFrame(rows, columns=["measure", FULL_COMPUTE, "recommended"]).set_index("measure")
         return out.astype(float).round(decimals)
@@ -680,7 +669,7 @@ def measure_on_images(model, rec: Recommendation, settings: SweepSettings, image
 # ---- 7. summary.json ----------------------------------------------------------------------------------
 
 def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendation, measured: InhouseMeasurement,
-                     worst) -> dict:
+                     worst, label_map=None) -> dict:
     """Everything ``summary.json`` of the in-house report holds (plain JSON values).
 
     ``headline`` (flat scalars for ``reports/index.html``): the image check (``usable_images``,
@@ -690,8 +679,9 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
     measurement on the images (FLOP / time ratios and speed-ups, PSNR, SSIM, class-consistency and
     FID/KID of full compute and cached, ``worst_psnr``). ``details``: the image check with every bad file,
     the redundancy analysis, the recommendation with the runs or candidates it was chosen from, the
-    measurement rows, per-image errors and the worst images. ``identity``: the manifest hashes of the
-    folder and of the images used, and the model's weights hash.
+    measurement rows, per-image errors and the worst images. ``labels``: how the folders were mapped
+    onto the model's classes (``label_map``, :mod:`tclab.labels`). ``identity``: the manifest hashes of
+    the folder and of the images used, and the model's weights hash.
     """
     full, row = measured.row(FULL_COMPUTE), measured.row()
     per_image = measured.per_image()
@@ -710,10 +700,16 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
         "flop_ratio": row["flop_ratio"], "time_ratio": row["time_ratio"],
         "flop_speedup": row["flop_speedup"], "time_speedup": row["time_speedup"],
         "psnr": row["psnr"], "ssim": row["ssim"],
+        "mapped_folders": len(label_map.mapped) if label_map is not None else None,
         "class_consistency_full": full.get("class_consistency"),
         "class_consistency_cached": row.get("class_consistency"),
+        "class_consistency_n": row.get("class_consistency_n"),
+        # FID is None below its floor (feature dimension + 1 images per set) and fid_reason says why
         "fid_full": full.get("fid"), "fid_cached": row.get("fid"),
+        "fid_reason": str(row["fid_reason"]).split(" (", 1)[0] if row.get("fid_reason") else None,
         "kid_full": full.get("kid"), "kid_cached": row.get("kid"),
+        "kid_std_full": full.get("kid_std"), "kid_std_cached": row.get("kid_std"),
+        "fid_n": row.get("fid_n"), "fid_n_reference": row.get("fid_n_reference"),
         "fid_comparable_to_published": row.get("fid_comparable"),
         "worst_psnr": float(per_image["psnr"].min()),
     }
@@ -730,6 +726,10 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
         "measurement": {"settings": dataclasses.asdict(measured.result.settings), "notes": measured.notes,
                         "fid_extractor": row.get("fid_extractor"),
                         "fid_note": fid_note,
+                        "fid_reason": row.get("fid_reason") or None,
+                        "fid_min_images": row.get("fid_min_images"), "fid_floor_rule": FID_FLOOR_RULE,
+                        "fid_n": row.get("fid_n"), "fid_n_reference": row.get("fid_n_reference"),
+                        "kid_subsets": row.get("kid_subsets"), "kid_subset_size": row.get("kid_subset_size"),
                         "rows": frame.to_dict(orient="records")},
         "per_image": per_image.to_dict(orient="records"),
         "worst": worst.drop(columns=["title"]).to_dict(orient="records"),
@@ -737,4 +737,5 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
     identity = {"model": model.name, "model_weights_sha256": model.identity().get("weights_sha256"),
                 "images_manifest_sha256": image_set.manifest_hash(),
                 "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used)}
-    return to_plain({"headline": head, "details": details, "identity": identity})
+    labels = label_map.to_dict() if label_map is not None else None
+    return to_plain({"headline": head, "details": details, "labels": labels, "identity": identity})

@@ -11,11 +11,11 @@ A jobs file names the reports folder and the jobs, run in order::
         params: {num_steps: 10}          # optional; wins over params_file, as `tclab run -p`
         tag: smoke                       # optional; default: the job's name
 
-**Paths.** ``reports``, ``notebook`` and ``params_file`` are relative to the folder holding the
-jobs file (absolute paths and ``~`` work too), so the file means the same from cron, systemd or
-any working directory. Parameter *values* are handed to the notebook unchanged; the notebook runs
-with its own folder as working directory (as in JupyterLab), so a path parameter such as
-``images: ../data/shapes`` is relative to the notebook's folder, exactly as in its presets.
+**Paths.** Every relative path is read from the folder holding the jobs file (absolute paths and
+``~`` work too), so the file means the same from cron, systemd or any working directory:
+``reports``, ``notebook`` and ``params_file`` here, and path parameters such as ``images`` or
+``model`` in the notebook (the runner hands it this folder, ``tclab.paths``). ``images: shapes``
+names the committed stand-in set.
 
 **What a run does.**
 
@@ -261,7 +261,7 @@ def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], N
             error: str | None = None
             try:
                 run_dir = runs.run_notebook(job.notebook, job.params, plan.reports, tag=job.tag,
-                                            progress_bar=progress_bar)
+                                            progress_bar=progress_bar, caller_cwd=plan.path.parent)
             except runs.RunFailedError as e:
                 run_dir = e.run_dir
                 error = runs.read_json(run_dir / "provenance.json").get("error") or str(e)

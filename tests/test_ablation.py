@@ -224,6 +224,7 @@ def test_sweep_refuses_a_classifier_of_other_classes(sweep):
 
     class Clf:
         class_names = ["x", "y", "z"]
+        class_ids = None  # outputs = the model's classes in order, which these are not
 
     with pytest.raises(ValueError, match="classifier classes"):
         A.run_sweep(model, [], SETTINGS, classifier=Clf(), progress=False)

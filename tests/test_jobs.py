@@ -232,6 +232,6 @@ def test_example_jobs_file_is_valid():
     plan = jobs.load_jobs(Path(__file__).resolve().parents[1] / "jobs" / "example.yaml")
     assert [j.notebook.name for j in plan.jobs] == ["01_token_redundancy.ipynb", "05_inhouse_report.ipynb"]
     for job in plan.jobs:
-        assert job.params["images"] == "../data/shapes"
-        assert (job.notebook.parent / job.params["images"]).is_dir()  # the notebook reads it from its folder
+        assert job.params["images"] == "shapes"  # the built-in stand-in set, found from any folder
+        assert (plan.path.parent / "../data/shapes").resolve() == __import__("tclab.paths").paths.resolve_images("shapes")
     assert plan.reports == Path(__file__).resolve().parents[1] / "reports"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tclab.cache import ScoreContext, TokenCacheConfig, apply_token_cache, fora_config, remove_token_cache
+from tclab.cache.hooks import get_token_cache_state
 from tclab.cache.predictor import (
     DynamicCachePredictor,
     PredictorMismatchError,
@@ -164,22 +165,35 @@ def test_mismatched_model_refused(pixel_dit, tmp_path):
     bigger = tiny_transformer(3, 3, sample_size=16)  # 8x8 tokens instead of 4x4
     with pytest.raises(PredictorMismatchError, match=r"token grid \(8, 8\)"):
         load_predictor(path, bigger)
-    # and through the engine: the scorer checks the transformer at its first cached step
+    # and through the engine: refused when the cache is applied, before anything runs or is attached
+    with pytest.raises(PredictorMismatchError, match="train-predictor"):
+        apply_token_cache(deeper, TokenCacheConfig(scorer="learned-dynamic", scorer_options={"path": str(path)},
+                                                   schedule="round-robin", interval=2))
+    assert get_token_cache_state(deeper) is None
+    # a scorer instance made elsewhere is still checked at its first cached step
     m = LoadedDiT(name="deeper", transformer=deeper, vae=PixelSpaceVAE(), scheduler_config=default_scheduler_config(),
                   trained=False, source="test", class_names=["a", "b", "c"])
-    apply_token_cache(deeper, TokenCacheConfig(scorer="learned-dynamic", scorer_options={"path": str(path)},
-                                               schedule="round-robin", interval=2))
-    with pytest.raises(PredictorMismatchError, match="train-predictor"):
-        sample(m, [0], SampleConfig(num_steps=3, guidance_scale=1.0), progress=False)
+    apply_token_cache(deeper, TokenCacheConfig(scorer=load_predictor(path), schedule="round-robin", interval=2))
+    try:
+        with pytest.raises(PredictorMismatchError, match="train-predictor"):
+            sample(m, [0], SampleConfig(num_steps=3, guidance_scale=1.0), progress=False)
+    finally:
+        remove_token_cache(deeper)
 
 
-def test_other_weights_warn(pixel_dit, tmp_path):
+def test_other_weights_are_refused_naming_both(pixel_dit, tmp_path):
+    from tclab.artefacts import model_key
+
     tr = pixel_dit.transformer
     p = make_predictor("learned-static", tr)
     p.meta["model"]["weights_fingerprint"] = "0" * 64
+    p.meta["model"]["name"] = "someone-elses-dit"
     path = p.save(tmp_path / "p.safetensors")
-    with pytest.warns(UserWarning, match="other weights"):
+    with pytest.raises(PredictorMismatchError, match="someone-elses-dit") as e:
         load_predictor(path, tr)
+    assert "0" * 16 in str(e.value) and model_key(tr) in str(e.value)
+    with pytest.warns(UserWarning, match="running it anyway"):
+        load_predictor(path, tr, allow_other_weights=True)
 
 
 def test_missing_file_says_how_to_make_one(tmp_path):
@@ -250,7 +264,9 @@ def test_trajectories_hold_every_cfg_row_and_sdedit_traces(tmp_path):
     tj = collect_trajectories(m, cfg, progress=False)
     # 2 samples x 2 CFG rows x 5 steps + 3 images x 2 CFG rows x 3 SDEdit steps
     assert len(tj) == 2 * 2 * 5 + 3 * 2 * 3 and tj.num_trajectories == 4 + 6
-    assert int((tj.y == NULL_CLASS).sum()) == len(tj) // 2
+    # CFG's null half of every row, and both halves of the SDEdit traces: the model has no class names, so the
+    # shapes folders map to no class and are sampled unconditionally (tclab.labels)
+    assert int((tj.y == NULL_CLASS).sum()) == 2 * 5 + 2 * 3 * 3
     for k in range(tj.num_trajectories):  # steps ascending within each trajectory
         s = tj.step[tj.traj == k]
         assert torch.equal(s, torch.arange(len(s)))

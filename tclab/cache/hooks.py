@@ -580,7 +580,7 @@ def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None
         warnings.warn(f"token cache: rho={config.rho:g} is below the share of the forced-full blocks ({forced} of "
                       f"{len(blocks)} = {forced / len(blocks):.3g}); cached steps compute exactly those blocks and rho "
                       "has no effect. Raise rho or force fewer blocks", stacklevel=2)
-    scorer = None if config.skips_all_blocks else make_scorer(config)
+    scorer = None if config.skips_all_blocks else make_scorer(config, transformer)
     state = TokenCacheState(config=config, num_blocks=len(blocks), scorer=scorer)
     for i, blk in enumerate(blocks):
         HookRegistry.check_if_exists_or_initialize(blk).register_hook(TokenCacheBlockHook(state, i),

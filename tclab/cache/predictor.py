@@ -28,12 +28,13 @@ both :class:`~tclab.cache.scorers.TokenScorer` s registered under the spec's opt
 Files: safetensors with a JSON header (``"tclab_predictor"``): kind, architecture, the model it was
 trained on (blocks, token grid, width, a fingerprint of its weights) and how it was trained
 (``num_steps``, scheduler, guidance, ``lambda``, final loss). :func:`load_predictor` refuses a file
-whose block count, token grid or width does not match the transformer, and warns when only the weights
-differ. Train with :func:`tclab.cache.train.train_predictor` or ``tclab train-predictor``.
+whose block count, token grid or width does not match the transformer, or that was trained on other
+weights (naming both). The scorers find the predictor of the model they are applied to: the shipped
+files for the embedded weights, else the artefact store (``tclab.artefacts``). Train with :func:`tclab.cache.train.train_predictor` or ``tclab train-predictor``.
 
 Use::
 
-    TokenCacheConfig(scorer="learned-static")                          # the shipped file of shapes-dit
+    TokenCacheConfig(scorer="learned-static")                          # this model's: shipped or in the store
     TokenCacheConfig(scorer="learned-dynamic", scorer_options={"path": "my-predictor.safetensors"})
     TokenCacheConfig(scorer=load_predictor(path, transformer))         # checked against the model now
 
@@ -349,17 +350,19 @@ def read_predictor_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_predictor(path: str | Path, transformer=None, kind: str | None = None) -> CachePredictor:
-    """Load a predictor file. With ``transformer``: refuse it unless blocks, token grid and width match
-    (:class:`PredictorMismatchError`), warn if it was trained on other weights of the same shape, and
-    move it to the transformer's device. ``kind``: refuse a file of the other kind."""
+def load_predictor(path: str | Path, transformer=None, kind: str | None = None,
+                   allow_other_weights: bool = False) -> CachePredictor:
+    """Load a predictor file. With ``transformer``: refuse it unless blocks, token grid and width match,
+    and unless it was trained on *these* weights (:class:`PredictorMismatchError` naming both identities;
+    ``allow_other_weights=True`` runs it anyway with a warning, e.g. to try a predictor on a fine-tuned
+    copy), and move it to the transformer's device. ``kind``: refuse a file of the other kind."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no predictor file at {path}; train one with `tclab train-predictor --kind "
-                                f"{kind or 'learned-static'}` (it writes {default_predictor_path(kind or 'learned-static')} "
-                                "for the embedded model) or pass scorer_options={'path': ...}")
+        raise FileNotFoundError(f"no predictor file at {path}; train one with `tclab train-predictor --model <spec> "
+                                f"--kind {kind or 'learned-static'}` (it writes it into the artefact store, "
+                                "`tclab artefacts` lists them) or pass scorer_options={'path': ...}")
     meta = read_predictor_meta(path)
     if kind is not None and meta["kind"] != kind:
         raise ValueError(f"{path} holds a {meta['kind']} predictor, not {kind}; pass the matching file")
@@ -371,21 +374,49 @@ def load_predictor(path: str | Path, transformer=None, kind: str | None = None) 
     p.eval().requires_grad_(False)
     if transformer is not None:
         p.check_fits(transformer)
-        fp = p.meta.get("model", {}).get("weights_fingerprint")
-        if fp and fp != weights_fingerprint(transformer):
-            warnings.warn(f"{path.name} was trained on other weights of this architecture "
-                          f"({p.meta['model'].get('name', '?')}); it runs, but retrain it for these weights with "
-                          "`tclab train-predictor` for the best token ranking", stacklevel=2)
+        from ..artefacts import fingerprint
+
+        want, have = p.meta.get("model", {}).get("weights_fingerprint"), fingerprint(transformer)
+        if want and want != have:
+            trained_on = p.meta["model"].get("name", "?")
+            msg = (f"{path} is the {p.name} predictor of model {trained_on!r} (weights {want[:16]}), not of this "
+                   f"model (weights {have[:16]}): its token ranking belongs to other weights. Train one for this "
+                   f"model with `tclab train-predictor --model <spec> --kind {p.name}` (notebooks: train_missing=True)")
+            if not allow_other_weights:
+                raise PredictorMismatchError(msg + ", or pass allow_other_weights=True to run it anyway")
+            warnings.warn(msg + "; running it anyway (allow_other_weights=True)", stacklevel=2)
         p.to(transformer.device)
     return p
+
+
+class PredictorNotFoundError(FileNotFoundError):
+    """No predictor of this kind exists for this model's weights (neither shipped nor in the store)."""
+
+
+def find_predictor_for(transformer, kind: str) -> Path:
+    """This model's ``kind`` predictor file (shipped, or in the artefact store), or
+    :class:`PredictorNotFoundError` saying where it was looked for and how to make one."""
+    from ..artefacts import find_predictor, model_key, predictor_path
+
+    found = find_predictor(transformer, kind)
+    if found is None:
+        raise PredictorNotFoundError(
+            f"no {kind} predictor for this model (weights {model_key(transformer)}): looked at "
+            f"{predictor_path(transformer, kind)} and the shipped files. Train one with `tclab train-predictor "
+            f"--model <spec> --kind {kind}` (notebooks: train_missing=True does it), or pass "
+            "scorer_options={'path': ...}")
+    return found
 
 
 # ---- registration with the engine (tclab.cache.scorers imports this module lazily) ---------------------
 
 def _factory(kind: str):
-    def factory(config, path: str | None = None):
-        """``scorer_options``: ``path`` of a predictor file (default: the shipped one of shapes-dit)."""
-        return load_predictor(path or default_predictor_path(kind), kind=kind)
+    def factory(config, path: str | None = None, allow_other_weights: bool = False, *, transformer=None):
+        """``scorer_options``: ``path`` of a predictor file (default: the predictor of the model it is applied
+        to, shipped or in the artefact store); ``allow_other_weights`` (see :func:`load_predictor`)."""
+        if path is None:
+            path = find_predictor_for(transformer, kind) if transformer is not None else default_predictor_path(kind)
+        return load_predictor(path, transformer, kind=kind, allow_other_weights=allow_other_weights)
 
     return factory
 

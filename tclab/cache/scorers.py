@@ -256,8 +256,10 @@ def available_scorers() -> list[str]:
     return sorted(_SCORERS)
 
 
-def make_scorer(config: "TokenCacheConfig") -> TokenScorer:
-    """The scorer a config names (or the instance it holds), with its options checked."""
+def make_scorer(config: "TokenCacheConfig", transformer=None) -> TokenScorer:
+    """The scorer a config names (or the instance it holds), with its options checked. A factory that
+    takes a ``transformer`` keyword gets the model the scorer is for (the learned predictors use it to
+    find the predictor of *these* weights)."""
     if not isinstance(config.scorer, str):
         return config.scorer
     name = config.scorer
@@ -272,10 +274,14 @@ def make_scorer(config: "TokenCacheConfig") -> TokenScorer:
     target = getattr(factory, "options_of", factory)
     params = inspect.signature(target).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [p for p in params if p != "config"]
+        valid = [p for p in params if p not in ("config", "transformer")]
         bad = sorted(set(opts) - set(valid))
         if bad:
             raise ValueError(f"scorer {name!r} does not take option(s) {bad}; its options are {valid}")
+    if "transformer" in opts:
+        raise ValueError(f"scorer {name!r}: 'transformer' is not an option; the engine passes the model itself")
+    if "transformer" in inspect.signature(factory).parameters:
+        return factory(config, transformer=transformer, **opts)
     return factory(config, **opts)
 
 

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +57,6 @@ from ..models import NULL_CLASS, LoadedDiT, PixelSpaceVAE, default_scheduler_con
 from .predictor import (
     KINDS,
     CachePredictor,
-    default_predictor_path,
     load_predictor,
     make_predictor,
     model_signature,
@@ -69,7 +68,7 @@ EPS = 1e-12
 # Fields that do not change what a run computes step by step (a resumed run may change them).
 _RUN_ONLY_FIELDS = ("steps", "checkpoint_every", "out", "eval_pairs")
 # Fields that decide the trajectories (a saved trajectory set is reused only if these match).
-_DATA_FIELDS = ("num_steps", "scheduler", "guidance_scale", "num_samples", "images", "num_images",
+_DATA_FIELDS = ("num_steps", "scheduler", "guidance_scale", "num_samples", "images", "labels", "num_images",
                 "sdedit_strength", "seed")
 
 
@@ -87,9 +86,12 @@ class PredictorTrainConfig:
         scheduler (`str`, defaults to `"ddim"`), guidance_scale (`float`, defaults to `4.0`): as in
             ``SampleConfig``; match the runs the cache will be used in (CFG's two halves are both learned).
         num_samples (`int`, defaults to `6`): trajectories sampled from noise (labels cycle over the
-            classes; with CFG each gives two rows). More = more varied data, slower collection.
+            classes the image folder maps to, else over the model's classes; with CFG each gives two rows).
+            More = more varied data, slower collection.
         images (`str`, optional): an in-house image folder; adds SDEdit traces of ``num_images`` of its
             images (``sdedit_strength`` of the trajectory), so the predictor also sees real content.
+        labels (defaults to `"auto"`): how the folder's classes map onto the model's
+            (:func:`tclab.labels.resolve_labels`: ``"auto"``, ``"unconditional"``, a mapping or a file).
         num_images (`int`, defaults to `6`), sdedit_strength (`float`, defaults to `0.6`): see ``images``.
         steps (`int`, defaults to `300`): optimiser steps. Loss flattens after a few hundred on shapes-dit.
         batch_size (`int`, defaults to `4`): training pairs (row, step) per optimiser step; each costs
@@ -109,8 +111,9 @@ class PredictorTrainConfig:
         checkpoint_every (`int`, defaults to `50`): optimiser steps between resumable checkpoints.
         eval_pairs (`int`, defaults to `16`): after training, pairs on which hard top-``rho`` masks from the
             predictor are compared with random masks (recorded in the file; 0 skips it).
-        out (`str`, optional): predictor file to write; default
-            ``tclab/weights/<model>-predictor-<static|dynamic>.safetensors``.
+        out (`str`, optional): predictor file to write; default: this model's place in the artefact store
+            (``$TCLAB_HOME/models/<weights key>/predictor-<static|dynamic>.safetensors``, ``tclab.artefacts``),
+            where the learned scorers find it again.
         arch (`dict`): architecture keyword arguments of the predictor (``hidden`` for static; ``width``,
             ``heads`` for dynamic); empty = the defaults.
     """
@@ -121,6 +124,7 @@ class PredictorTrainConfig:
     guidance_scale: float = 4.0
     num_samples: int = 6
     images: str | None = None
+    labels: Any = "auto"
     num_images: int = 6
     sdedit_strength: float = 0.6
     steps: int = 300
@@ -267,23 +271,19 @@ def _as_loaded(model) -> LoadedDiT:
     raise TypeError(f"expected a LoadedDiT, a model spec string or a DiTTransformer2DModel, got {type(model).__name__}")
 
 
-def _image_labels(model: LoadedDiT, data) -> torch.Tensor:
-    """Labels for SDEdit of a loaded image set: by class name where the model has names, else cycled."""
-    n = len(data)
-    if data.labelled and model.class_names:
-        unknown = sorted(set(data.class_names) - set(model.class_names))
-        if unknown:
-            raise ValueError(f"image classes {unknown} are not classes of {model.name} ({model.class_names}); "
-                             "use a folder with the model's class names, or a flat folder")
-        idx = {c: k for k, c in enumerate(model.class_names)}
-        return torch.tensor([idx[data.class_names[int(y)]] for y in data.labels])
-    return torch.arange(n) % min(model.num_classes, NULL_CLASS)
+def _image_set_and_labels(model: LoadedDiT, config: "PredictorTrainConfig"):
+    """The in-house image set of ``config.images`` and its label map (one rule: :mod:`tclab.labels`)."""
+    from ..data import load_image_folder
+    from ..labels import resolve_labels
+    from ..paths import resolve_images
+
+    data = load_image_folder(resolve_images(config.images), model.resolution, limit=None, progress=False)
+    return data, resolve_labels(data, model, config.labels)
 
 
 def collect_trajectories(model, config: PredictorTrainConfig, progress: bool = True) -> TrajectorySet:
     """Sample the model's own trajectories (and SDEdit traces of ``config.images``) with full compute,
     recording every transformer call. See :class:`TrajectorySet`."""
-    from ..data import load_image_folder
     from ..sampling import SampleConfig, current_step, sample
     from .hooks import get_token_cache_state
 
@@ -303,17 +303,21 @@ def collect_trajectories(model, config: PredictorTrainConfig, progress: bool = T
         calls.append((ctx.run_id, ctx.step, x.detach().cpu().clone(), torch.as_tensor(t).reshape(-1).cpu().clone(),
                       y.detach().cpu().clone(), _noise_channels(out, tr).detach().cpu().clone()))
 
-    n_cls = min(model.num_classes, NULL_CLASS)
-    labels = [i % n_cls for i in range(config.num_samples)]
+    data, label_map = _image_set_and_labels(model, config) if config.images else (None, None)
+    if label_map is not None and label_map.conditional:  # the classes the team cares about
+        classes = label_map.class_ids
+    else:
+        classes = list(range(min(model.num_classes, NULL_CLASS)))
+    labels = [classes[i % len(classes)] for i in range(config.num_samples)]
     sc = SampleConfig(num_steps=config.num_steps, scheduler=config.scheduler, guidance_scale=config.guidance_scale,
                       seed=config.seed, batch_size=config.num_samples, sdedit_strength=config.sdedit_strength)
     handle = tr.register_forward_hook(hook, with_kwargs=True)
     try:
         sample(model, labels, sc, progress=progress)
-        if config.images:
-            data = load_image_folder(config.images, model.resolution, limit=None, progress=False)
+        if data is not None:
+            print(label_map.describe())
             pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:config.num_images]
-            imgs, ylab = data.images[pick], _image_labels(model, data)[pick]
+            imgs, ylab = data.images[pick], label_map.labels_for(data)[pick]
             sample(model, ylab.tolist(), SampleConfig(**{**asdict(sc), "seed": config.seed + 1,
                                                          "batch_size": len(pick)}),
                    init_images=imgs, progress=progress)
@@ -394,10 +398,6 @@ def evaluate_predictor(predictor: CachePredictor, transformer, trajs: Trajectory
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
-
-
 def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig(), resume: bool = False,
                     progress: bool = True, trajectories: TrajectorySet | None = None) -> Path:
     """Train a Cache Predictor on a frozen DiT and write it; returns the predictor file.
@@ -413,7 +413,13 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
 
     model = _as_loaded(model)
     tr = model.transformer
-    out = Path(config.out) if config.out else default_predictor_path(config.kind, _safe_name(model.name))
+    if config.out:
+        out = Path(config.out)
+    else:
+        from ..artefacts import predictor_path, record_model
+
+        record_model(model)
+        out = predictor_path(tr, config.kind)
     work = out.parent / f".{out.stem}.training"
     ckpt_path, traj_path = work / "checkpoint.pt", work / "trajectories.pt"
     ck = None
