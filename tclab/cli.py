@@ -190,14 +190,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.sdedit_from:
         result = evaluate_sdedit_consistency(a.model, a.sdedit_from, _sample_config(a), a.out, a.strengths,
-                                             a.per_class, a.classifier)
+                                             a.per_class, a.classifier, labels=a.labels)
         for r in result["rows"]:
             per = " ".join(f"{k} {v:.2f}" for k, v in r["per_class"].items())
             print(f"strength {r['strength']:.2f}: class-consistency {r['class_consistency']:.3f} ({per})")
         print(f"real images: {result['real_images']:.3f} ({result['n']} images, {result['seconds']} s)")
         print(result["out"])
         return 0
-    result = evaluate_class_consistency(a.model, _sample_config(a), a.num_samples, a.out, a.classifier)
+    result = evaluate_class_consistency(a.model, _sample_config(a), a.num_samples, a.out, a.classifier,
+                                        images=a.images, labels=a.labels)
     print(json.dumps({k: result[k] for k in ("class_consistency", "per_class", "seconds")}, indent=2))
     print(result["out"])
     return 0
@@ -322,7 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default=f"reports/{name}",
                        help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
         if name == "evaluate":
-            s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one)")
+            s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one for "
+                                                              "shapes-dit, else the one of --images)")
+            s.add_argument("--images", default=None,
+                           help="your class folders: sample the model classes they map to, and measure with the "
+                                "classifier trained on them (trained now and kept in $TCLAB_HOME if missing)")
+            s.add_argument("--labels", default="auto",
+                           help="how folders map onto the model's classes: auto (default), or a mapping file")
             s.add_argument("--sdedit-from", metavar="DIR",
                            help="diagnosis instead of sampling from noise: SDEdit real images of each class "
                                 "(DIR has one sub-folder per class) at --strengths, conditioned on their class")

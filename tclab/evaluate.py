@@ -79,27 +79,51 @@ def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: st
     return _finish(stage, final) / "grid.png"
 
 
+def _classifier_and_classes(model, classifier_path: str | None, images: str | Path | None, labels, limit=None):
+    """The classifier and the class ids to evaluate: a given file, else the shipped one for the embedded
+    classes, else the classifier of ``images`` and its label map (trained now and kept in the artefact
+    store when missing). Returns (classifier, class ids, prepared images or None)."""
+    from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier
+    from .prepare import classifier_for, load_images
+
+    prepared = load_images(images, model, labels, limit=limit) if images is not None else None
+    if classifier_path is not None or prepared is None:
+        clf = classifier_for(model, classifier_path) if classifier_path else ShapesClassifier.load(SHIPPED_CLASSIFIER)
+        if clf.class_ids is None and list(clf.class_names) != list(model.class_names or []):
+            raise ValueError(f"the {'given' if classifier_path else 'shipped'} classifier knows {clf.class_names}, not "
+                             f"the classes of {model.name}; pass --images YOUR_FOLDER (a classifier is trained on its "
+                             "folders mapped onto the model's classes) or --classifier FILE")
+        ids = clf.model_class_ids
+        if prepared is not None and prepared.label_map.conditional:
+            ids = [c for c in prepared.label_map.class_ids if c in set(ids)]
+        return clf, ids, prepared
+    if not prepared.label_map.conditional:
+        raise ValueError(f"no folder of {images} maps to a class of {model.name}, so class-consistency cannot be "
+                         "measured; name the folders as the model's classes or give --labels MAPPING.yaml")
+    clf = classifier_for(model, None, prepared.image_set, prepared.label_map, train_missing=True)
+    return clf, prepared.label_map.class_ids, prepared
+
+
 def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path,
-                               classifier_path: str | None = None) -> dict:
-    """Sample ``num_samples`` class-balanced images and measure class-consistency with the classifier."""
-    from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier, class_consistency
+                               classifier_path: str | None = None, images: str | Path | None = None,
+                               labels="auto") -> dict:
+    """Sample ``num_samples`` images balanced over the classes the classifier knows (with ``images``:
+    the model classes its folders map to, :mod:`tclab.labels`) and measure class-consistency."""
+    from .classifier import class_consistency
 
     model = load_dit(model_spec)
-    if not model.class_names:
-        raise ValueError(f"{model.name} has no class names; class-consistency needs a class-conditional model "
-                         "trained on a labelled image set")
-    clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
-    labels = balanced_labels(num_samples, model.num_classes)
+    clf, ids, _ = _classifier_and_classes(model, classifier_path, images, labels)
+    labels_t = torch.tensor(ids, dtype=torch.long)[balanced_labels(num_samples, len(ids))]
 
     def build(stage: Path) -> dict:
         t0 = time.perf_counter()
-        res = sample(model, labels, config)
-        cc = class_consistency(clf, res.images, labels, model.class_names)
-        save_grid(res.images[: 8 * len(model.class_names)], stage / "grid.png", nrow=len(model.class_names),
+        res = sample(model, labels_t, config)
+        cc = class_consistency(clf, res.images, labels_t, model.class_names)
+        save_grid(res.images[: 8 * len(ids)], stage / "grid.png", nrow=len(ids),
                   scale=max(1, 128 // model.resolution))
         return {"class_consistency": cc["accuracy"], "per_class": cc["per_class"], "n": cc["n"],
-                "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(res.seconds, 1),
-                "classifier": str(classifier_path or SHIPPED_CLASSIFIER),
+                "classes": ids, "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(res.seconds, 1),
+                "classifier": str(classifier_path or ("shipped" if images is None else "artefact store")),
                 "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(), "config": config.__dict__}
 
     return _run_into_new_folder(out, model.name, build)
@@ -111,13 +135,15 @@ GRID_PER_CLASS = 2  # images of each class in sdedit_grid.png
 
 def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: SampleConfig, out: str | Path,
                                 strengths=DEFAULT_SDEDIT_STRENGTHS, per_class: int = 16,
-                                classifier_path: str | None = None) -> dict:
-    """Class-consistency of SDEdit from real images (``per_class`` of each class in ``images``) at each
-    of ``strengths``; writes ``result.json``, ``sdedit_consistency.png`` (per class vs strength) and
-    ``sdedit_grid.png`` (top row: real images, ``GRID_PER_CLASS`` per class; then one row per strength), so
-    one can see how a class is lost: a wrong shape, or the right shape with ragged edges."""
-    from .classifier import SHIPPED_CLASSIFIER, ShapesClassifier, class_consistency
-    from .data import load_image_folder
+                                classifier_path: str | None = None, labels="auto") -> dict:
+    """Class-consistency of SDEdit from real images (``per_class`` of each folder of ``images`` that maps
+    to a model class, :mod:`tclab.labels`) at each of ``strengths``; writes ``result.json``,
+    ``sdedit_consistency.png`` (per class vs strength) and ``sdedit_grid.png`` (top row: real images,
+    ``GRID_PER_CLASS`` per class; then one row per strength), so one can see how a class is lost: a wrong
+    shape, or the right shape with ragged edges."""
+    import dataclasses
+
+    from .classifier import class_consistency
 
     strengths = [float(x) for x in strengths]
     if not strengths or any(not 0.0 < x <= 1.0 for x in strengths):
@@ -125,18 +151,17 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     model = load_dit(model_spec)
-    if not model.class_names:
-        raise ValueError(f"{model.name} has no class names; the SDEdit diagnosis needs a class-conditional model")
-    data = load_image_folder(images, resolution=model.resolution, limit=per_class)
-    if not data.labelled or data.class_names != model.class_names:
-        found = data.class_names if data.labelled else "a flat folder"
-        raise ValueError(f"{images}: needs one sub-folder per class of {model.name} {model.class_names}, "
-                         f"found {found}")
-    clf = ShapesClassifier.load(classifier_path or SHIPPED_CLASSIFIER)
-
+    clf, ids, prepared = _classifier_and_classes(model, classifier_path, images, labels, limit=per_class)
+    if not prepared.label_map.conditional:
+        raise ValueError(f"no folder of {images} maps to a class of {model.name}; the SDEdit diagnosis conditions "
+                         "each image on its class: name the folders as the model's classes or give --labels")
+    lab = prepared.labels
+    keep = torch.isin(lab, torch.tensor(ids, dtype=torch.long)).nonzero().flatten()
+    data = dataclasses.replace(prepared.image_set, images=prepared.image_set.images[keep], labels=lab[keep],
+                               records=[prepared.image_set.records[i] for i in keep.tolist()])
+    names = [prepared.label_map.class_name_of(c) for c in ids]
     # the grid shows the first GRID_PER_CLASS images of each class: the real one, then one row per strength
-    shown = torch.cat([torch.nonzero(data.labels == c).flatten()[:GRID_PER_CLASS]
-                       for c in range(len(model.class_names))])
+    shown = torch.cat([torch.nonzero(data.labels == c).flatten()[:GRID_PER_CLASS] for c in ids])
 
     def build(stage: Path) -> dict:
         t0 = time.perf_counter()
@@ -148,11 +173,12 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
             rows.append({"strength": strength, "class_consistency": cc["accuracy"], "per_class": cc["per_class"]})
             grid.append(res.images[shown])
         real = class_consistency(clf, data.images, data.labels, model.class_names)
-        _plot_sdedit(rows, model.class_names, stage / "sdedit_consistency.png", model.name)
+        _plot_sdedit(rows, names, stage / "sdedit_consistency.png", model.name)
         save_grid(torch.cat(grid), stage / "sdedit_grid.png", nrow=len(shown), scale=3)
         return {"rows": rows, "real_images": real["accuracy"], "n": len(data.labels), "images": str(images),
-                "seconds": round(time.perf_counter() - t0, 1), "model": model.identity(),
-                "config": config.__dict__, "classifier": str(classifier_path or SHIPPED_CLASSIFIER)}
+                "labels": prepared.label_map.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
+                "model": model.identity(), "config": config.__dict__,
+                "classifier": str(classifier_path or "shipped or artefact store")}
 
     return _run_into_new_folder(out, model.name, build)
 

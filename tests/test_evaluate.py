@@ -1,6 +1,8 @@
 """tclab evaluate: class-consistency of generated samples, and the SDEdit diagnosis from real images."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -36,11 +38,28 @@ def test_sdedit_refuses_a_folder_of_other_classes_and_writes_nothing(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "imgs" / cls / "a.png")
-    with pytest.raises(ValueError, match=r"found \['cat', 'dog'\]"):
+    with pytest.raises(ValueError, match=r"no folder of .*imgs maps to a class of shapes-dit"):
         evaluate_sdedit_consistency("shapes-dit", tmp_path / "imgs", SampleConfig(), tmp_path / "out")
     with pytest.raises(ValueError, match="strengths"):
         evaluate_sdedit_consistency("shapes-dit", "data/shapes", SampleConfig(), tmp_path / "out", strengths=[1.5])
     assert not (tmp_path / "out").exists()
+
+
+def test_sdedit_of_a_teams_folders_maps_them_and_trains_their_classifier(tmp_path, capsys):
+    for cls in ("Discs", "RINGS", "misc"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+    for i, f in enumerate(sorted((Path("data/shapes/disc")).iterdir())[:5]):
+        shutil.copy(f, tmp_path / "imgs" / "Discs" / f"{i}.png")
+    for i, f in enumerate(sorted((Path("data/shapes/ring")).iterdir())[:5]):
+        shutil.copy(f, tmp_path / "imgs" / "RINGS" / f"{i}.png")
+        shutil.copy(f, tmp_path / "imgs" / "misc" / f"{i}.png")
+    labels = tmp_path / "map.yaml"
+    labels.write_text("Discs: disc\nRINGS: ring\n")
+    result = evaluate_sdedit_consistency("shapes-dit", tmp_path / "imgs", SampleConfig(num_steps=4), tmp_path / "out",
+                                         strengths=[0.5], per_class=5, labels=str(labels))
+    assert result["n"] == 10  # misc is not mapped: left out
+    assert set(result["rows"][0]["per_class"]) == {"disc", "ring"}
+    assert result["labels"]["class_ids"] == [1, 2]
 
 
 def test_cli_sdedit_prints_a_row_per_strength(tmp_path, capsys):
