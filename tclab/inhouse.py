@@ -736,6 +736,7 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
     }
     identity = {"model": model.name, "model_weights_sha256": model.identity().get("weights_sha256"),
                 "images_manifest_sha256": image_set.manifest_hash(),
-                "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used)}
+                "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used),
+                "labels_sha256": label_map.sha256() if label_map is not None else None}
     labels = label_map.to_dict() if label_map is not None else None
     return to_plain({"headline": head, "details": details, "labels": labels, "identity": identity})

@@ -116,12 +116,14 @@ class LabelMap:
         return str(class_id)
 
     def table(self):
-        """The per-folder table: folder, images, class id, class name, how matched, note."""
+        """The per-folder table (indexed by folder): images, class id, class name, how matched, note."""
         import pandas as pd
 
-        return pd.DataFrame([{"folder": "(flat folder)" if r.folder is None else r.folder, "images": r.images,
-                              "class_id": r.class_id, "class_name": r.class_name, "how": r.how, "note": r.note}
-                             for r in self.rows], columns=["folder", "images", "class_id", "class_name", "how", "note"])
+        frame = pd.DataFrame([{"folder": "(flat folder)" if r.folder is None else r.folder, "images": r.images,
+                               "class_id": r.class_id, "class_name": r.class_name, "how": r.how, "note": r.note}
+                              for r in self.rows], columns=["folder", "images", "class_id", "class_name", "how", "note"])
+        frame["class_id"] = frame["class_id"].astype("Int64")  # ids, not floats, beside the missing ones
+        return frame.set_index("folder")
 
     def to_dict(self) -> dict:
         """Plain values for ``summary.json`` and provenance."""
@@ -145,12 +147,16 @@ class LabelMap:
         if not self.conditional:
             head = (f"labels ({self.spec}): no folder is mapped to a model class, so every image is sampled "
                     f"unconditionally (null class {self.null_class}) and class-consistency is not measured")
-        width = max([len(str(r.folder)) for r in self.rows] + [6])
+        width = max([len(str(r.folder)) for r in self.rows] + [13])
         lines = [head]
         for r in self.rows:
             name = "(flat folder)" if r.folder is None else r.folder
-            cls = "-" if r.class_id is None else f"{r.class_id} {r.class_name or ''}".strip()
-            lines.append(f"  {name:{width}s} {r.images:5d} img  -> {cls:30s} [{r.how}{': ' + r.note if r.note else ''}]")
+            cls = "unconditional" if r.class_id is None else f"{r.class_id} {r.class_name or ''}".strip()
+            cls = cls if len(cls) <= 40 else cls[:37] + "..."
+            lines.append(f"  {name:{width}s} {r.images:5d} img -> {cls:40s} ({r.how}{': ' + r.note if r.note else ''})")
+        if len(self.mapped) < len(self.rows) and not self.spec.startswith(("unconditional",)):
+            lines.append("  to condition a folder on a class: name it as one of the model's classes (or its id), "
+                         "or pass labels={folder: class id or name} (or a mapping file)")
         return "\n".join(lines)
 
 
@@ -195,9 +201,9 @@ def _match_auto(folder: str, names: list[str] | None, n_classes: int,
         k = int(folder.strip())
         if k < n_classes:
             return k, BY_INDEX, "folder name is a class id"
-        return None, NOT_MATCHED, f"class id {k} is not below the model's {n_classes} classes"
+        return None, NOT_MATCHED, f"class id {k} >= the model's {n_classes} classes"
     if not names:
-        return None, NOT_MATCHED, "the model has no class names; name folders by class id or pass a mapping"
+        return None, NOT_MATCHED, "the model has no class names (no id2label)"
     full, alias = index
     key = normalise(folder)
     for table, how in ((full, BY_NAME), (alias, BY_ALIAS)):
@@ -205,10 +211,10 @@ def _match_auto(folder: str, names: list[str] | None, n_classes: int,
         if len(hits) == 1:
             return hits[0], how, "" if how == BY_NAME else f"matched {key!r}"
         if len(hits) > 1:
-            return None, NOT_MATCHED, f"ambiguous: matches classes {hits}; pass a mapping to choose one"
+            return None, NOT_MATCHED, f"ambiguous: matches classes {hits}"
     close = difflib.get_close_matches(key, list(alias), n=1, cutoff=0.8)
-    hint = f" (closest: {names[alias[close[0]][0]]!r}; map it explicitly if that is meant)" if close else ""
-    return None, NOT_MATCHED, f"no model class of that name{hint}"
+    hint = f" (closest: {names[alias[close[0]][0]]!r})" if close else ""
+    return None, NOT_MATCHED, f"no class of that name{hint}"
 
 
 def load_label_spec(spec: Any) -> Any:
@@ -270,8 +276,7 @@ def resolve_labels(image_set, model, labels: Any = AUTO) -> LabelMap:
     null = int(getattr(model, "null_class", NULL_CLASS))
 
     if not image_set.labelled:
-        rows = [FolderLabel(None, counts.get(None, 0), None, None, NOT_MATCHED,
-                            "flat folder: images carry no class")]
+        rows = [FolderLabel(None, counts.get(None, 0), None, None, NOT_MATCHED, "flat folder: no classes")]
         label = "unconditional" if spec == UNCONDITIONAL else (AUTO if spec == AUTO else "mapping")
         if isinstance(spec, dict) and {k for k in spec if k != "__file__"}:
             raise LabelSpecError(f"labels maps folders {sorted(k for k in spec if k != '__file__')}, but "

@@ -38,6 +38,7 @@ EMBEDDED_NAME = "shapes-dit"
 EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_NAME
 NULL_CLASS = 1000  # DiTPipeline hard-codes class 1000 as the unconditional ("null") label.
 META_FILE = "tclab_model.json"
+IDENTITY_MAX_NAMES = 32  # identity() lists at most this many class names
 
 
 class ModelSpecError(ValueError):
@@ -169,12 +170,21 @@ class LoadedDiT:
                            scheduler=scheduler or make_scheduler("ddim", self.scheduler_config))
 
     def identity(self) -> dict:
-        """What a run's provenance records about the model."""
+        """What a run's provenance records about the model. Class names are listed when there are a
+        few (up to ``IDENTITY_MAX_NAMES``); an ImageNet ``id2label`` is summarised by its count, its
+        first names and a hash, so it does not fill every report."""
+        import hashlib
+
         n = sum(p.numel() for p in self.transformer.parameters())
-        return {"name": self.name, "source": self.source, "trained": self.trained, "parameters": n,
-                "token_grid": list(self.token_grid), "blocks": len(self.transformer.transformer_blocks),
-                "resolution": self.resolution, "class_names": self.class_names,
-                "weights_sha256": self.meta.get("weights_sha256")}
+        names = self.class_names
+        out = {"name": self.name, "source": self.source, "trained": self.trained, "parameters": n,
+               "token_grid": list(self.token_grid), "blocks": len(self.transformer.transformer_blocks),
+               "resolution": self.resolution, "classes": len(names) if names else None,
+               "class_names": names if names is None or len(names) <= IDENTITY_MAX_NAMES else [*names[:3], "..."],
+               "weights_sha256": self.meta.get("weights_sha256")}
+        if names:
+            out["class_names_sha256"] = hashlib.sha256("\n".join(names).encode()).hexdigest()
+        return out
 
 
 def check_null_class(num_embeds_ada_norm: int | None, where: str, transformer_folder: Path | None = None) -> None:

@@ -55,8 +55,10 @@ def test_auto_matches_names_aliases_ids_and_leaves_the_rest_unconditional(pixel_
     labels = m.labels_for(s)
     assert labels.tolist().count(NULL_CLASS) == 6  # three unmatched folders x 2 images
     table = m.table()
-    assert list(table.columns) == ["folder", "images", "class_id", "class_name", "how", "note"]
-    assert table.set_index("folder").loc["Goldfish", "class_name"] == "goldfish, Carassius auratus"
+    assert table.index.name == "folder" and list(table.columns) == ["images", "class_id", "class_name", "how", "note"]
+    assert table.loc["Goldfish", "class_name"] == "goldfish, Carassius auratus" and table.loc["Goldfish", "class_id"] == 1
+    assert all(len(n) <= 50 for n in table["note"])  # fits a report's table cell uncut
+    assert "to condition a folder on a class" in m.describe()
     json.dumps(m.to_dict())  # plain values for summary.json
 
 
