@@ -372,7 +372,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     quality columns that were not measured are NaN.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     settings = settings or SweepSettings()
     if any(v.name == FULL_COMPUTE and v != full_compute() for v in variants):
@@ -402,7 +402,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
 
     rows, images = [], {}
     full_flops = None
-    bar = tqdm(variants, desc="sweep", unit="variant", disable=not progress)
+    bar = progress_bar(variants, desc="sweep", unit="variant", disable=not progress)
     for v in bar:
         bar.set_postfix_str(v.name[:40])
         row = {"name": v.name, "curve": v.curve, "family": v.family, "knob": v.knob,

@@ -142,7 +142,7 @@ def train_classifier(train_set, val_set=None, config: ClassifierConfig = Classif
     of mapped folders are used, the outputs are the mapped model classes (``class_ids``), and
     ``val_set`` (mapped with the same folder names) may be None.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     if not train_set.labelled:
         raise ValueError(f"{train_set.root} has no class folders; a classifier needs labelled images")
@@ -161,7 +161,7 @@ def train_classifier(train_set, val_set=None, config: ClassifierConfig = Classif
     n = len(train_set)
     steps = config.epochs * ((n + config.batch_size - 1) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps)
-    bar = tqdm(total=steps, desc="train-classifier", disable=not progress, unit="step")
+    bar = progress_bar(total=steps, desc="train-classifier", disable=not progress, unit="step")
     for _ in range(config.epochs):
         net.train()
         perm = torch.randperm(n, generator=gen)

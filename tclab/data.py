@@ -188,14 +188,14 @@ def load_image_folder(
         limit: keep at most this many usable images (in deterministic order) per class.
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     root = Path(root).expanduser()
     files, skipped = _list_files(root)
     class_names = sorted({c for _, c in files if c is not None})
     label_of = {c: k for k, c in enumerate(class_names)}
     arrays, records, per_class = [], [], {}
-    for f, cls in tqdm(files, desc=f"checking {root.name}", disable=not progress, unit="img"):
+    for f, cls in progress_bar(files, desc=f"checking {root.name}", disable=not progress, unit="img"):
         rel = str(f.relative_to(root))
         if limit is not None and per_class.get(cls, 0) >= limit:
             continue

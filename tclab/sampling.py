@@ -149,7 +149,7 @@ def sample(
 
     ``on_step(ctx, latents)`` is called after every step with the (conditional) latents.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     tr = model.transformer
     device, dtype = tr.device, tr.dtype
@@ -168,7 +168,7 @@ def sample(
     outs, all_t, t_model = [], [], 0.0
     start = time.perf_counter()
     chunks = range(0, n, config.batch_size)
-    bar = tqdm(total=len(chunks) * config.num_steps, desc="sampling", disable=not progress, unit="step")
+    bar = progress_bar(total=len(chunks) * config.num_steps, desc="sampling", disable=not progress, unit="step")
     for lo in chunks:
         hi = min(n, lo + config.batch_size)
         sched = make_scheduler(config.scheduler, model.scheduler_config)

@@ -125,13 +125,13 @@ def make_shape_image(config: ShapesConfig, class_index: int, index: int) -> Imag
 
 def write_shapes_dataset(out_dir: str | Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the stand-in set as ``out_dir/<class>/<class>_<index>.png``; refuses a non-empty folder."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new folder or delete it first")
     jobs = [(c, i) for c in range(len(CLASSES)) for i in range(config.per_class)]
-    for c, i in tqdm(jobs, desc="drawing shapes", disable=not progress, unit="img"):
+    for c, i in progress_bar(jobs, desc="drawing shapes", disable=not progress, unit="img"):
         path = out / CLASSES[c] / f"{CLASSES[c]}_{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         make_shape_image(config, c, i).save(path, optimize=True)

@@ -175,7 +175,7 @@ def lr_at(config: TrainDiTConfig, step: int) -> float:
 
 def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train and export; returns the model folder. See the module docstring."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     # refuse bad knobs before any folder is made
     lr_at(config, 0)
@@ -229,7 +229,7 @@ def train_dit(config: TrainDiTConfig, resume: bool = False, progress: bool = Tru
         tmp.replace(ckpt_path)
 
     n = len(data)
-    bar = tqdm(total=config.steps, initial=step, desc="train-dit", disable=not progress, unit="step")
+    bar = progress_bar(total=config.steps, initial=step, desc="train-dit", disable=not progress, unit="step")
     t0 = time.perf_counter() - elapsed
     while step < config.steps:
         idx = torch.randint(0, n, (config.batch_size,), generator=gen)

@@ -409,7 +409,7 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
             refusing one made with other settings; ``config.steps`` may be raised to train longer.
         trajectories: reuse an already collected :class:`TrajectorySet` (e.g. one for both kinds).
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     model = _as_loaded(model)
     tr = model.transformer
@@ -467,7 +467,7 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
     was_training = tr.training
     flags = [p.requires_grad for p in tr.parameters()]
     tr.eval().requires_grad_(False)  # frozen: no gradient, no label dropout
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
+    bar = progress_bar(total=config.steps, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
     t0 = time.perf_counter() - elapsed
     try:
         while step < config.steps:
