@@ -355,7 +355,8 @@ def test_summary_headline_is_flat_and_identity_pins_the_inputs(measured_report):
     worst = measured.worst(2)
     redundancy = {"headline": {"frac_tokens_below_5pct": 0.2, "adjacent_rank_corr": 0.7, "obs1_holds": True,
                                "obs2_holds": True, "obs3_holds": None}}
-    s = inhouse.summarise_report(model, image_set, used, redundancy, rec, measured, worst)
+    label_map = resolve_labels(image_set, model)
+    s = inhouse.summarise_report(model, image_set, used, redundancy, rec, measured, worst, label_map)
     head = s["headline"]
     assert all(isinstance(v, (int, float, str, bool, type(None))) for v in head.values())
     assert (head["usable_images"], head["bad_images"], head["images_used"]) == (9, 2, 6)
@@ -373,7 +374,9 @@ def test_summary_headline_is_flat_and_identity_pins_the_inputs(measured_report):
     assert m["fid_reason"].startswith(head["fid_reason"]) and m["kid_subset_size"] == 6
     assert s["identity"] == {"model": "tiny-pixel", "model_weights_sha256": SHA,
                              "images_manifest_sha256": image_set.manifest_hash(),
-                             "images_used_manifest_sha256": used.manifest_hash(), "images_used": 6}
+                             "images_used_manifest_sha256": used.manifest_hash(), "images_used": 6,
+                             "labels_sha256": label_map.sha256()}
+    assert head["mapped_folders"] == 3 and [r["class_id"] for r in s["labels"]["rows"]] == [0, 1, 2]
     assert {b["path"] for b in s["details"]["image_check"]["bad_files"]} == {"a/empty.png", "b/notes.png"}
     assert "NOT comparable" in s["details"]["measurement"]["fid_note"]
     text = json.dumps(s, allow_nan=False)  # strict JSON: no NaN anywhere
