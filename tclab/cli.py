@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -167,6 +168,17 @@ def _sample_config(a: argparse.Namespace):
                         batch_size=a.batch_size)
 
 
+def _finite_float(text: str) -> float:
+    """A number option: NaN and infinity are refused (argparse's float would take them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number (NaN and infinity are not accepted)")
+    return value
+
+
 def _strength_list(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",")]
@@ -205,7 +217,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tclab", description="Token caching workbench for diffusion transformers.")
+    p = argparse.ArgumentParser(
+        prog="tclab", description="Token caching workbench for diffusion transformers.",
+        epilog="Exit status: 0 done; 1 it ran and failed (e.g. a notebook raised: see the run's error.txt); 2 nothing "
+               "could run (a bad model, image folder, parameter or file; the message names it and the fix). "
+               "--debug (or TCLAB_DEBUG=1) also prints the traceback.")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-images", help="write the synthetic stand-in image set (class sub-folders of PNGs)")
@@ -223,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=4000)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--lr", type=float, default=3e-4,
+    s.add_argument("--lr", type=_finite_float, default=3e-4,
                    help="AdamW peak learning rate (default 3e-4; lower suits continuing a trained model)")
     s.add_argument("--cooldown", type=int, default=0,
                    help="decay the learning rate linearly to 0 over the last N steps (default 0: constant)")
-    s.add_argument("--snr-gamma", type=float, default=None,
+    s.add_argument("--snr-gamma", type=_finite_float, default=None,
                    help="Min-SNR-gamma loss weighting (e.g. 5; default: plain MSE)")
     s.add_argument("--t-sampling", default="uniform", choices=["uniform", "lognormal-mix"],
                    help="how training timesteps are drawn (lognormal-mix: half of them around sigma = 1, "
@@ -246,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "YAML/JSON/CSV mapping file (folder: class id or name)")
     s.add_argument("--steps", type=int, default=300, help="optimiser steps")
     s.add_argument("--num-steps", type=int, default=50, help="sampling steps of the training trajectories")
-    s.add_argument("--lambda", dest="lam", type=float, default=1.0, help="compute penalty (higher = fewer tokens)")
+    s.add_argument("--lambda", dest="lam", type=_finite_float, default=1.0, help="compute penalty (higher = fewer tokens)")
     s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"))
-    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--guidance", type=_finite_float, default=4.0)
     s.add_argument("--num-samples", type=int, default=6, help="trajectories sampled from noise")
     s.add_argument("--batch-size", type=int, default=4, help="step pairs per optimiser step")
     s.add_argument("--max-gap", type=int, default=1, help="pairs (s-g, s) with g up to this (1 = adjacent)")
@@ -316,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
         s.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm++", "euler"),
                        help="default: %(default)s")
-        s.add_argument("--guidance", type=float, default=4.0,
+        s.add_argument("--guidance", type=_finite_float, default=4.0,
                        help="classifier-free guidance scale; 1 turns it off (default: %(default)s)")
         s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
         s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
@@ -360,9 +377,65 @@ def _add_schedule_parser(sub) -> None:
     s.set_defaults(func=_cmd_schedule_run)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the input was wrong (exit 2, one message naming it); anything else is a failure."""
+    import json as _json
+
+    import yaml
+
+    from .data import ImageSetError
+    from .labels import LabelSpecError
+    from .models import ModelSpecError
+    from .runs import ParameterError
+
+    return (ModelSpecError, ImageSetError, LabelSpecError, ParameterError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, _json.JSONDecodeError, yaml.YAMLError, ValueError, TypeError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command: the one error boundary of the command line.
+
+    A wrong input (model spec, image folder, labels, parameter, file, YAML/JSON, permissions) prints one
+    line ``tclab <command>: <what was wrong and the fix>`` and exits 2; a disk that is full or another
+    OS error, or an unexpected error, prints one line and exits 1. The traceback is printed only with
+    ``--debug`` or ``TCLAB_DEBUG=1`` (a notebook's is always in its run's ``error.txt``).
+    """
+    import errno
+    import os
+    import traceback
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get("TCLAB_DEBUG", "") not in ("", "0")
+    name = f"tclab {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        what = "the disk is full" if e.errno == errno.ENOSPC else "an operating-system error"
+        print(f"{name}: {what}: {_one_line(e)}; nothing finished was overwritten", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, never a raw traceback
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: failed with {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback; "
+              "if the input looks right, it is a bug in tclab)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in text:
+        text = f"{text}: {e.filename}"
+    return " ".join(text.split()) if len(text) < 2000 else " ".join(text.split())[:2000] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -196,6 +196,7 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
             merged = runs.load_parameters(params_file)
             merged.update({str(k): v for k, v in params_raw.items()})
             runs.validate_parameters(merged, runs.notebook_parameters(notebook), notebook=f"notebook {str(notebook)!r}")
+            runs.check_parameter_values(merged, notebook)
         except (runs.ParameterError, FileNotFoundError) as e:
             problems.append(f"{where}: {e}")
             continue

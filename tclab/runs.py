@@ -57,6 +57,7 @@ import difflib
 import hashlib
 import html
 import json
+import math
 import os
 import platform
 import re
@@ -73,7 +74,8 @@ import yaml
 __all__ = [
     "RUN_DIR_PARAMETER", "STAGING_DIRNAME", "FAILED_SUFFIX", "REPORT_NAME",
     "ParameterError", "RunFailedError", "RunContext", "RunInfo",
-    "notebook_parameters", "validate_parameters", "parse_parameter_value", "load_parameters",
+    "notebook_parameters", "validate_parameters", "check_parameter_values", "notebook_parameter_types",
+    "parse_parameter_value", "load_parameters",
     "parameters_hash", "resolve_notebook", "resolve_params_file", "project_notebooks_dir", "PROJECT_ROOT",
     "run_notebook", "open_run", "provenance", "environment", "git_state",
     "list_runs", "write_index", "render_html",
@@ -200,6 +202,117 @@ def validate_parameters(params: Mapping[str, Any], valid: Iterable[str], noteboo
             f"its parameters cell defines: {', '.join(valid) or '(none)'}")
 
 
+#: Type names a parameters cell may annotate with (``classes: list | None = None``, ``reductions: list[float]``).
+_TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
+
+
+@dataclass(frozen=True)
+class ParameterType:
+    """What a parameter accepts: ``types`` (None = anything) and, for lists, ``element`` types."""
+
+    types: tuple[type, ...] | None
+    element: tuple[type, ...] | None = None
+
+
+def _annotation(node: ast.AST, where: str, name: str) -> ParameterType:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        a, b = _annotation(node.left, where, name), _annotation(node.right, where, name)
+        return ParameterType(a.types + b.types, a.element or b.element)
+    if isinstance(node, ast.Constant) and node.value is None:
+        return ParameterType((type(None),))
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "list":
+        return ParameterType((list,), _annotation(node.slice, where, name).types)
+    if isinstance(node, ast.Name) and node.id in _TYPE_NAMES:
+        t = _TYPE_NAMES[node.id]
+        return ParameterType((int, float) if t is float else (t,))
+    raise ParameterError(f"parameter {name!r} in {where} is annotated {ast.unparse(node)!r}; use int, float, str, "
+                         "bool, list, list[float], dict and None joined by |")
+
+
+def _of_default(value: Any) -> ParameterType:
+    """An unannotated parameter takes values like its default: an int default integers, a float default
+    numbers, a list default a list whose elements are like the default's (when those share one type)."""
+    if value is None:
+        return ParameterType(None)
+    if isinstance(value, bool):
+        return ParameterType((bool,))
+    if isinstance(value, int):
+        return ParameterType((int,))
+    if isinstance(value, float):
+        return ParameterType((int, float))
+    if isinstance(value, (list, tuple)):
+        kinds = {_of_default(v).types for v in value}
+        element = kinds.pop() if len(kinds) == 1 else None
+        return ParameterType((list,), element if element != (dict,) else None)
+    return ParameterType((type(value),))
+
+
+def notebook_parameter_types(notebook: str | os.PathLike) -> dict[str, ParameterType]:
+    """What each parameter accepts: its annotation in the parameters cell (``labels: str | dict =
+    "auto"``), else the type of its default (see :func:`_of_default`)."""
+    where = f"notebook {str(notebook)!r}"
+    tree = ast.parse(_parameters_cell(_read_notebook(notebook), where).source)
+    defaults = notebook_parameters(notebook)
+    out: dict[str, ParameterType] = {}
+    for stmt in tree.body:
+        name = stmt.targets[0].id if isinstance(stmt, ast.Assign) else stmt.target.id
+        out[name] = _annotation(stmt.annotation, where, name) if isinstance(stmt, ast.AnnAssign) else \
+            _of_default(defaults[name])
+    return out
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """The first NaN or infinity inside ``value`` (numbers, lists, dicts), as a readable path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = enumerate(value) if isinstance(value, (list, tuple)) else value.items() if isinstance(value, dict) else ()
+    for k, v in items:
+        hit = _non_finite(v, f"{path}[{k!r}]")
+        if hit:
+            return hit
+    return None
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, tuple):
+        return list in types
+    return isinstance(value, types)
+
+
+def _type_text(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return " or ".join(names[t] for t in types if not (t is int and float in types))
+
+
+def check_parameter_values(params: Mapping[str, Any], notebook: str | os.PathLike) -> None:
+    """Refuse a value of the wrong type for its parameter, and any NaN or infinity, before a kernel starts.
+
+    Types come from :func:`notebook_parameter_types`. Ranges (``num_steps >= 1``) are checked by the
+    configs the notebook builds, naming the field.
+    """
+    types = notebook_parameter_types(notebook)
+    defaults = notebook_parameters(notebook)
+    where = f"notebook {Path(notebook).name}"
+    for name, value in params.items():
+        bad = _non_finite(value, name)
+        if bad:
+            raise ParameterError(f"parameter {bad} of {where} is {value!r}: NaN and infinity are not accepted; "
+                                 f"give a finite number (default: {defaults.get(name)!r})")
+        want = types.get(name, ParameterType(None))
+        if want.types is not None and not _is(value, want.types):
+            raise ParameterError(f"parameter {name!r} of {where} must be {_type_text(want.types)}, got "
+                                 f"{type(value).__name__} {value!r} (default: {defaults.get(name)!r}); -p reads its "
+                                 "value as YAML: 10 is an integer, 0.5 a number, abc text, [1, 2] a list")
+        if want.element is not None and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if not _is(v, want.element):
+                    raise ParameterError(f"parameter {name}[{i}] of {where} must be {_type_text(want.element)}, "
+                                         f"got {type(v).__name__} {v!r} (default: {defaults.get(name)!r})")
+
+
 def parse_parameter_value(text: str) -> Any:
     """Read a ``-p NAME VALUE`` value as a YAML scalar, the way papermill's ``-y`` would.
 
@@ -245,7 +358,12 @@ def load_parameters(param_file: str | os.PathLike | None = None,
                                  f"got a {type(loaded).__name__}")
         merged.update({str(k): v for k, v in loaded.items()})
     for name, text in overrides:
-        merged[name] = parse_parameter_value(text)
+        try:
+            merged[name] = parse_parameter_value(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ParameterError(f"-p {name} {text!r} is not a valid YAML value ({problem}); quote text, write lists "
+                                 "as [1, 2] and mappings as '{a: 1, b: 2}'") from None
     return merged
 
 
@@ -781,6 +899,7 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     params = dict(params or {})
     defaults = notebook_parameters(notebook)
     validate_parameters(params, defaults, notebook=f"notebook {str(notebook)!r}")
+    check_parameter_values(params, notebook)  # types and finiteness, before any folder or kernel
     used = {k: v for k, v in defaults.items() if k != RUN_DIR_PARAMETER}
     used.update(params)
     used = _plain(used)

@@ -23,6 +23,7 @@ CFG batch layout, as in DiTPipeline: rows ``[0, B)`` are conditional (the asked 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -102,6 +103,16 @@ class SampleConfig:
     sdedit_strength: float = 0.6
 
     def __post_init__(self) -> None:
+        for name in ("num_steps", "seed", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+        for name in ("guidance_scale", "sdedit_strength"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}"
+                                 + ("; guidance 1 (or below) turns classifier-free guidance off" if name ==
+                                    "guidance_scale" else ""))
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.scheduler not in SCHEDULERS:
