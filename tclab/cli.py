@@ -407,11 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("TCLAB_DEBUG", "") not in ("", "0")
     name = f"tclab {args.command}"
+    from .runs import RunStopped
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted; a run in progress is marked failed in its reports folder", file=sys.stderr)
         return 130
+    except RunStopped as e:
+        print(f"{name}: {e}; the run in progress is marked failed in its reports folder", file=sys.stderr)
+        return 128 + (e.signum or 15)
     except _user_errors() as e:
         if debug:
             traceback.print_exc()

@@ -10,6 +10,13 @@ A jobs file names the reports folder and the jobs, run in order::
         params_file: ../notebooks/params/01_smoke.yaml   # optional preset, as `tclab run -f`
         params: {num_steps: 10}          # optional; wins over params_file, as `tclab run -p`
         tag: smoke                       # optional; default: the job's name
+        timeout: 1800                    # optional, seconds; default: the file's 'timeout', else none
+
+A top-level ``timeout: SECONDS`` is the default for every job. A job past its timeout is stopped
+(its kernel too), marked FAILED ("timed out after ..."), and the next job runs, so one hung job
+cannot block the schedule. SIGTERM (systemd's ``TimeoutStartSec``, ``kill``) or SIGHUP stops the
+current job cleanly (marked FAILED, "stopped by SIGTERM"), prints a summary line for every job (the
+rest: "skipped: scheduler stopped"), rewrites the index, and exits 143 (SIGHUP: 129).
 
 **Paths.** Every relative path is read from the folder holding the jobs file (absolute paths and
 ``~`` work too), so the file means the same from cron, systemd or any working directory:
@@ -59,9 +66,9 @@ __all__ = ["TOP_LEVEL_KEYS", "JOB_KEYS", "LOCK_NAME", "Job", "JobsFile", "JobRes
            "ScheduleLockedError", "load_jobs", "reports_lock", "run_jobs"]
 
 #: Keys a jobs file may hold at the top level (both required).
-TOP_LEVEL_KEYS = ("reports", "jobs")
+TOP_LEVEL_KEYS = ("reports", "jobs", "timeout")
 #: Keys a job may hold: name and notebook required, the rest optional.
-JOB_KEYS = ("name", "notebook", "params", "params_file", "tag")
+JOB_KEYS = ("name", "notebook", "params", "params_file", "tag", "timeout")
 #: The lock file inside the reports folder.
 LOCK_NAME = ".tclab-schedule.lock"
 
@@ -82,6 +89,7 @@ class Job:
     notebook: Path
     params: dict[str, Any]
     tag: str
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -96,7 +104,7 @@ class JobResult:
     """The outcome of one job. ``run_dir`` is None only if the job failed before making a folder."""
 
     name: str
-    status: str                          # "ok" or "failed"
+    status: str                          # "ok", "failed" or "skipped"
     seconds: float
     run_dir: Path | None
     headline: dict[str, Any] = field(default_factory=dict)
@@ -112,8 +120,8 @@ class JobResult:
         numbers = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:max_numbers])
         if len(items) > max_numbers:
             numbers += f" (+{len(items) - max_numbers} more)"
-        tail = numbers if self.ok else f"error: {self.error}"
-        return (f"{'ok' if self.ok else 'FAILED':7s} {self.name}  {self.seconds:.1f}s  "
+        tail = numbers if self.ok else f"error: {self.error}" if self.status == "failed" else f"skipped: {self.error}"
+        return (f"{'ok' if self.ok else self.status.upper():7s} {self.name}  {self.seconds:.1f}s  "
                 f"{self.run_dir if self.run_dir is not None else '(no run folder)'}  {tail}").rstrip()
 
 
@@ -132,6 +140,18 @@ def _unknown_keys(found, valid, where: str) -> str | None:
            f"valid keys are {', '.join(valid)}"
 
 
+def _timeout(value: Any, where: str, problems: list[str]) -> float | None:
+    """A timeout in seconds (a positive, finite number) or None; a bad one is added to ``problems``."""
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        problems.append(f"{where} must be a positive number of seconds (e.g. 1800), got {value!r}")
+        return None
+    return float(value)
+
+
 def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
     """Read and check a jobs file (see the module docstring); nothing runs and nothing is written.
 
@@ -146,6 +166,7 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
     problems: list[str] = []
     if (msg := _unknown_keys(data, TOP_LEVEL_KEYS, str(path))):
         problems.append(msg)
+    default_timeout = _timeout(data.get("timeout"), f"{path}: 'timeout'", problems)
     if not data.get("reports"):
         problems.append(f"{path}: 'reports' is missing: the folder (relative to the jobs file) for run folders")
     reports = _resolve(data.get("reports") or ".", base)
@@ -200,7 +221,8 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
         except (runs.ParameterError, FileNotFoundError) as e:
             problems.append(f"{where}: {e}")
             continue
-        jobs.append(Job(name=name, notebook=notebook, params=merged, tag=str(tag)))
+        timeout = _timeout(raw.get("timeout"), f"{where}: 'timeout'", problems) if "timeout" in raw else default_timeout
+        jobs.append(Job(name=name, notebook=notebook, params=merged, tag=str(tag), timeout_s=timeout))
 
     if problems:
         raise JobsFileError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {path}; "
@@ -248,41 +270,73 @@ def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], N
     """Check the jobs file, take the reports lock, run every job in order; one result per job.
 
     ``echo`` receives each job's summary line as soon as the job ends (``None``: silent). A
-    failing job does not stop the others; check ``all(r.ok for r in results)``. Raises
+    failing or timed-out job does not stop the others; check ``all(r.ok for r in results)``. Raises
     :class:`JobsFileError` (bad file) or :class:`ScheduleLockedError` (folder busy) before any job
-    runs. ``reports/index.html`` is rewritten at the end. ``jobs_file`` may also be the
-    :class:`JobsFile` that :func:`load_jobs` returned.
+    runs. ``reports/index.html`` is rewritten at the end. SIGTERM / SIGHUP stop the current job (marked
+    FAILED), skip the rest and raise :class:`SchedulerStopped` with every job's result, after the index
+    is written and the lock released. ``jobs_file`` may also be the :class:`JobsFile` of :func:`load_jobs`.
     """
     plan = jobs_file if isinstance(jobs_file, JobsFile) else load_jobs(jobs_file)
     results: list[JobResult] = []
-    with reports_lock(plan.reports):
+    stopped: runs.RunStopped | None = None
+    with reports_lock(plan.reports), runs._stoppable():
         for job in plan.jobs:
-            t0 = time.perf_counter()
-            run_dir: Path | None = None
-            error: str | None = None
-            try:
-                run_dir = runs.run_notebook(job.notebook, job.params, plan.reports, tag=job.tag,
-                                            progress_bar=progress_bar, caller_cwd=plan.path.parent)
-            except runs.RunFailedError as e:
-                run_dir = e.run_dir
-                error = runs.read_json(run_dir / "provenance.json").get("error") or str(e)
-            except Exception as e:  # noqa: BLE001 - one broken job (disk, kernel) must not stop the rest
-                error = f"{type(e).__name__}: {e}"
-            seconds = time.perf_counter() - t0
-            summary = runs.read_json(run_dir / "summary.json") if run_dir is not None else {}
-            headline = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
-            result = JobResult(job.name, "failed" if error else "ok", seconds, run_dir, headline, error)
+            if stopped is not None:
+                result = JobResult(job.name, "skipped", 0.0, None, {}, f"scheduler {stopped}")
+            else:
+                t0 = time.perf_counter()
+                try:
+                    result = _run_job(plan, job, progress_bar)
+                except runs.RunStopped as e:  # the scheduler was told to stop: this job failed, the rest skip
+                    stopped = e
+                    result = JobResult(job.name, "failed", time.perf_counter() - t0, _latest_failed(plan, job), {},
+                                       str(e))
             results.append(result)
             if echo is not None:
                 echo(result.summary_line())
         runs.write_index(plan.reports)
+    if stopped is not None:
+        raise SchedulerStopped(results, stopped)
     return results
 
 
+def _run_job(plan: JobsFile, job: Job, progress_bar: bool) -> JobResult:
+    t0 = time.perf_counter()
+    run_dir: Path | None = None
+    error: str | None = None
+    try:
+        run_dir = runs.run_notebook(job.notebook, job.params, plan.reports, tag=job.tag, progress_bar=progress_bar,
+                                    caller_cwd=plan.path.parent, timeout_s=job.timeout_s)
+    except runs.RunFailedError as e:
+        run_dir = e.run_dir
+        error = runs.read_json(run_dir / "provenance.json").get("error") or str(e)
+    except Exception as e:  # noqa: BLE001 - one broken job (disk, kernel) must not stop the rest
+        error = f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - t0
+    summary = runs.read_json(run_dir / "summary.json") if run_dir is not None else {}
+    headline = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
+    return JobResult(job.name, "failed" if error else "ok", seconds, run_dir, headline, error)
+
+
+def _latest_failed(plan: JobsFile, job: Job) -> Path | None:
+    stem = runs._safe_name(job.notebook.stem, "notebook name", max_len=80)
+    failed = sorted(plan.reports.glob(f"*_{stem}_{job.tag}*{runs.FAILED_SUFFIX}"))
+    return failed[-1] if failed else None
+
+
+class SchedulerStopped(BaseException):
+    """``run_jobs`` was stopped by a signal; ``results`` holds every job (the rest "skipped")."""
+
+    def __init__(self, results: list[JobResult], cause: "runs.RunStopped"):
+        super().__init__(str(cause))
+        self.results, self.signum = results, cause.signum
+
+
 def _main_summary(results: list[JobResult], reports: Path) -> str:
-    failed = sum(not r.ok for r in results)
-    return (f"{len(results) - failed} of {len(results)} job(s) ok, {failed} failed; "
-            f"index: {reports / 'index.html'}")
+    failed = sum(r.status == "failed" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    return (f"{sum(r.ok for r in results)} of {len(results)} job(s) ok, {failed} failed"
+            + (f", {skipped} skipped" if skipped else "") + f"; index: {reports / 'index.html'}")
 
 
 def cli_schedule_run(jobs_file: str, dry_run: bool = False) -> int:
@@ -298,5 +352,8 @@ def cli_schedule_run(jobs_file: str, dry_run: bool = False) -> int:
     except (JobsFileError, ScheduleLockedError) as e:
         print(f"tclab schedule run: {e}", file=sys.stderr)
         return 2
+    except SchedulerStopped as e:
+        print(_main_summary(e.results, plan.reports) + f"; stopped: {e}", file=sys.stderr)
+        return 128 + (e.signum or 15)
     print(_main_summary(results, plan.reports))
     return 0 if all(r.ok for r in results) else 1

@@ -104,6 +104,20 @@ class ParameterError(ValueError):
     """A parameter name or value the notebook cannot take; raised before anything runs."""
 
 
+class RunStopped(BaseException):
+    """The run was stopped from outside (SIGTERM, SIGHUP; SIGINT stays KeyboardInterrupt): the run is
+    marked FAILED with the reason and the index updated, then this propagates, so a scheduler stops too.
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` does not swallow it."""
+
+    def __init__(self, reason: str, signum: int | None = None):
+        super().__init__(reason)
+        self.signum = signum
+
+
+class RunTimeout(Exception):
+    """The run took longer than its ``timeout_s``; it was stopped (kernel included) and marked FAILED."""
+
+
 class RunFailedError(RuntimeError):
     """The notebook raised. ``run_dir`` is the ``*_FAILED`` folder holding ``error.txt``."""
 
@@ -824,6 +838,128 @@ def _kernel_imports_this_tclab(caller_cwd: str | os.PathLike | None = None) -> I
                 os.environ[k] = v
 
 
+KERNEL_LOG = "kernel.log"
+
+
+def _kernel_manager_logging_to(log_path: Path):
+    """A kernel manager whose kernel writes its own stderr (start-up warnings, and the traceback it prints
+    when it is shut down mid-cell) to ``log_path`` in the run folder instead of the user's terminal."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log_path, "ab") as log:  # the kernel keeps its own copy of the descriptor
+                kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
+@contextlib.contextmanager
+def _stoppable(timeout_s: float | None = None) -> Iterator[None]:
+    """While a notebook runs: SIGTERM and SIGHUP raise :class:`RunStopped`, and ``timeout_s`` (a real-time
+    alarm) raises :class:`RunTimeout`, in the runner's main thread, so the run is marked FAILED and the
+    kernel shut down by papermill's own clean-up. Off the main thread (where Python cannot take
+    signals) nothing is installed. The previous handlers come back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RunStopped(f"stopped by {signal.Signals(signum).name}", signum)
+
+    def alarm(signum, frame):
+        raise RunTimeout(f"timed out after {timeout_s:g} s (the job's timeout); the kernel was stopped")
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    if timeout_s:
+        old[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+    try:
+        yield
+    finally:
+        if timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+#: Free space a reports folder must have before a run starts (a run writes figures, records, notebooks).
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def check_reports_writable(reports: Path) -> None:
+    """Refuse a reports folder that cannot be written, or that is (nearly) full, before any work starts."""
+    import shutil
+    import tempfile
+
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=reports, prefix=".tclab-write-check-"):
+            pass
+    except OSError as e:
+        raise ParameterError(f"reports folder {reports} cannot be written ({e.strerror or e}); pass --reports DIR "
+                             "(or set $TCLAB_REPORTS_DIR) to a folder you can write") from None
+    free = shutil.disk_usage(reports).free
+    if free < MIN_FREE_BYTES:
+        raise ParameterError(f"reports folder {reports} has only {free / 2**20:.0f} MiB free (a run needs at least "
+                             f"{MIN_FREE_BYTES // 2**20} MiB); free some space or pass --reports DIR elsewhere")
+
+
+_PID_FILE = ".runner.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_dead_runs(reports_dir: str | os.PathLike, echo: Any = print) -> list[Path]:
+    """Mark the leftovers of dead runs: every ``<reports>/.staging/`` folder whose runner process is gone
+    (killed, crashed, machine rebooted) becomes ``<name>_FAILED`` with ``error.txt`` saying so, and is
+    listed in index.html. Folders of live runs are left alone. Returns the folders it marked."""
+    reports = Path(reports_dir)
+    staging_root = reports / STAGING_DIRNAME
+    marked: list[Path] = []
+    if not staging_root.is_dir():
+        return marked
+    for d in sorted(p for p in staging_root.iterdir() if p.is_dir()):
+        try:
+            pid = int((d / _PID_FILE).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
+            continue
+        reason = (f"the process running it (pid {pid}) is gone: it was killed or crashed before the run ended"
+                  if pid is not None else "it has no runner pid: left by an old or crashed run")
+        (d / "error.txt").write_text(f"{reason}; marked FAILED by a later run on {_iso(_utc_now())}\n")
+        prov_path = d / "provenance.json"
+        prov = read_json(prov_path) if prov_path.is_file() else {}
+        prov.update(status="failed", error=reason)
+        final = _unique_path(reports / (d.name + FAILED_SUFFIX))
+        prov["run"] = final.name
+        _write_json(prov_path, prov)
+        with contextlib.suppress(FileNotFoundError):
+            (d / _PID_FILE).unlink()
+        os.rename(d, final)
+        marked.append(final)
+        if echo is not None:
+            echo(f"tclab: a dead run's leftovers were marked failed: {final} ({reason})")
+    if marked:
+        with contextlib.suppress(OSError):
+            staging_root.rmdir()
+        write_index(reports)
+    return marked
+
+
 def _error_text(exc: BaseException) -> str:
     from papermill.exceptions import PapermillExecutionError
 
@@ -867,11 +1003,16 @@ def render_html(executed: str | os.PathLike, out: str | os.PathLike, title: str 
 def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None,
                  reports_dir: str | os.PathLike | None = None, tag: str | None = None, *,
                  kernel_name: str | None = None, progress_bar: bool = True,
-                 caller_cwd: str | os.PathLike | None = None) -> Path:
+                 caller_cwd: str | os.PathLike | None = None, timeout_s: float | None = None) -> Path:
     """Execute ``notebook`` with ``params`` into a new run folder; return the folder's path.
 
     Relative paths among ``params`` are read from ``caller_cwd`` (default: the working directory),
     not from the notebook's folder (``tclab.paths``); a jobs file passes its own folder.
+
+    Faults: the reports folder is checked writable (and not full) first; leftovers of dead runs there
+    are marked failed (:func:`clean_dead_runs`). SIGTERM / SIGHUP mark this run FAILED and raise
+    :class:`RunStopped`; past ``timeout_s`` it is stopped, marked FAILED, and :class:`RunFailedError`
+    says so. If the finished folder cannot be moved into ``reports/``, the error says where it is.
 
     ``notebook`` is a path, or a name the project's ``notebooks/`` folder resolves (``"01"``,
     ``"01_token_redundancy"``; see :func:`resolve_notebook`).
@@ -912,11 +1053,14 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
         kernel_name = _read_notebook(notebook).metadata.get("kernelspec", {}).get("name") or "python3"
 
     reports = Path(reports_dir) if reports_dir is not None else _find_reports_dir()
+    check_reports_writable(reports)
+    clean_dead_runs(reports)
     start = _utc_now()
     name = f"{start.strftime(_TIME_FORMAT)}_{stem}_{tag_name}"
     staging = _unique_path(reports / STAGING_DIRNAME / name)
     staging.mkdir(parents=True)
     staging = staging.resolve()
+    (staging / _PID_FILE).write_text(f"{os.getpid()}\n")
     (staging / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
     executed = staging / f"{stem}.ipynb"
     prov = provenance(
@@ -928,12 +1072,21 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
 
     error: BaseException | None = None
     try:
-        with _kernel_imports_this_tclab(caller_cwd):
+        with _kernel_imports_this_tclab(caller_cwd), _stoppable(timeout_s):
             pm.execute_notebook(str(notebook), str(executed), parameters={**params, RUN_DIR_PARAMETER: str(staging)},
-                                kernel_name=kernel_name, progress_bar=progress_bar, cwd=str(notebook.resolve().parent))
+                                kernel_name=kernel_name, progress_bar=progress_bar, cwd=str(notebook.resolve().parent),
+                                kernel_manager_class=_kernel_manager_logging_to(staging / KERNEL_LOG))
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed
         error = e
     end = _utc_now()
+    with _stoppable():  # a second SIGTERM while the folder is being finished must not strand it
+        return _finish_run(notebook, reports, staging, executed, name, used, params, prov, start, end, error)
+
+
+def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, name: str, used: dict,
+                params: Mapping[str, Any], prov: dict, start, end, error: BaseException | None) -> Path:
+    """Render, write provenance, move the staged folder into place (marked FAILED if ``error``), update
+    the index; raise what the run's failure calls for."""
 
     if executed.is_file():
         try:
@@ -956,10 +1109,21 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     elif not summary_path.is_file():
         print(f"warning: {notebook} wrote no summary.json; end it with run.write_summary({{'headline': ...}})",
               file=sys.stderr)
-    _write_json(staging / "provenance.json", prov)
-
+    log = staging / KERNEL_LOG
+    if log.is_file() and not error and all("Kernel is running over TCP without encryption" in line
+                                           for line in log.read_text(errors="replace").splitlines() if line.strip()):
+        log.unlink()  # nothing but the kernel's usual start-up warning: not worth a file in a good run
     final = _unique_path(reports / (name + (FAILED_SUFFIX if error else "")))
-    os.rename(staging, final)     # same file system: atomic, the folder appears complete or not at all
+    prov["run"] = final.name  # provenance names the folder it ends up in (a second run may take "name")
+    _write_json(staging / "provenance.json", prov)
+    with contextlib.suppress(FileNotFoundError):
+        (staging / _PID_FILE).unlink()
+    try:
+        os.rename(staging, final)     # same file system: atomic, the folder appears complete or not at all
+    except OSError as e:
+        raise RunFailedError(f"notebook {notebook} {'failed' if error else 'finished'}, but its folder could not be "
+                             f"moved into {reports} ({e.strerror or e}); the complete result is in {staging}: move "
+                             "it there yourself once the folder is writable", staging) from e
     with contextlib.suppress(OSError):
         (reports / STAGING_DIRNAME).rmdir()    # only if empty: another run may be staging
     write_index(reports)
@@ -1059,6 +1223,29 @@ ul.kv { margin: 0; padding-left: 1.1em; }
 """
 
 
+def _replace_atomically(out: Path, text: str) -> None:
+    """Write ``out`` through a unique temporary file in its folder, under a lock: concurrent writers
+    (two runs ending together) never tear the file nor trip over each other's temporary file."""
+    import fcntl
+    import tempfile
+
+    lock = os.open(out.parent / ".index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(lock)
+
+
 def write_index(reports_dir: str | os.PathLike) -> Path:
     """Rewrite ``<reports_dir>/index.html``: every run, newest first, with headline numbers.
 
@@ -1129,7 +1316,5 @@ def write_index(reports_dir: str | os.PathLike) -> Path:
 </body></html>
 """
     out = reports / "index.html"
-    tmp = reports / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    _replace_atomically(out, page)
     return out
