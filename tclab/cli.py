@@ -56,6 +56,16 @@ def _cmd_train_predictor(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs_clean(a: argparse.Namespace) -> int:
+    from .runs import _find_reports_dir, clean_dead_runs
+
+    reports = Path(a.reports) if a.reports else _find_reports_dir()
+    marked = clean_dead_runs(reports)
+    print(f"{len(marked)} dead run(s) marked failed in {reports}" if marked else
+          f"no leftovers of dead runs in {reports}")
+    return 0
+
+
 def _cmd_artefacts(a: argparse.Namespace) -> int:
     from .artefacts import list_artefacts, tclab_home
 
@@ -354,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --sdedit-from: comma-separated, each in (0, 1]")
             s.add_argument("--per-class", type=int, default=16, help="with --sdedit-from: images per class")
         s.set_defaults(func=func)
+    s = sub.add_parser("runs", help="run folders: `runs clean` marks the leftovers of dead runs as failed")
+    rsub = s.add_subparsers(dest="runs_command", required=True)
+    s = rsub.add_parser("clean", help="mark every staged run whose process is gone as FAILED (listed in index.html); "
+                                      "live runs are left alone")
+    s.add_argument("--reports", help="reports folder (default: as `tclab run`)")
+    s.set_defaults(func=_cmd_runs_clean)
+
     s = sub.add_parser("artefacts", help="list the Cache Predictors and classifiers trained for your models and "
                                          "image sets ($TCLAB_HOME)")
     s.set_defaults(func=_cmd_artefacts)

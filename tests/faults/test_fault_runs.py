@@ -199,3 +199,15 @@ def test_concurrent_index_writers_never_tear_it(sleeper, tmp_path):
         p.join()
     assert [p.exitcode for p in procs] == [0, 0, 0] and torn == 0
     assert not list(reports.glob(".index.html.*.tmp"))  # no temporary file left behind
+
+
+def test_runs_clean_marks_dead_leftovers_from_the_command_line(tmp_path, capsys):
+    from tclab.cli import main
+
+    d = tmp_path / "reports" / runs.STAGING_DIRNAME / "20260101T000000Z_x_gone"
+    d.mkdir(parents=True)  # no pid file at all: an old runner's leftovers
+    assert main(["runs", "clean", "--reports", str(tmp_path / "reports")]) == 0
+    assert "1 dead run(s) marked failed" in capsys.readouterr().out
+    assert (tmp_path / "reports" / "20260101T000000Z_x_gone_FAILED" / "error.txt").is_file()
+    assert main(["runs", "clean", "--reports", str(tmp_path / "reports")]) == 0
+    assert "no leftovers" in capsys.readouterr().out
