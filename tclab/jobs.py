@@ -277,6 +277,7 @@ def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], N
     is written and the lock released. ``jobs_file`` may also be the :class:`JobsFile` of :func:`load_jobs`.
     """
     plan = jobs_file if isinstance(jobs_file, JobsFile) else load_jobs(jobs_file)
+    runs.check_reports_writable(plan.reports)  # nothing can run into an unwritable or full folder: say so once
     results: list[JobResult] = []
     stopped: runs.RunStopped | None = None
     with reports_lock(plan.reports), runs._stoppable():

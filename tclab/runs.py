@@ -1291,10 +1291,16 @@ def write_index(reports_dir: str | os.PathLike) -> Path:
     groups: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
+    def when_link(run: RunInfo | None) -> str:
+        if run is None:
+            return '<span class="muted">none yet</span>'
+        label = _when(run.start_utc) + ("" if run.status == "ok" else f" ({run.status})")
+        return link(run, run.report, label) if run.report else link(run, None, label)
+
     group_rows = "".join(
         f"<tr><td>{e(nb)}</td><td><code>{e(tag)}</code></td><td>{len(rs)}</td>"
         f"<td>{sum(r.status == 'ok' for r in rs)}</td><td>{sum(r.status == 'failed' for r in rs)}</td>"
-        f"<td>{link(rs[0], rs[0].report, _when(rs[0].start_utc)) if rs[0].report else e(_when(rs[0].start_utc))}</td></tr>"
+        f"<td>{when_link(rs[0])}</td><td>{when_link(next((r for r in rs if r.status == 'ok'), None))}</td></tr>"
         for (nb, tag), rs in sorted(groups.items()))
 
     page = f"""<!DOCTYPE html>
@@ -1310,7 +1316,7 @@ def write_index(reports_dir: str | os.PathLike) -> Path:
 </table>
 <h2>By notebook and tag</h2>
 <table>
-<tr><th>notebook</th><th>tag</th><th>runs</th><th>ok</th><th>failed</th><th>latest</th></tr>
+<tr><th>notebook</th><th>tag</th><th>runs</th><th>ok</th><th>failed</th><th>latest</th><th>last good</th></tr>
 {group_rows}
 </table>
 </body></html>

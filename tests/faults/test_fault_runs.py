@@ -211,3 +211,22 @@ def test_runs_clean_marks_dead_leftovers_from_the_command_line(tmp_path, capsys)
     assert (tmp_path / "reports" / "20260101T000000Z_x_gone_FAILED" / "error.txt").is_file()
     assert main(["runs", "clean", "--reports", str(tmp_path / "reports")]) == 0
     assert "no leftovers" in capsys.readouterr().out
+
+
+def test_the_index_links_each_jobs_latest_and_last_good_run(sleeper, tmp_path):
+    reports = tmp_path / "reports"
+    good = runs.run_notebook(sleeper, {}, reports, tag="job", progress_bar=False)
+    with pytest.raises(runs.RunFailedError):
+        runs.run_notebook(sleeper, {"sleep_s": -1.0}, reports, tag="job", progress_bar=False)  # sleep(-1) raises
+    page = (reports / "index.html").read_text()
+    by_tag = page.split("<h2>By notebook and tag</h2>", 1)[1]
+    assert "(failed)" in by_tag and f'href="{good.name}/report.html"' in by_tag and "last good" in by_tag
+
+
+def test_a_schedule_into_an_unwritable_folder_runs_nothing_and_exits_2(sleeper, tmp_path, capsys):
+    from tclab.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "jobs.yaml").write_text(f"reports: a-file/reports\njobs:\n  - {{name: a, notebook: {sleeper}}}\n")
+    assert main(["schedule", "run", str(tmp_path / "jobs.yaml")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
