@@ -232,7 +232,13 @@ def load_label_spec(spec: Any) -> Any:
     from .paths import resolve_path
 
     path = resolve_path(spec, what="labels mapping file", must_exist=True)
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise LabelSpecError(f"labels {str(spec)!r} is a folder ({path}); give a YAML, JSON or CSV mapping file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LabelSpecError(f"labels file {path} is not UTF-8 text (is it an image?); give a YAML, JSON or CSV "
+                             "file of folder: class lines") from None
     if path.suffix.lower() == ".csv":
         rows = list(csv.reader(text.splitlines()))
         if rows and [c.strip().lower() for c in rows[0][:2]] == ["folder", "class"]:

@@ -99,9 +99,14 @@ def test_unconditional_and_mappings_inline_and_in_files(pixel_dit, tmp_path):
     ({"Our Cats": True}, "give a class id or a class name"),
     (3.5, "labels must be 'auto', 'unconditional', a mapping"),
     ("no-such-mapping.yaml", r"labels mapping file 'no-such-mapping.yaml' not found: looked at "),
+    ("binary.yaml", r"is not UTF-8 text \(is it an image\?\)"),
+    (".", r"is a folder"),
 ])
 def test_bad_mappings_are_refused_naming_the_entry_and_the_fix(pixel_dit, tmp_path, spec, match):
     s = folder(tmp_path / "set", ["Our Cats"])
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    if isinstance(spec, str) and not spec.startswith("no-such"):
+        spec = str(tmp_path / spec)
     with pytest.raises((LabelSpecError, FileNotFoundError), match=match):
         resolve_labels(s, model_with(pixel_dit, IMAGENET_LIKE), spec)
 
