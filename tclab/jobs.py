@@ -218,6 +218,9 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
             merged.update({str(k): v for k, v in params_raw.items()})
             runs.validate_parameters(merged, runs.notebook_parameters(notebook), notebook=f"notebook {str(notebook)!r}")
             runs.check_parameter_values(merged, notebook)
+            from .paths import check_path_parameters
+
+            check_path_parameters(merged, base)
         except (runs.ParameterError, FileNotFoundError) as e:
             problems.append(f"{where}: {e}")
             continue

@@ -96,3 +96,38 @@ def resolve_images(images: str | os.PathLike) -> Path:
     if isinstance(images, str) and images == STAND_IN_IMAGES:
         return stand_in_images()
     return resolve_path(images, what="image folder")
+
+
+#: Notebook parameters that name a path, and what must be there: checked by :func:`check_path_parameters`
+#: before a kernel starts, so a mistyped path is refused at once (not in a failed run). Values that are
+#: built-in names (``shapes``, ``shapes-dit``, a preset, ``auto``) are not paths.
+PATH_PARAMETERS = {"images": "folder", "model": "folder", "labels": "file", "classifier": "file",
+                   "inception_weights": "file", "predictor": "file"}
+_NOT_PATHS = {"images": {STAND_IN_IMAGES}, "labels": {"auto", "unconditional"}, "predictor": {"auto"}}
+
+
+def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = None) -> None:
+    """Refuse a path parameter that names nothing, reading relative paths from ``caller_cwd`` (as the
+    kernel will). Raises :class:`PathNotFoundError` naming the parameter and where it looked."""
+    from .models import EMBEDDED_NAME, PRESETS
+
+    old = os.environ.get(CALLER_CWD_ENV)
+    os.environ[CALLER_CWD_ENV] = str(Path(caller_cwd or os.getcwd()).resolve())
+    try:
+        for name, kind in PATH_PARAMETERS.items():
+            value = params.get(name)
+            if not isinstance(value, str) or value in _NOT_PATHS.get(name, set()):
+                continue
+            if name == "model" and (value in (EMBEDDED_NAME, "embedded", "default") or value in PRESETS):
+                continue
+            path = resolve_path(value, what=f"parameter {name!r}", must_exist=True)
+            if kind == "folder" and not path.is_dir():
+                raise PathNotFoundError(f"parameter {name!r}: {path} is a file; give a folder")
+            if kind == "file" and path.is_dir():
+                raise PathNotFoundError(f"parameter {name!r}: {path} is a folder; give a file")
+    finally:
+        if old is None:
+            os.environ.pop(CALLER_CWD_ENV, None)
+        else:
+            os.environ[CALLER_CWD_ENV] = old
+

@@ -1041,6 +1041,9 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     defaults = notebook_parameters(notebook)
     validate_parameters(params, defaults, notebook=f"notebook {str(notebook)!r}")
     check_parameter_values(params, notebook)  # types and finiteness, before any folder or kernel
+    from .paths import check_path_parameters
+
+    check_path_parameters({k: v for k, v in params.items()}, caller_cwd)  # a mistyped path: refused now
     used = {k: v for k, v in defaults.items() if k != RUN_DIR_PARAMETER}
     used.update(params)
     used = _plain(used)

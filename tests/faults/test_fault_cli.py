@@ -37,10 +37,15 @@ def run_main(capsys, *argv):
     (["run", NB01, "-f", "no-such-preset"], 2, "no-such-preset"),
     (["run", "99"], 2, "99"),
     (["train-classifier", "--images", "shapes"], 2, "give --out"),
+    (["run", NB01, "-p", "images", "no/such/set"], 2, "parameter 'images' 'no/such/set' not found: looked at"),
+    (["run", NB01, "-p", "model", "no-such-dit"], 2, "parameter 'model' 'no-such-dit' not found"),
+    (["run", NB01, "-p", "labels", "map.yaml"], 2, "parameter 'labels' 'map.yaml' not found"),
+    (["run", NB01, "-p", "images", "a-file.txt"], 2, "is a file; give a folder"),
 ])
 def test_bad_input_is_one_message_with_the_documented_exit_code(capsys, tmp_path, argv, exit_code, says,
                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file.txt").write_text("x")
     if argv[0] == "run":
         argv = [*argv, "--reports", str(tmp_path / "reports")]
     rc, out, err = run_main(capsys, *argv)
