@@ -405,8 +405,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelSpecError
     from .runs import ParameterError
 
+    # ValueError: the configs (SampleConfig, TokenCacheConfig, ...) refuse bad values with it, naming the field.
+    # TypeError is not here: outside the checks that raise the classes above it means a bug.
     return (ModelSpecError, ImageSetError, LabelSpecError, ParameterError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, _json.JSONDecodeError, yaml.YAMLError, ValueError, TypeError)
+            IsADirectoryError, PermissionError, _json.JSONDecodeError, yaml.YAMLError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ reduced decode for them) and must fit under the pixel limit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import math
@@ -497,6 +498,17 @@ def load_image_folder(
         reasons = "; ".join(str(b) for b in skipped[:5]) or "the folder holds no files"
         raise ImageSetError(f"no usable image in {printable_name(str(root))} ({len(skipped)} skipped: {reasons}). "
                             "Point at a folder of PNG/JPEG files, flat or one sub-folder per class.")
+    # a class folder none of whose files decoded is not a class (it would get a label and no images)
+    kept = [c for c in class_names if per_class.get(c, 0) > 0]
+    if kept != class_names:
+        for c in class_names:
+            if c not in kept:
+                skipped.append(BadImage(f"{c}/", "no usable image in this class folder (every file above was "
+                                                 "skipped); it is left out of the classes"))
+        relabel = {c: k for k, c in enumerate(kept)}
+        records = [dataclasses.replace(r, label=relabel[r.class_name]) if r.class_name is not None else r
+                   for r in records]
+        class_names = kept
     return ImageSet(
         root=root,
         resolution=resolution,

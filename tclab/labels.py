@@ -255,8 +255,8 @@ def load_label_spec(spec: Any) -> Any:
     else:
         import yaml
 
-        try:
-            out = yaml.safe_load(text)
+        try:  # BaseLoader: every key and value stays text, so folder "007" or "no" is not turned into 7 or False
+            out = yaml.load(text, Loader=yaml.BaseLoader)
         except yaml.YAMLError as e:
             raise LabelSpecError(f"{path} is not valid YAML ({e}); write one `folder: class` per line") from None
     if not isinstance(out, dict):

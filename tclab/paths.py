@@ -116,7 +116,7 @@ def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = N
     try:
         for name, kind in PATH_PARAMETERS.items():
             value = params.get(name)
-            if not isinstance(value, str) or value in _NOT_PATHS.get(name, set()):
+            if not isinstance(value, str) or value.strip().lower() in _NOT_PATHS.get(name, set()):
                 continue
             if name == "model" and (value in (EMBEDDED_NAME, "embedded", "default") or value in PRESETS):
                 continue

@@ -14,6 +14,12 @@ QUIET_INTERVAL_S = 60.0
 
 
 def _redraws_in_place() -> bool:
+    import os
+
+    from .paths import CALLER_CWD_ENV
+
+    if os.environ.get(CALLER_CWD_ENV):  # a kernel started by `tclab run` / a scheduler: its output is a report
+        return False
     try:
         from IPython import get_ipython
 
@@ -21,9 +27,7 @@ def _redraws_in_place() -> bool:
     except ImportError:  # pragma: no cover - IPython ships with ipykernel
         shell = None
     if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
-        import importlib.util
-
-        return importlib.util.find_spec("ipywidgets") is not None  # tqdm.auto draws a widget then
+        return True  # JupyterLab: a widget, or a line redrawn in place
     stream = sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())
 

@@ -64,6 +64,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -865,6 +866,9 @@ def _stoppable(timeout_s: float | None = None) -> Iterator[None]:
     import threading
 
     if threading.current_thread() is not threading.main_thread():
+        if timeout_s:
+            raise ValueError("timeout_s needs the main thread (Python delivers the timer signal only there); run "
+                             "the notebook from the main thread, or without a timeout")
         yield
         return
 
@@ -883,6 +887,29 @@ def _stoppable(timeout_s: float | None = None) -> Iterator[None]:
     finally:
         if timeout_s:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list]:
+    """SIGTERM / SIGHUP / SIGINT are recorded (into the yielded list), not acted on, until the block
+    ends: for the few file moves that finish a run, which must not be cut in half."""
+    import signal
+    import threading
+
+    received: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum, frame):
+        received.append(signal.Signals(signum))
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield received
+    finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -933,31 +960,52 @@ def clean_dead_runs(reports_dir: str | os.PathLike, echo: Any = print) -> list[P
         return marked
     for d in sorted(p for p in staging_root.iterdir() if p.is_dir()):
         try:
-            pid = int((d / _PID_FILE).read_text().split()[0])
+            fields = (d / _PID_FILE).read_text().split()
+            pid, host = int(fields[0]), (fields[1] if len(fields) > 1 else socket.gethostname())
         except (OSError, ValueError, IndexError):
-            pid = None
+            pid, host = None, socket.gethostname()
+        if host != socket.gethostname():
+            continue  # a run of another machine on a shared folder: its process cannot be checked from here
         if pid is not None and (pid == os.getpid() or _pid_alive(pid)):
             continue
-        reason = (f"the process running it (pid {pid}) is gone: it was killed or crashed before the run ended"
-                  if pid is not None else "it has no runner pid: left by an old or crashed run")
-        (d / "error.txt").write_text(f"{reason}; marked FAILED by a later run on {_iso(_utc_now())}\n")
-        prov_path = d / "provenance.json"
-        prov = read_json(prov_path) if prov_path.is_file() else {}
-        prov.update(status="failed", error=reason)
-        final = _unique_path(reports / (d.name + FAILED_SUFFIX))
-        prov["run"] = final.name
-        _write_json(prov_path, prov)
-        with contextlib.suppress(FileNotFoundError):
-            (d / _PID_FILE).unlink()
-        os.rename(d, final)
-        marked.append(final)
+        if pid is None and time.time() - d.stat().st_mtime < STAGING_GRACE_S:
+            continue  # just made by a run that has not written its pid yet
+        try:
+            marked.append(_mark_dead(reports, d, pid))
+        except FileNotFoundError:
+            continue  # another cleaner, or the run itself, moved it first
         if echo is not None:
-            echo(f"tclab: a dead run's leftovers were marked failed: {final} ({reason})")
+            echo(f"tclab: a dead run's leftovers were marked failed: {marked[-1]} ({_dead_reason(pid)})")
     if marked:
         with contextlib.suppress(OSError):
             staging_root.rmdir()
         write_index(reports)
     return marked
+
+
+#: A staged folder without a runner pid younger than this is a run starting, not a leftover.
+STAGING_GRACE_S = 120.0
+
+
+def _dead_reason(pid: int | None) -> str:
+    return (f"the process running it (pid {pid}) is gone: it was killed or crashed before the run ended"
+            if pid is not None else "it has no runner pid: left by an old or crashed run")
+
+
+def _mark_dead(reports: Path, d: Path, pid: int | None) -> Path:
+    """Move the staged folder ``d`` of a dead run to ``<name>_FAILED`` with error.txt and provenance."""
+    reason = _dead_reason(pid)
+    (d / "error.txt").write_text(f"{reason}; marked FAILED by a later run on {_iso(_utc_now())}\n")
+    prov_path = d / "provenance.json"
+    prov = read_json(prov_path) if prov_path.is_file() else {}
+    prov.update(status="failed", error=reason)
+    final = _unique_path(reports / (d.name + FAILED_SUFFIX))
+    prov["run"] = final.name
+    _write_json(prov_path, prov)
+    with contextlib.suppress(FileNotFoundError):
+        (d / _PID_FILE).unlink()
+    os.rename(d, final)
+    return final
 
 
 def _error_text(exc: BaseException) -> str:
@@ -1041,6 +1089,11 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     defaults = notebook_parameters(notebook)
     validate_parameters(params, defaults, notebook=f"notebook {str(notebook)!r}")
     check_parameter_values(params, notebook)  # types and finiteness, before any folder or kernel
+    import threading
+
+    if timeout_s and threading.current_thread() is not threading.main_thread():
+        raise ValueError("timeout_s needs the main thread (Python delivers the timer signal only there); run the "
+                         "notebook from the main thread, or without a timeout")
     from .paths import check_path_parameters
 
     check_path_parameters({k: v for k, v in params.items()}, caller_cwd)  # a mistyped path: refused now
@@ -1063,7 +1116,7 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     staging = _unique_path(reports / STAGING_DIRNAME / name)
     staging.mkdir(parents=True)
     staging = staging.resolve()
-    (staging / _PID_FILE).write_text(f"{os.getpid()}\n")
+    (staging / _PID_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
     (staging / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
     executed = staging / f"{stem}.ipynb"
     prov = provenance(
@@ -1082,8 +1135,11 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed
         error = e
     end = _utc_now()
-    with _stoppable():  # a second SIGTERM while the folder is being finished must not strand it
-        return _finish_run(notebook, reports, staging, executed, name, used, params, prov, start, end, error)
+    with _signals_deferred() as received:  # a signal while the folder is finished must not strand it
+        final = _finish_run(notebook, reports, staging, executed, name, used, params, prov, start, end, error)
+    if received:  # the folder is in place and listed: now stop as asked
+        raise RunStopped(f"stopped by {received[0].name}", int(received[0]))
+    return final
 
 
 def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, name: str, used: dict,

@@ -106,7 +106,7 @@ class SampleConfig:
         for name in ("num_steps", "seed", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+                raise ValueError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
         for name in ("guidance_scale", "sdedit_strength"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

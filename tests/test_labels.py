@@ -121,3 +121,11 @@ def test_class_consistency_counts_only_the_classes_the_classifier_knows():
     cc = class_consistency(clf, images, labels)
     assert cc["n"] == 3 and cc["n_unknown"] == 3 and cc["accuracy"] == 1.0  # unmapped and unknown left out
     assert class_consistency(clf, images, torch.full((6,), NULL_CLASS))["accuracy"] is None
+
+
+def test_yaml_mapping_keys_stay_folder_names(pixel_dit, tmp_path):
+    s = folder(tmp_path / "set", ["007", "no"])
+    (tmp_path / "m.yaml").write_text("007: 4\nno: 3\n")  # YAML 1.1 would read these keys as 7 and False
+    m = resolve_labels(s, model_with(pixel_dit, IMAGENET_LIKE), str(tmp_path / "m.yaml"))
+    assert rows(m) == {"007": (4, "mapping"), "no": (3, "mapping")}
+

@@ -83,13 +83,15 @@ def test_a_disk_that_fills_up_is_one_line_exit_1(capsys, monkeypatch):
     assert rc == 1 and "the disk is full" in err and "Traceback" not in err
 
 
-def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+@pytest.mark.parametrize("bug", [RuntimeError("something inside broke"), TypeError("unsupported operand")])
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch, bug):
     def boom(a):
-        raise RuntimeError("something inside broke")
+        raise bug
 
     with_command(monkeypatch, "flops", boom)
     rc, _, err = run_main(capsys, "flops", "shapes-dit")
-    assert rc == 1 and "failed with RuntimeError: something inside broke" in err and "Traceback" not in err
+    assert rc == 1 and f"failed with {type(bug).__name__}: {bug}" in err and "Traceback" not in err
+    assert "it is a bug in tclab" in err
     rc, _, err = run_main(capsys, "--debug", "flops", "shapes-dit")
     assert rc == 1 and "Traceback (most recent call last)" in err
     monkeypatch.setenv("TCLAB_DEBUG", "1")
@@ -113,3 +115,12 @@ def test_the_real_command_prints_no_traceback(tmp_path):
                           env={**os.environ, "TCLAB_DEBUG": ""})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "--debug" in subprocess.run([*exe, "--help"], capture_output=True, text=True).stdout
+
+
+def test_built_in_label_specs_pass_the_path_check_in_any_case(tmp_path):
+    from tclab.paths import PathNotFoundError, check_path_parameters
+
+    check_path_parameters({"labels": "Auto", "predictor": "AUTO", "images": "shapes", "model": "DiT-S/2"}, tmp_path)
+    with pytest.raises(PathNotFoundError):
+        check_path_parameters({"labels": "Auto.yaml"}, tmp_path)
+

@@ -452,3 +452,20 @@ def test_check_images_prints_every_fault_with_its_reason(tmp_path, monkeypatch, 
                         ("locked/", "folder cannot be read")]:
         assert f"skipped {path}: {words}" in out
     assert "cats/name\\xff.png" in csv.read_text(encoding="utf-8")
+
+
+def test_a_class_folder_none_of_whose_files_decode_is_not_a_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tclab.data import load_image_folder
+
+    for i in range(3):
+        (tmp_path / "set" / "goldfish").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "set" / "goldfish" / f"{i}.png")
+    (tmp_path / "set" / "broken").mkdir()
+    (tmp_path / "set" / "broken" / "x.png").write_bytes(b"junk")
+    s = load_image_folder(tmp_path / "set", 8)
+    assert s.class_names == ["goldfish"] and s.labels.tolist() == [0, 0, 0]
+    assert any(b.path == "broken/" and "left out of the classes" in b.reason for b in s.skipped)
+

@@ -206,11 +206,19 @@ def test_runs_clean_marks_dead_leftovers_from_the_command_line(tmp_path, capsys)
 
     d = tmp_path / "reports" / runs.STAGING_DIRNAME / "20260101T000000Z_x_gone"
     d.mkdir(parents=True)  # no pid file at all: an old runner's leftovers
+    young = tmp_path / "reports" / runs.STAGING_DIRNAME / "20260101T000001Z_x_starting"
+    young.mkdir()  # no pid file yet, but just made: a run starting, left alone
+    old = time.time() - 2 * runs.STAGING_GRACE_S
+    os.utime(d, (old, old))
     assert main(["runs", "clean", "--reports", str(tmp_path / "reports")]) == 0
     assert "1 dead run(s) marked failed" in capsys.readouterr().out
     assert (tmp_path / "reports" / "20260101T000000Z_x_gone_FAILED" / "error.txt").is_file()
+    assert young.is_dir()
+    other_host = tmp_path / "reports" / runs.STAGING_DIRNAME / "20260101T000002Z_x_elsewhere"
+    other_host.mkdir()
+    (other_host / ".runner.pid").write_text("999999 some-other-machine\n")  # a shared folder: not ours to judge
     assert main(["runs", "clean", "--reports", str(tmp_path / "reports")]) == 0
-    assert "no leftovers" in capsys.readouterr().out
+    assert "no leftovers" in capsys.readouterr().out and other_host.is_dir()
 
 
 def test_the_index_links_each_jobs_latest_and_last_good_run(sleeper, tmp_path):
@@ -230,3 +238,37 @@ def test_a_schedule_into_an_unwritable_folder_runs_nothing_and_exits_2(sleeper, 
     (tmp_path / "jobs.yaml").write_text(f"reports: a-file/reports\njobs:\n  - {{name: a, notebook: {sleeper}}}\n")
     assert main(["schedule", "run", str(tmp_path / "jobs.yaml")]) == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_a_signal_while_a_run_is_being_finished_waits_until_the_folder_is_in_place(sleeper, tmp_path, monkeypatch):
+    real = runs.render_html
+
+    def render_and_get_stopped(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of finishing the run
+
+    monkeypatch.setattr(runs, "render_html", render_and_get_stopped)
+    with pytest.raises(runs.RunStopped, match="SIGTERM"):
+        runs.run_notebook(sleeper, {}, tmp_path / "reports", progress_bar=False)
+    (done,) = folders(tmp_path / "reports")
+    assert (done / "summary.json").is_file() and not (tmp_path / "reports" / runs.STAGING_DIRNAME).exists()
+    assert done.name in (tmp_path / "reports" / "index.html").read_text()
+
+
+def test_a_timeout_off_the_main_thread_is_refused_not_ignored(sleeper, tmp_path):
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(_try(lambda: runs.run_notebook(
+        sleeper, {}, tmp_path / "reports", progress_bar=False, timeout_s=2))))
+    t.start()
+    t.join(120)
+    assert isinstance(got[0], ValueError) and "needs the main thread" in str(got[0])
+
+
+def _try(f):
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return e
+
