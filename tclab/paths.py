@@ -18,11 +18,15 @@ folder that happens to be called ``shapes``, write ``./shapes``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 CALLER_CWD_ENV = "TCLAB_CALLER_CWD"
 PACKAGE_DIR = Path(__file__).resolve().parent
+#: The folder holding the ``tclab`` package: the repository root in a source checkout (``pip install -e .``).
+PROJECT_ROOT = PACKAGE_DIR.parent
 #: The stand-in image set's built-in name, and how it is made when the checkout's copy is absent.
 STAND_IN_IMAGES = "shapes"
 STAND_IN_SPEC = {"per_class": 50, "seed": 1, "resolution": 32}
@@ -34,7 +38,7 @@ class PathNotFoundError(FileNotFoundError):
 
 def repo_root() -> Path | None:
     """The source checkout tclab runs from (editable install), or None for an installed package."""
-    root = PACKAGE_DIR.parent
+    root = PROJECT_ROOT
     return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
 
 
@@ -106,14 +110,27 @@ PATH_PARAMETERS = {"images": "folder", "model": "folder", "labels": "file", "cla
 _NOT_PATHS = {"images": {STAND_IN_IMAGES}, "labels": {"auto", "unconditional"}, "predictor": {"auto"}}
 
 
+@contextlib.contextmanager
+def reading_from(caller_cwd: str | os.PathLike | None = None) -> Iterator[None]:
+    """Relative paths are read from ``caller_cwd`` (default: the working directory) inside the block, and
+    in any process started in it (``$TCLAB_CALLER_CWD``); the previous value comes back afterwards."""
+    old = os.environ.get(CALLER_CWD_ENV)
+    os.environ[CALLER_CWD_ENV] = str(Path(caller_cwd or os.getcwd()).resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CALLER_CWD_ENV, None)
+        else:
+            os.environ[CALLER_CWD_ENV] = old
+
+
 def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = None) -> None:
     """Refuse a path parameter that names nothing, reading relative paths from ``caller_cwd`` (as the
     kernel will). Raises :class:`PathNotFoundError` naming the parameter and where it looked."""
     from .models import EMBEDDED_NAME, PRESETS
 
-    old = os.environ.get(CALLER_CWD_ENV)
-    os.environ[CALLER_CWD_ENV] = str(Path(caller_cwd or os.getcwd()).resolve())
-    try:
+    with reading_from(caller_cwd):
         for name, kind in PATH_PARAMETERS.items():
             value = params.get(name)
             if not isinstance(value, str) or value.strip().lower() in _NOT_PATHS.get(name, set()):
@@ -125,9 +142,4 @@ def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = N
                 raise PathNotFoundError(f"parameter {name!r}: {path} is a file; give a folder")
             if kind == "file" and path.is_dir():
                 raise PathNotFoundError(f"parameter {name!r}: {path} is a folder; give a file")
-    finally:
-        if old is None:
-            os.environ.pop(CALLER_CWD_ENV, None)
-        else:
-            os.environ[CALLER_CWD_ENV] = old
 

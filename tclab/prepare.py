@@ -104,10 +104,9 @@ def ensure_predictors(model, kinds: Sequence[str], predictor: Any = AUTO, train_
             raise ValueError(f"predictor {str(predictor)!r} ({path}) is not a tclab predictor file: {e}") from None
     out: dict[str, Path] = {}
     for kind in kinds:
-        if kind in given:
-            path = given[kind]
-        elif find_predictor(model.transformer, kind) is not None:
-            path = find_predictor(model.transformer, kind)
+        found = given.get(kind) or find_predictor(model.transformer, kind)
+        if found is not None:
+            path = found
         elif train_missing:
             path = train_smoke_predictor(model, kind, num_steps=num_steps, scheduler=scheduler,
                                          guidance_scale=guidance_scale, images=images, labels=labels,

@@ -72,6 +72,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
+from .paths import PROJECT_ROOT
+
 __all__ = [
     "RUN_DIR_PARAMETER", "STAGING_DIRNAME", "FAILED_SUFFIX", "REPORT_NAME",
     "ParameterError", "RunFailedError", "RunContext", "RunInfo",
@@ -262,12 +264,14 @@ def _of_default(value: Any) -> ParameterType:
     return ParameterType((type(value),))
 
 
-def notebook_parameter_types(notebook: str | os.PathLike) -> dict[str, ParameterType]:
+def notebook_parameter_types(notebook: str | os.PathLike,
+                             defaults: Mapping[str, Any] | None = None) -> dict[str, ParameterType]:
     """What each parameter accepts: its annotation in the parameters cell (``labels: str | dict =
-    "auto"``), else the type of its default (see :func:`_of_default`)."""
+    "auto"``), else the type of its default (see :func:`_of_default`; ``defaults``: the notebook's,
+    when already read)."""
     where = f"notebook {str(notebook)!r}"
     tree = ast.parse(_parameters_cell(_read_notebook(notebook), where).source)
-    defaults = notebook_parameters(notebook)
+    defaults = notebook_parameters(notebook) if defaults is None else defaults
     out: dict[str, ParameterType] = {}
     for stmt in tree.body:
         name = stmt.targets[0].id if isinstance(stmt, ast.Assign) else stmt.target.id
@@ -308,8 +312,8 @@ def check_parameter_values(params: Mapping[str, Any], notebook: str | os.PathLik
     Types come from :func:`notebook_parameter_types`. Ranges (``num_steps >= 1``) are checked by the
     configs the notebook builds, naming the field.
     """
-    types = notebook_parameter_types(notebook)
     defaults = notebook_parameters(notebook)
+    types = notebook_parameter_types(notebook, defaults)
     where = f"notebook {Path(notebook).name}"
     for name, value in params.items():
         bad = _non_finite(value, name)
@@ -386,9 +390,7 @@ def load_parameters(param_file: str | os.PathLike | None = None,
 # Notebook and parameter-file names as a user types them
 # --------------------------------------------------------------------------------------------
 
-#: The project's root in a source checkout (``pip install -e .``): the folder holding the ``tclab``
-#: package, where ``notebooks/`` (and ``notebooks/params/``) live.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# PROJECT_ROOT (tclab.paths): the folder holding the tclab package, where notebooks/ and notebooks/params/ live.
 NOTEBOOKS_DIRNAME = "notebooks"
 PARAMS_DIRNAME = "params"
 
@@ -823,20 +825,19 @@ def _kernel_imports_this_tclab(caller_cwd: str | os.PathLike | None = None) -> I
     folder goes to ``$TCLAB_CALLER_CWD`` (``tclab.paths``), so ``-p images data/set`` means what it
     means in the caller's shell. Both variables are restored afterwards so nothing leaks.
     """
-    from .paths import CALLER_CWD_ENV
+    from .paths import reading_from
 
-    root = str(Path(__file__).resolve().parent.parent)
-    old = {k: os.environ.get(k) for k in ("PYTHONPATH", CALLER_CWD_ENV)}
-    os.environ["PYTHONPATH"] = root if not old["PYTHONPATH"] else root + os.pathsep + old["PYTHONPATH"]
-    os.environ[CALLER_CWD_ENV] = str(Path(caller_cwd or os.getcwd()).resolve())
+    root = str(PROJECT_ROOT)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root if not old else root + os.pathsep + old
     try:
-        yield
+        with reading_from(caller_cwd):
+            yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 KERNEL_LOG = "kernel.log"
@@ -865,12 +866,9 @@ def _stoppable(timeout_s: float | None = None) -> Iterator[None]:
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        if timeout_s:
-            raise ValueError("timeout_s needs the main thread (Python delivers the timer signal only there); run "
-                             "the notebook from the main thread, or without a timeout")
-        yield
-        return
+    if timeout_s and threading.current_thread() is not threading.main_thread():
+        raise ValueError("timeout_s needs the main thread (Python delivers the timer signal only there); run "
+                         "the notebook from the main thread, or without a timeout")
 
     def stop(signum, frame):
         raise RunStopped(f"stopped by {signal.Signals(signum).name}", signum)
@@ -878,15 +876,31 @@ def _stoppable(timeout_s: float | None = None) -> Iterator[None]:
     def alarm(signum, frame):
         raise RunTimeout(f"timed out after {timeout_s:g} s (the job's timeout); the kernel was stopped")
 
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    if timeout_s:
-        old[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm)
-        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+    handlers = {signal.SIGTERM: stop, signal.SIGHUP: stop, **({signal.SIGALRM: alarm} if timeout_s else {})}
+    with _handling(handlers) as installed:
+        if installed and timeout_s:
+            signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+        try:
+            yield
+        finally:
+            if installed and timeout_s:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@contextlib.contextmanager
+def _handling(handlers: Mapping[int, Any]) -> Iterator[bool]:
+    """Install ``{signal: handler}`` for the block and restore the previous handlers after it; yields
+    whether they were installed (only the main thread can take signals: elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    old = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        yield
+        yield True
     finally:
-        if timeout_s:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -896,22 +910,14 @@ def _signals_deferred() -> Iterator[list]:
     """SIGTERM / SIGHUP / SIGINT are recorded (into the yielded list), not acted on, until the block
     ends: for the few file moves that finish a run, which must not be cut in half."""
     import signal
-    import threading
 
     received: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
 
     def note(signum, frame):
         received.append(signal.Signals(signum))
 
-    old = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    try:
+    with _handling({sig: note for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}):
         yield received
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 #: Free space a reports folder must have before a run starts (a run writes figures, records, notebooks).
