@@ -122,7 +122,9 @@ def class_table(image_set, used, label_map):
         rows.append({"folder": "(flat folder)" if r.folder is None else r.folder, "usable_in_folder": r.images,
                      "model_class_id": r.class_id, "model_class_name": r.class_name,
                      "how": r.how + (f": {r.note}" if r.note else ""), "used_in_report": counts.get(r.folder, 0)})
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame["model_class_id"] = frame["model_class_id"].astype("Int64")  # ids, not 281.0, beside the unmapped ones
+    return frame
 
 
 # ---- 2. redundancy ---------------------------------------------------------------------------------------
