@@ -682,7 +682,93 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
            "settings": asdict(result.settings), "points": points}
     if model is not None:
         out["identity"] = {"model": model.name, "model_weights_sha256": model.identity()["weights_sha256"]}
+    out["report"] = sweep_report(out, reductions).to_dict()
     return out
+
+
+def is_tokencache_curve(curve: str) -> bool:
+    """Whether an ablated curve is TokenCache's own choice on its axis (the paper's method): the learned
+    Cache Predictor (which tokens), adaptive block selection (which blocks), TPRR (when)."""
+    return curve in ("learned-static", "learned-dynamic", "adaptive") or curve.startswith("TPRR")
+
+
+def _db(v) -> str:
+    return "-" if v is None else f"{v:.1f} dB"
+
+
+def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
+    """The first screen of an ablation report (:class:`tclab.report.ReportSummary`) from
+    :func:`summarise_sweep`'s summary. Per cost reduction r: does TokenCache's own choice on this axis
+    (:func:`is_tokencache_curve`) win among the ablated variants, and does the best ablated point beat
+    the best rival (fewer steps, FORA, peers) at the same FLOPs; within the budget: the recommended
+    point, and whether its FLOP saving shows up in wall-clock."""
+    from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, key_numbers_from
+
+    flops, head = summary["flops"], summary["headline"]
+    findings = []
+    for r in reductions:
+        d = flops.get(f"at_{r:g}x") or {}
+        within = f"at most 1/{r:g} of full compute's FLOPs"
+        if not d.get("winner"):
+            findings.append(Finding(f"No ablated variant reached {r:g}x fewer FLOPs.", NOT_MEASURED,
+                                    f"a measured point {within}", f"at {r:g}x fewer FLOPs"))
+            continue
+        winners = [d["winner"], *d.get("tied_with", [])]
+        ours = any(is_tokencache_curve(c) for c in winners)
+        runner = (f", {d['psnr_margin']:.2f} dB ahead of {d['runner_up']}" if d.get("runner_up") and
+                  d.get("psnr_margin") is not None else "")
+        cc = d.get("class_consistency")
+        findings.append(Finding(
+            f"The best ablated variant is {d['winner']} ({d['point']}: {_db(d.get('psnr'))}"
+            + (f", class-consistency {cc:.0%}" if cc is not None else "") + f"){runner}.",
+            HOLDS if ours else DOES_NOT_HOLD,
+            f"TokenCache's own choice (learned predictor / adaptive blocks / TPRR) has the highest PSNR vs full "
+            f"compute among the ablated variants {within}", f"at {r:g}x fewer FLOPs"))
+        ref = d.get("best_reference")
+        if ref and ref.get("psnr") is not None and d.get("psnr") is not None:
+            beats = d["psnr"] > ref["psnr"]
+            findings.append(Finding(
+                f"The best rival at the same cost is {ref['name']} at {_db(ref['psnr'])}: the best ablated "
+                f"variant is {abs(d['psnr'] - ref['psnr']):.1f} dB {'above' if beats else 'below'} it.",
+                HOLDS if beats else DOES_NOT_HOLD,
+                f"the best ablated variant beats every baseline and peer (fewer steps, FORA, external caches) {within}",
+                f"at {r:g}x fewer FLOPs"))
+        else:
+            findings.append(Finding("No baseline or peer was measured at this cost.", NOT_MEASURED,
+                                    f"a baseline or peer {within}", f"at {r:g}x fewer FLOPs"))
+    best = summary.get("best_under_budget")
+    budget = head.get("budget_flop_ratio")
+    group = f"within the budget ({budget:g} of full compute's FLOPs)" if budget is not None else "within the budget"
+    if best:
+        tr = best.get("time_ratio")
+        findings.append(Finding(
+            f"The recommended setting is {best['name']}: {best['flop_ratio']:.2f}x the FLOPs and "
+            + (f"{tr:.2f}x the wall-clock of full compute" if tr is not None else "wall-clock not measured")
+            + f", {_db(best.get('psnr'))}.",
+            NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
+            "its FLOP saving shows in wall-clock: time ratio below 1 (median of interleaved runs against full "
+            "compute, this machine)", group))
+    else:
+        findings.append(Finding("No ablated variant fits the budget.", NOT_MEASURED,
+                                "a measured point within the FLOP budget", group))
+    if head.get("failed_points"):
+        findings.append(Finding(f"{head['failed_points']} of {head['points']} points failed; their errors are in the "
+                                "sweep table.", DOES_NOT_HOLD, "every point of the sweep ran", "the sweep"))
+    spec = [("best_under_budget", "recommended setting (within the budget)", ""),
+            ("best_flop_ratio", "its FLOPs (of full compute)", "x"),
+            ("best_time_ratio", "its wall-clock (of full compute)", "x"),
+            ("best_psnr", "its PSNR vs full compute", "dB"),
+            ("best_class_consistency", "its class-consistency", "%"),
+            ("full_compute_class_consistency", "full compute's class-consistency", "%")]
+    for r in reductions:
+        t = f"{r:g}x"
+        spec += [(f"winner_at_{t}_flops", f"best ablated variant at {t} fewer FLOPs", ""),
+                 (f"psnr_at_{t}", f"its PSNR", "dB"),
+                 (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
+    spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
+    numbers = [k for k in key_numbers_from(head, spec) if k.value is not None]
+    index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
+    return ReportSummary(findings=findings, key_numbers=numbers, index_keys=index)
 
 
 def images_of_winners(result: SweepResult, budget: float, cost: str = "flop_ratio", quality: str = "psnr",

@@ -613,7 +613,90 @@ def summarise_redundancy(record: TokenChangeRecord, sdedit_record: TokenChangeRe
         summary["sdedit"] = sd
         summary["comparison"] = {k: {"samples": v, "sdedit": sd_head["sdedit_" + k]}
                                  for k, v in _headline_of(main).items()}
-    return to_plain(summary)
+    summary = to_plain(summary)
+    summary["report"] = redundancy_report(summary).to_dict()
+    return summary
+
+
+#: Short names of the observations for a report's findings.
+_OBSERVATION_SHORT = {
+    "few_tokens_change_a_lot": "1. Few tokens carry most of the change",
+    "adjacent_steps_correlated": "2. Which tokens change is predictable from the last step",
+    "uneven_over_trajectory": "3. Change is uneven over the trajectory",
+}
+
+
+def _criterion_text(key: str, criterion: Mapping) -> str:
+    """The rule of an observation's verdict, in words."""
+    if key == "few_tokens_change_a_lot":
+        return (f"the top 10 % of tokens carry at least {criterion.get('min_top10_share', 0.25):.0%} of the total "
+                "change (10 % if every token changed equally)")
+    if key == "adjacent_steps_correlated":
+        return (f"rank correlation of adjacent steps' change maps at least {criterion.get('min_adjacent_corr', 0.5):g}, "
+                f"and at least {criterion.get('min_decay', 0.05):g} lower at the far distance")
+    return (f"a two-phase split with a mean-change ratio of at least {criterion.get('min_phase_ratio', 1.5):g}x that "
+            f"explains at least {criterion.get('min_variance_explained', 0.5):.0%} of the per-step variance")
+
+
+def _observation_sentence(key: str, obs: Mapping) -> str:
+    """One sentence with the numbers behind an observation's verdict."""
+    def num(name: str, fmt: str = ".2f") -> str:
+        v = obs.get(name)
+        return "-" if v is None else format(v, fmt)
+
+    if obs.get("holds") is None:
+        return str(obs.get("verdict", "")).split(": ", 1)[-1]
+    if key == "few_tokens_change_a_lot":
+        return (f"The top 10 % of tokens carry {num('top10pct_share', '.1%')} of the change "
+                f"(top 20 %: {num('top20pct_share', '.1%')}; Gini {num('gini')}).")
+    if key == "adjacent_steps_correlated":
+        return (f"Adjacent steps' change maps have rank correlation {num('adjacent_rank_corr')}; "
+                f"{obs.get('far_distance', '?')} steps apart, {num('far_rank_corr')}.")
+    t = obs.get("split_t")
+    return (f"The change splits into two phases at step {obs.get('split_step', '?')}"
+            + (f" (t = {t:g})" if isinstance(t, (int, float)) else "")
+            + f"; the later phase changes {num('phase_mean_ratio', '.2g')}x as much as the earlier one.")
+
+
+def _observation_findings(part: Mapping, group: str) -> list:
+    from .report import Finding, verdict_of
+
+    m = part["primary_measure"]
+    out = []
+    for key, short in _OBSERVATION_SHORT.items():
+        obs = part["observations"][m][key]
+        out.append(Finding(f"{short}. {_observation_sentence(key, obs)}", verdict_of(obs.get("holds")),
+                           _criterion_text(key, obs.get("criterion") or {}), group))
+    return out
+
+
+def redundancy_report(summary: Mapping):
+    """The first screen of a redundancy report (:class:`tclab.report.ReportSummary`) from a
+    :func:`summarise_redundancy` summary: each observation's verdict on the pure samples and, when
+    traced, on SDEdit of the in-house images; the numbers behind them."""
+    from .report import ReportSummary, key_numbers_from
+
+    rec = summary["record"]
+    findings = _observation_findings(summary, f"the model's own samples ({rec['samples']} samples, "
+                                              f"{rec['steps']} steps, {summary['primary_measure']})")
+    if "sdedit" in summary:
+        sd = summary["sdedit"]["record"]
+        findings += _observation_findings(summary["sdedit"], f"SDEdit of the in-house images ({sd['samples']} images, "
+                                                             f"{sd['steps']} steps)")
+    head = summary["headline"]
+    far = head.get("far_distance")
+    spec = [("top10pct_change_share", "share of the change carried by the top 10 % of tokens", "%"),
+            ("frac_tokens_below_5pct", "token updates that move less than 5 %", "%"),
+            ("adjacent_rank_corr", "rank correlation of adjacent steps' change maps", ""),
+            ("far_rank_corr", f"the same at a distance of {far} steps" if far else "the same at a far distance", ""),
+            ("phase_mean_ratio", "mean change, later phase over earlier phase", "x"),
+            ("suggested_tprr_split", "suggested TPRR split (share of the steps)", ""),
+            ("sdedit_top10pct_change_share", "SDEdit: share of the change carried by the top 10 %", "%"),
+            ("sdedit_adjacent_rank_corr", "SDEdit: rank correlation of adjacent steps", "")]
+    return ReportSummary(findings=findings, key_numbers=key_numbers_from(head, spec),
+                         index_keys=["top10pct_change_share", "adjacent_rank_corr", "phase_mean_ratio"],
+                         question="Do TokenCache's three observations (few tokens change a lot; which ones is "
+                                  "predictable; change comes in phases) hold on this model and these images?")
 
 
 def describe_observations(summary: dict) -> str:

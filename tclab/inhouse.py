@@ -741,4 +741,74 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
                 "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used),
                 "labels_sha256": label_map.sha256() if label_map is not None else None}
     labels = label_map.to_dict() if label_map is not None else None
-    return to_plain({"headline": head, "details": details, "labels": labels, "identity": identity})
+    out = to_plain({"headline": head, "details": details, "labels": labels, "identity": identity})
+    out["report"] = inhouse_report(out).to_dict()
+    return out
+
+
+#: How far below full compute the cached images' class-consistency may fall for the report's verdict.
+CLASS_CONSISTENCY_TOLERANCE = 0.05
+
+
+def inhouse_report(summary: Mapping[str, Any]):
+    """The first screen of the in-house report (:class:`tclab.report.ReportSummary`) from
+    :func:`summarise_report`'s summary: is the image set usable, is there redundancy on these images
+    (the three observations on their SDEdit traces), which setting, and what it buys and costs here."""
+    from .analysis import _observation_findings
+    from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, key_numbers_from, verdict_of
+
+    h, details = summary["headline"], summary["details"]
+    check = details.get("image_check", {})
+    folders = len(check.get("classes") or []) or None
+    findings = [Finding(
+        f"{h['usable_images']} usable images" + (f" in {folders} folders" if folders else "")
+        + (f", {h['mapped_folders']} of them mapped to model classes" if h.get("mapped_folders") is not None and folders
+           else "") + (f"; {h['bad_images']} files skipped (each with its reason under Tables)." if h["bad_images"]
+           else "; no file skipped."),
+        HOLDS if h["bad_images"] == 0 else DOES_NOT_HOLD, "every file in the folder is a usable image",
+        "the image set")]
+    red = details.get("redundancy") or {}
+    if red.get("observations"):
+        rec = red["record"]
+        findings += _observation_findings(red, f"redundancy on SDEdit traces of these images ({rec['samples']} images, "
+                                               f"{rec['steps']} steps)")
+    group = "the recommended setting on these images"
+    budget = h.get("budget_flop_ratio")
+    findings.append(Finding(
+        f"Recommended: {h['recommendation']} ({h['recommendation_source']}"
+        + (f", {h['recommendation_from']}" if h.get("recommendation_from") else "") + f"): {h['flop_ratio']:.2f}x "
+        "the FLOPs of full compute on these images.",
+        verdict_of(h.get("within_budget")),
+        f"within the FLOP budget ({budget:g} of full compute)" if budget is not None else "within a FLOP budget (none set)",
+        group))
+    tr = h.get("time_ratio")
+    findings.append(Finding(
+        (f"It takes {tr:.2f}x the wall-clock of full compute ({h['time_speedup']:.2f}x faster)." if tr is not None
+         else "Wall-clock was not measured."),
+        NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
+        "wall-clock below full compute's (median of interleaved runs, this machine)", group))
+    full, cached, n = h.get("class_consistency_full"), h.get("class_consistency_cached"), h.get("class_consistency_n")
+    quality = (f"PSNR {h['psnr']:.1f} dB against full compute (worst image {h['worst_psnr']:.1f} dB), SSIM "
+               f"{h['ssim']:.2f}")
+    if full is not None and cached is not None:
+        findings.append(Finding(
+            f"{quality}; class-consistency {cached:.0%} cached vs {full:.0%} full compute (N = {n}).",
+            HOLDS if cached >= full - CLASS_CONSISTENCY_TOLERANCE else DOES_NOT_HOLD,
+            f"class-consistency of the cached images at most {CLASS_CONSISTENCY_TOLERANCE:.0%} below full "
+            "compute's (small N is noisy)", group))
+    else:
+        findings.append(Finding(f"{quality}; class-consistency not measured (no folder maps to a model class).",
+                                NOT_MEASURED, "class-consistency of the cached images close to full compute's", group))
+    spec = [("recommendation", "recommended setting", ""), ("flop_ratio", "FLOPs (of full compute)", "x"),
+            ("time_ratio", "wall-clock (of full compute)", "x"), ("psnr", "PSNR vs full compute", "dB"),
+            ("worst_psnr", "worst image's PSNR", "dB"), ("ssim", "SSIM vs full compute", ""),
+            ("class_consistency_full", "class-consistency, full compute", "%"),
+            ("class_consistency_cached", "class-consistency, cached", "%"),
+            ("fid_full", "FID, full compute", ""), ("fid_cached", "FID, cached", ""),
+            ("usable_images", "usable images", ""), ("images_used", "images measured", "")]
+    numbers = [k for k in key_numbers_from(h, spec) if k.value is not None]
+    if h.get("fid_full") is None and h.get("fid_reason"):
+        from .report import KeyNumber
+
+        numbers.append(KeyNumber("fid_reason", "FID", h["fid_reason"]))
+    return ReportSummary(findings=findings, key_numbers=numbers, index_keys=["recommendation", "flop_ratio", "psnr"])

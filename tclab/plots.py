@@ -101,7 +101,9 @@ def plot_change_heatmap(record: TokenChangeRecord, measures: Sequence[str] = ana
         ax.set_xticks(range(record.num_blocks))
         _step_ticks(ax, record, "y")
         _add_timestep_axis(ax, record, "y")
-        fig.colorbar(im, ax=ax, label=f"mean {CHANGE_LABEL.get(m, m)}", shrink=0.9, location="left", pad=0.12)
+        # the colour bar below its own panel: on the left it sat against the neighbour's timestep axis
+        fig.colorbar(im, ax=ax, label=f"mean {CHANGE_LABEL.get(m, m)}", shrink=0.9, location="bottom", pad=0.02,
+                     aspect=30)
         ax.set_title(m)
     fig.suptitle(title or f"Mean change between adjacent steps, per step and block ({branch} branch)")
     return fig
@@ -261,12 +263,14 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
     recs = _records(records)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     chance = None
+    ticks: set[int] = set()
     for k, (label, rec) in enumerate(recs.items()):
         color = f"C{k}"
         rc = analysis.rank_correlation_by_distance(rec, measure, None, branch)
         ov = analysis.measure_top_token_overlap(rec, measure, 0.2, None, branch)
         if not rc["distances"]:
             continue
+        ticks |= {int(d) for d in rc["distances"]} | {int(d) for d in ov["distances"]}
         d = np.asarray(rc["distances"])
         by_block = np.asarray(rc["by_block"])  # (D, L)
         for l in range(by_block.shape[1]):
@@ -274,11 +278,13 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
         ax.plot(d, rc["mean"], color=color, lw=2.2, marker="o", label=f"{label} mean over blocks".strip())
         bx.plot(ov["distances"], ov["overlap"], color=color, lw=2.2, marker="o", label=(label or measure))
         chance = ov["chance"]
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
 
     for a in (ax, bx):
         a.set_xscale("log", base=2)
-        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.xaxis.set_major_locator(FixedLocator(sorted(ticks)))    # the distances measured, as whole numbers
+        a.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+        a.xaxis.set_minor_locator(NullLocator())
         a.set_xlabel("step distance d (steps s and s + d)")
         a.grid(alpha=0.3)
     ax.axhline(0, color="0.4", lw=1)

@@ -36,3 +36,52 @@ def test_a_kernel_started_by_the_runner_is_throttled_even_on_a_terminal(monkeypa
     monkeypatch.setenv(CALLER_CWD_ENV, "/somewhere")  # set by tclab run for the kernel: its output is a report
     assert progress._redraws_in_place() is False
 
+
+
+def test_a_runner_kernels_bars_go_to_the_progress_file_not_the_cell(monkeypatch, tmp_path, capsys):
+    target = tmp_path / "progress.log"
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(target))
+    bar = progress.progress_bar(range(3), desc="sweep", unit="variant")
+    for _ in bar:
+        pass
+    captured = capsys.readouterr()
+    assert "sweep" not in captured.err and "sweep" not in captured.out      # nothing lands in the report
+    lines = [line.split("\t") for line in target.read_text().splitlines()]
+    counts = [int(n) for _, state, n, _, _ in lines if state == "open"]
+    assert sorted(set(counts)) == [0, 1, 2, 3] and counts == sorted(counts)   # every variant reported, in order
+    assert lines[-1][1:3] == ["done", "3"] and [line[1] for line in lines].count("done") == 1
+    assert lines[-1][4].startswith("sweep: 100%")
+
+
+def test_the_follower_prints_one_line_per_outer_step_in_a_log(monkeypatch, tmp_path):
+    target = tmp_path / "progress.log"
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(target))
+    out = io.StringIO()                            # not a terminal: a scheduler's log file
+    with progress.ProgressFollower(target, stream=out, label="02", poll_s=0.02, quiet_interval_s=1000) as follower:
+        follower.cells.write("\rExecuting:  50%|#####     | 5/10 [00:01<00:01, 5cell/s]")
+        for _ in progress.progress_bar(range(3), desc="sweep", unit="variant"):
+            inner = progress.progress_bar(total=400, desc="sampling", unit="step", leave=False)
+            for _ in range(400):
+                inner.update(1)
+            inner.close()
+            import time
+
+            time.sleep(0.15)                       # the follower polls between variants
+    lines = out.getvalue().splitlines()
+    assert all(line.startswith("02 | cells  50%") for line in lines)
+    sweep = [line.split("| sweep: ")[1].split("|")[0].strip() for line in lines if "| sweep: " in line]
+    assert sweep[:3] == ["33%", "67%", "100%"] and "sampling" not in lines[-1]
+    assert len(lines) <= 6                          # no line per inner update
+
+
+def test_the_follower_redraws_one_line_on_a_terminal(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    with progress.ProgressFollower(tmp_path / "none.log", stream=out, label="01") as follower:
+        for i in range(3):
+            follower.cells.write(f"\rExecuting: {i}/3")
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r") >= 3 and "01 | cells 2/3" in text
