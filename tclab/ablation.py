@@ -644,7 +644,7 @@ def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_rati
 
 
 def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequence[float] = (2, 3),
-                    model=None) -> dict:
+                    model=None, image_set=None) -> dict:
     """Everything ``summary.json`` of an ablation run holds, as plain values.
 
     ``headline`` (flat, for ``reports/index.html``): per reduction r the winning curve, its PSNR and
@@ -652,7 +652,9 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
     ``budget`` (its name, FLOP and time ratios, PSNR). ``flops`` / ``wall_clock``: the full
     :func:`headline` against each cost. ``best_under_budget``: the recommended configuration (its
     ``config.cache`` is a ``TokenCacheConfig`` dict: what ``05_inhouse_report`` reads).
-    ``points``: every row of the sweep. ``identity``: the model's weights hash when ``model`` is given.
+    ``points``: every row of the sweep. ``identity``: the model's weights hash when ``model`` is given,
+    the manifest hash of the image set whose classes were sampled when ``image_set`` is. ``report``:
+    the report's first screen (:func:`sweep_report`).
     """
     frame = result.frame
     flops = headline(frame, reductions, budget, "flop_ratio", "psnr")
@@ -682,6 +684,8 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
            "settings": asdict(result.settings), "points": points}
     if model is not None:
         out["identity"] = {"model": model.name, "model_weights_sha256": model.identity()["weights_sha256"]}
+    if image_set is not None:
+        out.setdefault("identity", {})["images_manifest_sha256"] = image_set.manifest_hash()
     out["report"] = sweep_report(out, reductions).to_dict()
     return out
 

@@ -309,9 +309,10 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
     images = params.get("images")
     if images is not None or identity.get("images_manifest_sha256"):
         used = identity.get("images_used")
-        rows.append(("image set", f"{images if images is not None else '-'}  (manifest "
-                                  f"{_short(identity.get('images_manifest_sha256'))}"
-                                  + (f", {used} images used" if used is not None else "") + ")"))
+        extra = [f"manifest {_short(identity['images_manifest_sha256'])}"] if identity.get("images_manifest_sha256") else []
+        extra += [f"{used} images used"] if used is not None else []
+        rows.append(("image set", f"{images if images is not None else '-'}"
+                                  + (f"  ({', '.join(extra)})" if extra else "")))
     if identity.get("labels_sha256"):
         rows.append(("labels", f"{params.get('labels', 'auto')}  (mapping {_short(identity.get('labels_sha256'))})"))
     start = str(prov.get("start_utc") or "")
@@ -438,6 +439,7 @@ def render_report(executed: str | Path, out: str | Path, *, summary: Mapping[str
             elif rich and "<table" in rich:
                 table_no += 1
                 body = _headers_with_units(_replace_all(rich, replacements))
+                body = re.sub(r"<td>(NaN|None|nan|&lt;NA&gt;)</td>", "<td>-</td>", body)   # a missing value is a dash
                 items.append(_Item("table", f'<div class="tclab-table-scroll">{body}</div>', caption, table_no))
                 parts.append(f'<p class="ref">&rarr; <a href="#table-{table_no}">Table {table_no}</a></p>')
             else:
