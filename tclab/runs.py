@@ -57,6 +57,7 @@ import difflib
 import hashlib
 import html
 import json
+import logging
 import math
 import os
 import platform
@@ -841,6 +842,45 @@ def _kernel_imports_this_tclab(caller_cwd: str | os.PathLike | None = None) -> I
 
 
 KERNEL_LOG = "kernel.log"
+#: The kernel's progress bars, one status line per update (tclab.progress); kept only for failed runs.
+PROGRESS_LOG = "progress.log"
+
+
+class _UnknownParameterFilter(logging.Filter):
+    """papermill cannot read annotated parameters (``run_dir: str | None = None``) and calls each one
+    "unknown"; the names were already checked against the parameters cell (validate_parameters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+@contextlib.contextmanager
+def _papermill_quiet() -> Iterator[None]:
+    log, f = logging.getLogger("papermill"), _UnknownParameterFilter()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, remove) environment variables for the kernel about to start; restore after."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _kernel_manager_logging_to(log_path: Path):
@@ -1031,27 +1071,15 @@ def _summary_line(exc: BaseException) -> str:
 
 
 def render_html(executed: str | os.PathLike, out: str | os.PathLike, title: str | None = None,
-                params: Mapping[str, Any] | None = None, overridden: Iterable[str] = ()) -> Path:
-    """Render an executed notebook to HTML without code cells (the readable report).
+                params: Mapping[str, Any] | None = None, overridden: Iterable[str] = (), *,
+                summary: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
+                replacements: Mapping[str, str] | None = None, error: str | None = None) -> Path:
+    """Render an executed notebook as the run's report (:func:`tclab.report.render_report`): the
+    summary from ``summary.json`` first, then numbered figures, tables and the details, code hidden."""
+    from .report import render_report
 
-    Markdown and outputs stay; code inputs and prompts go (nbconvert ``exclude_input=True``). If
-    ``params`` is given, a short parameters list is put at the top (names in ``overridden`` marked
-    "set for this run"), so the report stands alone.
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(executed, as_version=4)
-    if params is not None:
-        overridden = set(overridden)
-        lines = "\n".join(f"- `{k}` = `{v!r}`" + (" (set for this run)" if k in overridden else "")
-                          for k, v in params.items()) or "- (none)"
-        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"**Run** `{title or ''}`\n\n**Parameters**\n\n{lines}"))
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or Path(executed).stem}})
-    out = Path(out)
-    out.write_text(body, encoding="utf-8")
-    return out
+    return render_report(executed, out, summary=summary, provenance=provenance, params=params,
+                         overridden=overridden, run_name=title or "", replacements=replacements, error=error)
 
 
 def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None = None,
@@ -1133,10 +1161,16 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     prov["environment_source"] = "runner"
 
     error: BaseException | None = None
-    try:
-        with _kernel_imports_this_tclab(caller_cwd), _stoppable(timeout_s):
+    from .progress import PROGRESS_FILE_ENV, ProgressFollower
+
+    progress_file = staging / PROGRESS_LOG
+    try:   # the kernel's bars report to progress_file (never to the report); the follower shows them here
+        with _kernel_imports_this_tclab(caller_cwd), _stoppable(timeout_s), \
+                _environment({PROGRESS_FILE_ENV: str(progress_file) if progress_bar else None}), \
+                _papermill_quiet(), ProgressFollower(progress_file, label=stem) as follower:
             pm.execute_notebook(str(notebook), str(executed), parameters={**params, RUN_DIR_PARAMETER: str(staging)},
-                                kernel_name=kernel_name, progress_bar=progress_bar, cwd=str(notebook.resolve().parent),
+                                kernel_name=kernel_name, cwd=str(notebook.resolve().parent),
+                                progress_bar={"file": follower.cells} if progress_bar else False,
                                 kernel_manager_class=_kernel_manager_logging_to(staging / KERNEL_LOG))
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed
         error = e
@@ -1153,23 +1187,28 @@ def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, na
     """Render, write provenance, move the staged folder into place (marked FAILED if ``error``), update
     the index; raise what the run's failure calls for."""
 
-    if executed.is_file():
-        try:
-            render_html(executed, staging / REPORT_NAME, title=name, params=used, overridden=params)
-        except Exception as e:  # noqa: BLE001 - a rendering problem must not hide the run's own result
-            (staging / "render_error.txt").write_text(_error_text(e))
     kernel_env = staging / _KERNEL_ENV_FILE
     if kernel_env.is_file():
         prov["environment"] = json.loads(kernel_env.read_text())
         prov["environment_source"] = "kernel"
         kernel_env.unlink()
     summary_path = staging / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(summary_path)
     prov.update(status="failed" if error else "ok", end_utc=_iso(end),
                 duration_s=round((end - start).total_seconds(), 3), identity=summary.get("identity", {}),
-                report=REPORT_NAME if (staging / REPORT_NAME).is_file() else None, executed_notebook=executed.name)
+                executed_notebook=executed.name)
+    final = _unique_path(reports / (name + (FAILED_SUFFIX if error else "")))
     if error is not None:
         prov["error"] = _summary_line(error)
+    if executed.is_file():
+        try:  # the report names the folder the run ends up in, never the staging one
+            render_html(executed, staging / REPORT_NAME, title=final.name, params=used, overridden=params,
+                        summary=summary, provenance=prov, replacements={str(staging): str(final)},
+                        error=prov.get("error"))
+        except Exception as e:  # noqa: BLE001 - a rendering problem must not hide the run's own result
+            (staging / "render_error.txt").write_text(_error_text(e))
+    prov["report"] = REPORT_NAME if (staging / REPORT_NAME).is_file() else None
+    if error is not None:
         (staging / "error.txt").write_text(_error_text(error))
     elif not summary_path.is_file():
         print(f"warning: {notebook} wrote no summary.json; end it with run.write_summary({{'headline': ...}})",
@@ -1178,7 +1217,9 @@ def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, na
     if log.is_file() and not error and all("Kernel is running over TCP without encryption" in line
                                            for line in log.read_text(errors="replace").splitlines() if line.strip()):
         log.unlink()  # nothing but the kernel's usual start-up warning: not worth a file in a good run
-    final = _unique_path(reports / (name + (FAILED_SUFFIX if error else "")))
+    if not error:
+        with contextlib.suppress(FileNotFoundError):
+            (staging / PROGRESS_LOG).unlink()
     prov["run"] = final.name  # provenance names the folder it ends up in (a second run may take "name")
     _write_json(staging / "provenance.json", prov)
     with contextlib.suppress(FileNotFoundError):
@@ -1205,23 +1246,57 @@ def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, na
 # reports/index.html
 # --------------------------------------------------------------------------------------------
 
+INDEX_FIGURES = 3   # headline figures per run on the index: enough to recognise the answer, few enough to scan
+RUN_STATUSES = ("ok", "failed", "running", "unknown")
+
+
+@dataclass
+class KeyFigure:
+    """One headline figure of a run as the index shows it: ``label: value unit``.
+
+    ``key`` is the stable name (a ``report.key_numbers`` key or a ``headline`` key of summary.json);
+    the index compares figures of the same key across runs of one notebook+tag.
+    """
+
+    key: str
+    label: str
+    value: Any
+    unit: str = ""
+
+
 @dataclass
 class RunInfo:
-    """One run folder as index.html sees it (read from provenance.json and summary.json)."""
+    """One run folder as index.html sees it, read defensively from provenance.json and summary.json.
+
+    A missing or corrupt file never raises: the run is listed with what is known, and ``problems``
+    says what could not be read. A scheduled job runs under its name as tag (``tclab.jobs``), so
+    ``group`` (notebook, tag) is one job's history.
+    """
 
     path: Path
     status: str                  # "ok", "failed", "running" (interactive, unfinished) or "unknown"
     notebook: str                # the notebook's stem
     tag: str
-    start_utc: str
+    start_utc: str               # ISO 8601 UTC; from the folder name when provenance lacks it; "" if unknown
     headline: dict[str, Any]
     report: str | None           # file name of the HTML report inside the folder, if any
-    error: str | None = None
+    error: str | None = None     # provenance's one-line error of a failed run
+    model: str | None = None     # the ``model`` parameter (a load_dit spec or a model folder)
+    model_sha256: str | None = None    # identity.model_weights_sha256
+    images: str | None = None    # the ``images`` parameter (an image folder, or "shapes")
+    images_sha256: str | None = None   # identity.images_manifest_sha256
+    duration_s: float | None = None
+    figures: list[KeyFigure] = field(default_factory=list)   # what the index shows, in order
+    problems: list[str] = field(default_factory=list)        # e.g. "summary.json is not valid JSON"
 
     @property
     def group(self) -> tuple[str, str]:
         """Runs of the same notebook and tag are the same question asked again over time."""
         return (self.notebook, self.tag)
+
+    def value_of(self, key: str) -> Any:
+        """The value of figure ``key`` in this run (a shown figure, else its headline entry); None if absent."""
+        return next((f.value for f in self.figures if f.key == key), self.headline.get(key))
 
 
 def read_json(p: Path) -> dict[str, Any]:
@@ -1233,8 +1308,115 @@ def read_json(p: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _read_json_noting(p: Path, problems: list[str]) -> dict[str, Any]:
+    """:func:`read_json`, noting in ``problems`` why a file that exists could not be used."""
+    if not p.exists():
+        return {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        problems.append(f"{p.name} unreadable ({e.strerror or type(e).__name__})")
+        return {}
+    except ValueError:   # includes UnicodeDecodeError
+        problems.append(f"{p.name} is not valid JSON")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{p.name} is not a JSON object")
+        return {}
+    return data
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _text(v: Any) -> str | None:
+    """A provenance/summary value as display text; None for missing or empty."""
+    if v is None:
+        return None
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s.strip() or None
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _parse_iso(s: str | None) -> _dt.datetime | None:
+    try:
+        t = _dt.datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
+    except ValueError:
+        return None
+    return t.replace(tzinfo=_dt.timezone.utc) if t is not None and t.tzinfo is None else t
+
+
+def _start_from_folder_name(name: str) -> str:
+    """'20260614T103015Z_nb_tag' -> '2026-06-14T10:30:15.000Z'; '' when the name carries no start time."""
+    try:
+        t = _dt.datetime.strptime(name.split("_", 1)[0], _TIME_FORMAT).replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        return ""
+    return _iso(t)
+
+
+def _key_figures(summary: dict[str, Any], headline: dict[str, Any]) -> list[KeyFigure]:
+    """The figures the index shows for a run.
+
+    summary.json ``report.key_numbers`` (``[{"key", "label", "value", "unit"}]``, written for the report)
+    picked and ordered by ``report.index_keys``; without ``index_keys``, the first key numbers. Older runs
+    without key numbers: the first numeric, bool or string ``headline`` entries, labelled by their key.
+    """
+    report = _dict(summary.get("report"))
+    numbers = report.get("key_numbers") if isinstance(report.get("key_numbers"), list) else []
+    by_key = {n["key"]: n for n in numbers if isinstance(n, dict) and isinstance(n.get("key"), str)}
+    keys = report.get("index_keys")
+    chosen = ([by_key[k] for k in keys if isinstance(k, str) and k in by_key] if isinstance(keys, list)
+              else list(by_key.values()))
+    if chosen:
+        return [KeyFigure(n["key"], _text(n.get("label")) or n["key"], n.get("value"), _text(n.get("unit")) or "")
+                for n in chosen[:INDEX_FIGURES]]
+    return [KeyFigure(str(k), str(k), v) for k, v in headline.items()
+            if isinstance(v, (int, float, str, bool))][:INDEX_FIGURES]
+
+
+def _safe_file(d: Path, name: str | None) -> str | None:
+    """``name`` if it is a plain file name of an existing file in ``d`` (never a path out of it)."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        return None
+    return name if (d / name).is_file() else None
+
+
+def read_run(d: Path) -> RunInfo:
+    """One run folder as :class:`RunInfo`; never raises on missing or corrupt provenance.json/summary.json."""
+    problems: list[str] = []
+    prov = _read_json_noting(d / "provenance.json", problems)
+    summary = _read_json_noting(d / "summary.json", problems)
+    status = _text(prov.get("status")) or ("failed" if d.name.endswith(FAILED_SUFFIX) else "unknown")
+    nb = _text(prov.get("notebook"))
+    params = _dict(prov.get("parameters"))
+    identity = {**_dict(prov.get("identity")), **_dict(summary.get("identity"))}
+    headline = _dict(summary.get("headline"))
+    start = _text(prov.get("start_utc")) or _start_from_folder_name(d.name)
+    duration = _number(prov.get("duration_s"))
+    if duration is None:   # an interactive run records only its start and end
+        t0, t1 = _parse_iso(start), _parse_iso(_text(prov.get("end_utc")))
+        duration = (t1 - t0).total_seconds() if t0 and t1 and t1 >= t0 else None
+    return RunInfo(
+        path=d, status=status, notebook=Path(nb).stem if nb else "?", tag=_text(prov.get("tag")) or "",
+        start_utc=start, headline=headline,
+        report=_safe_file(d, _text(prov.get("report"))) or _safe_file(d, REPORT_NAME),
+        error=_text(prov.get("error")),
+        model=_text(params.get("model")) or _text(identity.get("model")),
+        model_sha256=_text(identity.get("model_weights_sha256")),
+        images=_text(params.get("images")), images_sha256=_text(identity.get("images_manifest_sha256")),
+        duration_s=duration, figures=_key_figures(summary, headline), problems=problems)
+
+
 def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
-    """All run folders under ``reports_dir``, newest first. Staging and hidden folders are skipped."""
+    """All run folders under ``reports_dir``, newest first. Staging and hidden folders are skipped.
+
+    A run folder is one holding provenance.json or summary.json (readable or not).
+    """
     reports = Path(reports_dir)
     runs: list[RunInfo] = []
     if not reports.is_dir():
@@ -1242,49 +1424,194 @@ def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
     for d in reports.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        prov = read_json(d / "provenance.json")
-        if not prov and not (d / "summary.json").is_file():
+        if not ((d / "provenance.json").exists() or (d / "summary.json").exists()):
             continue   # not a run folder
-        summary = read_json(d / "summary.json")
-        status = prov.get("status") or ("failed" if d.name.endswith(FAILED_SUFFIX) else "unknown")
-        nb = prov.get("notebook") or "?"
-        report = prov.get("report") or (REPORT_NAME if (d / REPORT_NAME).is_file() else None)
-        headline = summary.get("headline") if isinstance(summary.get("headline"), dict) else {}
-        runs.append(RunInfo(path=d, status=status, notebook=Path(nb).stem, tag=str(prov.get("tag", "")),
-                            start_utc=str(prov.get("start_utc") or d.name.split("_", 1)[0]),
-                            headline=headline, report=report, error=prov.get("error")))
+        runs.append(read_run(d))
     runs.sort(key=lambda r: (r.start_utc, r.path.name), reverse=True)
     return runs
 
 
 def _when(iso: str) -> str:
     """'2025-06-14T10:30:15.123Z' -> '2025-06-14 10:30:15' for the index (full value in provenance)."""
-    return iso.replace("T", " ")[:19]
+    return iso.replace("T", " ")[:19] if iso else "?"
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def format_duration(seconds: float | None) -> str:
+    """A run's duration for people: ``'4.2 s'``, ``'41 s'``, ``'3 min 12 s'``, ``'1 h 05 min'``; ``'-'`` if unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def _change(now: Any, before: Any) -> str:
-    if isinstance(now, (int, float)) and isinstance(before, (int, float)) and not isinstance(now, bool) \
-            and not isinstance(before, bool):
+def _is_ratio(unit: str, key: str) -> bool:
+    return unit.strip().lower() in ("x", "\u00d7", "ratio") or "ratio" in key.lower()
+
+
+def _format_number(v: float, unit: str = "", key: str = "") -> str:
+    """Rounded for reading: dB to one decimal, ratios to two (0.48), else 3 significant digits."""
+    if not math.isfinite(v):
+        return str(v)                      # nan, inf, -inf
+    if isinstance(v, int):
+        return str(v) if abs(v) < 10**6 else f"{v:.3g}"
+    a = abs(v)
+    if unit.strip().lower() == "db":
+        return f"{v:.1f}"
+    if _is_ratio(unit, key) and 0.01 <= a < 100:
+        return f"{v:.2f}"
+    if a == 0:
+        return "0"
+    if a >= 1e6 or a < 1e-3:
+        return f"{v:.3g}"                  # 1.23e+06, 4.5e-05
+    if a >= 1000:
+        return f"{v:.0f}"                  # 12346 rather than 1.23e+04
+    return f"{v:.3g}"
+
+
+def _value_text(value: Any, unit: str = "", key: str = "") -> str:
+    """A headline value rounded for its unit, without the unit."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return _format_number(value, unit, key)
+    return str(value)
+
+
+def format_figure(value: Any, unit: str = "", key: str = "") -> str:
+    """A headline value as the index shows it, with its unit: ``'31.5 dB'``, ``'0.48'``, ``'yes'``."""
+    text = _value_text(value, unit, key)
+    return f"{text} {unit}" if unit and value is not None else text
+
+
+def _delta(now: Any, before: Any, unit: str = "", key: str = "") -> tuple[str, bool]:
+    """(text, moved): '+16' / '-0.02' / '=' / 'changed' for a figure against its previous value."""
+    if _number(now) is not None and _number(before) is not None:
         d = now - before
-        return "=" if d == 0 else f"{'+' if d > 0 else ''}{_fmt(d)}"
-    return "=" if now == before else "changed"
+        if d == 0:
+            return "=", False
+        text = _format_number(abs(d), unit, key)
+        if float(text) == 0:               # a real but invisible change at this rounding
+            return "\u2248", True
+        return ("+" if d > 0 else "-") + text, True
+    return ("=", False) if now == before else ("changed", True)
+
+
+def _short_name(value: str, max_len: int = 28) -> str:
+    """A model or image-set spec for a table cell: a path's last folder name, at most ``max_len`` long."""
+    parts = [p for p in re.split(r"[\\/]+", value) if p]
+    short = parts[-1] if parts else value
+    return short if len(short) <= max_len else short[:max_len - 1] + "\u2026"
 
 
 _INDEX_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; }
-.ok { color: #176b2c; font-weight: bold; } .failed { color: #b00020; font-weight: bold; }
-.running, .unknown { color: #8a6d00; font-weight: bold; }
-.moved { background: #fff4cc; } .muted { color: #888; } code { font-size: 0.95em; }
-ul.kv { margin: 0; padding-left: 1.1em; }
+:root { color-scheme: light; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em 1.5em;
+       color: #1f2328; background: #fff; }
+h1 { font-size: 1.55em; margin: 0 0 .15em; } h2 { font-size: 1.2em; margin: 1.8em 0 .25em; }
+p { margin: .3em 0 .7em; max-width: 75em; } .lead { color: #444; }
+a { color: #0b57d0; text-decoration: none; } a:hover { text-decoration: underline; }
+.scroll { overflow-x: auto; border: 1px solid #d8dee4; border-radius: 6px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { padding: .45em .65em; text-align: left; vertical-align: top; border-bottom: 1px solid #eaeef2; }
+th { background: #f6f8fa; font-weight: 600; white-space: nowrap; border-bottom: 1px solid #d8dee4; }
+tbody tr:last-child td { border-bottom: none; } tbody tr:hover { background: #f8faff; }
+td.nowrap, .nowrap { white-space: nowrap; } td.num { text-align: right; white-space: nowrap; }
+#jobs td:nth-child(3), #jobs td:nth-child(4), #jobs td:nth-child(5) { text-align: right; }
+.status { display: inline-block; padding: 0 .55em; border-radius: 1em; font-size: .85em; font-weight: 600; }
+.status.ok { background: #dcf3e3; color: #116329; } .status.failed { background: #ffe3e6; color: #a40e26; }
+.status.running { background: #fff1c2; color: #7a5c00; } .status.unknown { background: #eaeef2; color: #57606a; }
+.err { color: #a40e26; font-size: .85em; max-width: 24em; overflow-wrap: anywhere; margin-top: .2em; }
+.warn { color: #7a5c00; font-size: .85em; max-width: 24em; margin-top: .2em; }
+.hash { color: #6e7781; font-size: .85em; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .92em; }
+td.tag { max-width: 12em; } td.tag code { overflow-wrap: break-word; } td.spec span, td.spec { white-space: nowrap; }
+.vs { font-size: .85em; color: #57606a; margin-top: .25em; }
+ul.figs { margin: 0; padding: 0; list-style: none; min-width: 14em; } ul.figs li { margin: 0 0 .1em; }
+.lbl { color: #57606a; }
+.delta { font-size: .82em; padding: 0 .3em; border-radius: 3px; color: #6e7781; white-space: nowrap; }
+.delta.moved { background: #fff1c2; color: #5c4500; }
+.muted { color: #8c959f; } td.links a { display: block; }
+.filters { display: flex; flex-wrap: wrap; gap: .5em 1em; align-items: center; margin: .8em 0 .6em; }
+.filters input[type=search] { width: 22em; max-width: 100%; padding: .3em .5em; font: inherit; }
+.filters select { padding: .25em; font: inherit; } #f-count { color: #57606a; }
+[hidden] { display: none !important; }
+th.sort { cursor: pointer; user-select: none; } th.sort:hover { background: #eef1f4; }
+th.sort::after { content: " \\2195"; color: #afb8c1; }
+th[aria-sort=ascending]::after { content: " \\25b2"; color: #57606a; }
+th[aria-sort=descending]::after { content: " \\25bc"; color: #57606a; }
+.note { color: #57606a; font-size: .9em; }
+"""
+
+# Filter and sort without a server (works from file://; no external resources). Without JavaScript the
+# filter controls stay hidden and the tables keep their newest-first order.
+_INDEX_JS = """
+(function () {
+  "use strict";
+  var each = function (list, f) { Array.prototype.forEach.call(list, f); };
+  var runs = document.getElementById("runs"), box = document.getElementById("filters");
+  if (runs && box) {
+    var text = document.getElementById("f-text"), status = document.getElementById("f-status"),
+        notebook = document.getElementById("f-notebook"), count = document.getElementById("f-count");
+    var rows = Array.prototype.filter.call(runs.tBodies[0].rows, function (r) { return r.hasAttribute("data-status"); });
+    var apply = function () {
+      var q = text.value.trim().toLowerCase(), s = status.value, n = notebook.value, shown = 0;
+      rows.forEach(function (tr) {
+        var hay = (tr.textContent + " " + (tr.getAttribute("data-search") || "")).toLowerCase();
+        var keep = (!q || hay.indexOf(q) >= 0) && (!s || tr.getAttribute("data-status") === s) &&
+                   (!n || tr.getAttribute("data-notebook") === n);
+        tr.hidden = !keep;
+        if (keep) { shown += 1; }
+      });
+      count.textContent = shown === rows.length ? rows.length + " runs" : "showing " + shown + " of " + rows.length + " runs";
+    };
+    each([text, status, notebook], function (el) { el.addEventListener("input", apply); el.addEventListener("change", apply); });
+    box.hidden = false;
+    apply();
+  }
+  var NUM = /^[-+]?(\\d+\\.?\\d*|\\.\\d+)([eE][-+]?\\d+)?$/;
+  var key = function (td) {
+    if (!td) { return ""; }
+    var v = td.getAttribute("data-sort");
+    return (v === null ? td.textContent : v).trim();
+  };
+  var compare = function (a, b) {          // empty values last; numbers as numbers; text naturally
+    if (a === "" || b === "") { return a === b ? 0 : (a === "" ? 1 : -1); }
+    if (NUM.test(a) && NUM.test(b)) { return parseFloat(a) - parseFloat(b); }
+    return a.localeCompare(b, undefined, {numeric: true, sensitivity: "base"});
+  };
+  each(document.querySelectorAll("table.sortable"), function (table) {
+    var heads = table.tHead.rows[0].cells, body = table.tBodies[0];
+    each(heads, function (th, col) {
+      if (th.classList.contains("nosort")) { return; }
+      th.classList.add("sort");
+      th.tabIndex = 0;
+      th.title = (th.title ? th.title + " " : "") + "(click to sort)";
+      var sort = function () {
+        var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
+        each(heads, function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
+        var rs = Array.prototype.slice.call(body.rows);
+        rs.sort(function (x, y) {
+          var a = key(x.cells[col]), b = key(y.cells[col]);
+          return (a === "" || b === "") ? compare(a, b) : dir * compare(a, b);
+        });
+        rs.forEach(function (r) { body.appendChild(r); });
+      };
+      th.addEventListener("click", sort);
+      th.addEventListener("keydown", function (ev) {
+        if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); sort(); }
+      });
+    });
+  });
+})();
 """
 
 
@@ -1311,81 +1638,191 @@ def _replace_atomically(out: Path, text: str) -> None:
         os.close(lock)
 
 
-def write_index(reports_dir: str | os.PathLike) -> Path:
-    """Rewrite ``<reports_dir>/index.html``: every run, newest first, with headline numbers.
+def _href(run: RunInfo, file: str | None = None) -> str:
+    """A link into a run folder relative to index.html's folder (the one holding the run folders):
+    valid wherever the reports folder is copied or mounted, and from file://."""
+    from urllib.parse import quote
 
-    Columns: start time, status, notebook, tag, links (report, folder, error), the run's headline
-    values, and the change against the previous *successful* run of the same notebook and tag
-    (same question asked again: a changed number there means the code or data changed the answer).
-    A second table counts runs per notebook+tag. Plain HTML and CSS; written atomically.
-    """
-    reports = Path(reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    runs = list_runs(reports)
+    return quote(run.path.name) + "/" + (quote(file) if file else "")
+
+
+def _a(run: RunInfo, file: str | None, label: str, title: str | None = None) -> str:
     e = html.escape
+    tip = f' title="{e(title)}"' if title else ""
+    return f'<a href="{e(_href(run, file))}"{tip}>{e(label)}</a>'
 
-    def link(run: RunInfo, file: str | None, label: str) -> str:
-        return f'<a href="{e(run.path.name)}/{e(file) if file else ""}">{e(label)}</a>'
 
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def _status_class(run: RunInfo) -> str:
+    return run.status if run.status in RUN_STATUSES else "unknown"
+
+
+def _spec_cell(value: str | None, sha: str | None, what: str) -> str:
+    """A model or image-set cell: the short name (the full spec in a tooltip), then the first 8 hex digits
+    of its hash, which tell two models or image sets of one name apart."""
+    e = html.escape
+    if not value and not sha:
+        return '<td class="spec" data-sort=""><span class="muted">-</span></td>'
+    parts = []
+    if value:
+        short = _short_name(value)
+        parts.append(f'<span title="{e(value)}">{e(short)}</span>' if short != value else e(short))
+    if sha:
+        parts.append(f'<code class="hash" title="{e(what)} sha256 {e(sha)}">{e(sha[:8])}</code>')
+    return f'<td class="spec" data-sort="{e(_short_name(value) if value else sha or "")}">{"<br>".join(parts)}</td>'
+
+
+def _figures_html(run: RunInfo, prev: RunInfo | None) -> str:
+    """``label: value unit`` per figure; with ``prev``, each figure's change since that run, compactly."""
+    e = html.escape
+    items = []
+    for f in run.figures:
+        text = _value_text(f.value, f.unit, f.key)
+        shown = _clip(text, 40)
+        value = f'<b title="{e(text)}">{e(shown)}</b>' if shown != text else f"<b>{e(text)}</b>"
+        unit = f" {e(f.unit)}" if f.unit else ""
+        delta = ""
+        if prev is not None and (f.key in prev.headline or any(p.key == f.key for p in prev.figures)):
+            before = prev.value_of(f.key)
+            d, moved = _delta(f.value, before, f.unit, f.key)
+            tip = f"was {format_figure(before, f.unit, f.key)} in the previous good run ({_when(prev.start_utc)})"
+            delta = f' <span class="delta{" moved" if moved else ""}" title="{e(tip)}">{e(d)}</span>'
+        items.append(f'<li><span class="lbl">{e(f.label)}:</span> <span class="nowrap">{value}{unit}{delta}</span></li>')
+    return f'<ul class="figs">{"".join(items)}</ul>' if items else '<span class="muted">-</span>'
+
+
+def _run_row(run: RunInfo, prev: RunInfo | None) -> str:
+    e = html.escape
+    status = _status_class(run)
+    notes = f'<div class="err" title="{e(run.error)}">{e(_clip(run.error, 160))}</div>' if run.error else ""
+    notes += "".join(f'<div class="warn">{e(p)}</div>' for p in run.problems)
+    started = _a(run, run.report, _when(run.start_utc), "open the report" if run.report else "open the run folder")
+    if prev is not None:   # what the changes after the figures compare with
+        vs = ('<div class="vs">vs ' if run.figures else '<div class="vs">last good: ') + _a(
+            prev, prev.report, _when(prev.start_utc), f"previous successful run of this notebook+tag: {prev.path.name}"
+        ) + "</div>"
+    else:
+        vs = '<div class="vs muted">first run of this notebook+tag</div>' if run.figures else ""
+    links = [_a(run, run.report, "report")] if run.report else []
+    links.append(_a(run, None, "folder", run.path.name))
+    if (run.path / "error.txt").is_file():
+        links.append(_a(run, "error.txt", "error.txt", "the full error and traceback"))
+    search = " ".join(s for s in (run.path.name, run.model, run.images, run.model_sha256, run.images_sha256,
+                                  run.error) if s)
+    duration = "" if run.duration_s is None else f"{run.duration_s:.3f}"
+    return (f'<tr data-status="{status}" data-notebook="{e(run.notebook)}" data-search="{e(search)}">'
+            f'<td class="nowrap" data-sort="{e(run.start_utc)}">{started}</td>'
+            f'<td>{e(run.notebook)}</td><td class="tag"><code>{e(run.tag)}</code></td>'
+            f'{_spec_cell(run.model, run.model_sha256, "model weights")}'
+            f'{_spec_cell(run.images, run.images_sha256, "image manifest")}'
+            f'<td data-sort="{status}"><span class="status {status}">{e(run.status)}</span>{notes}</td>'
+            f'<td class="num" data-sort="{duration}">{e(format_duration(run.duration_s))}</td>'
+            f'<td>{_figures_html(run, prev)}{vs}</td>'
+            f'<td class="links nowrap">{"".join(links)}</td></tr>')
+
+
+def _job_cell(run: RunInfo | None, figures: bool = False) -> str:
+    e = html.escape
+    if run is None:
+        return '<td data-sort=""><span class="muted">none yet</span></td>'
+    badge = "" if run.status == "ok" else f' <span class="status {_status_class(run)}">{e(run.status)}</span>'
+    figs = _figures_html(run, None) if figures and run.figures else ""
+    return f'<td data-sort="{e(run.start_utc)}">{_a(run, run.report, _when(run.start_utc))}{badge}{figs}</td>'
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def render_index(runs: list[RunInfo], now: _dt.datetime | None = None) -> str:
+    """The HTML of index.html for ``runs`` (newest first, as :func:`list_runs` gives them)."""
+    e = html.escape
+    now = now or _utc_now()
     rows = []
     for i, run in enumerate(runs):
         prev = next((r for r in runs[i + 1:] if r.group == run.group and r.status == "ok"), None)
-        head = "".join(f"<li>{e(str(k))}: <b>{e(_fmt(v))}</b></li>" for k, v in run.headline.items())
-        head = f'<ul class="kv">{head}</ul>' if head else '<span class="muted">-</span>'
-        if prev is None:
-            vs = '<span class="muted">first run of this notebook+tag</span>'
-        else:
-            items = []
-            for k, v in run.headline.items():
-                if k in prev.headline:
-                    ch = _change(v, prev.headline[k])
-                    cls = "" if ch == "=" else ' class="moved"'
-                    items.append(f"<li{cls}>{e(str(k))}: {e(_fmt(prev.headline[k]))} ({e(ch)})</li>")
-            vs = (f'{link(prev, None, _when(prev.start_utc))}<ul class="kv">{"".join(items)}</ul>' if items
-                  else f'{link(prev, None, _when(prev.start_utc))}')
-        links = [link(run, run.report, "report")] if run.report else []
-        links.append(link(run, None, "folder"))
-        if run.status == "failed" and (run.path / "error.txt").is_file():
-            links.append(link(run, "error.txt", "error"))
-        err = f'<br><span class="failed">{e(run.error)}</span>' if run.error else ""
-        rows.append(
-            f"<tr><td>{e(_when(run.start_utc))}</td><td class=\"{e(run.status)}\">{e(run.status)}</td>"
-            f"<td>{e(run.notebook)}</td><td><code>{e(run.tag)}</code></td><td>{' | '.join(links)}{err}</td>"
-            f"<td>{head}</td><td>{vs}</td></tr>")
+        rows.append(_run_row(run, prev))
 
     groups: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
-    def when_link(run: RunInfo | None) -> str:
-        if run is None:
-            return '<span class="muted">none yet</span>'
-        label = _when(run.start_utc) + ("" if run.status == "ok" else f" ({run.status})")
-        return link(run, run.report, label) if run.report else link(run, None, label)
-
     group_rows = "".join(
         f"<tr><td>{e(nb)}</td><td><code>{e(tag)}</code></td><td>{len(rs)}</td>"
         f"<td>{sum(r.status == 'ok' for r in rs)}</td><td>{sum(r.status == 'failed' for r in rs)}</td>"
-        f"<td>{when_link(rs[0])}</td><td>{when_link(next((r for r in rs if r.status == 'ok'), None))}</td></tr>"
+        f"{_job_cell(rs[0])}{_job_cell(next((r for r in rs if r.status == 'ok'), None), figures=True)}</tr>"
         for (nb, tag), rs in sorted(groups.items()))
 
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>tclab runs</title><style>{_INDEX_CSS}</style></head>
+    tally = ", ".join(f"{n} {s}" for s in RUN_STATUSES if (n := sum(_status_class(r) == s for r in runs)))
+    notebooks = sorted({r.notebook for r in runs})
+    lead = (f"{_plural(len(runs), 'run')} of {_plural(len(notebooks), 'notebook')} in this folder, newest first"
+            f"{f' ({tally})' if tally else ''}. Rewritten after every run; this copy {_when(_iso(now))} UTC.")
+    status_options = "".join(f'<option value="{s}">{s}</option>' for s in RUN_STATUSES
+                             if any(_status_class(r) == s for r in runs))
+    notebook_options = "".join(f'<option value="{e(n)}">{e(n)}</option>' for n in notebooks)
+    code = "first 8 hex digits of the SHA-256 of"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tclab runs</title><style>{_INDEX_CSS}</style></head>
 <body>
 <h1>tclab runs</h1>
-<p>{len(runs)} run(s) in <code>{e(str(reports.resolve()))}</code>, newest first; rewritten { e(_iso(_utc_now())) }.
-"vs previous" compares with the previous successful run of the same notebook and tag.</p>
-<table>
-<tr><th>started (UTC)</th><th>status</th><th>notebook</th><th>tag</th><th>links</th><th>headline</th>
-<th>vs previous (same notebook+tag)</th></tr>
-{''.join(rows) or '<tr><td colspan="7" class="muted">no runs yet</td></tr>'}
+<p class="lead">{e(lead)}</p>
+<div id="filters" class="filters" hidden>
+<label>Filter <input type="search" id="f-text" placeholder="any text: notebook, tag, model, error..." autocomplete="off"></label>
+<label>status <select id="f-status"><option value="">all</option>{status_options}</select></label>
+<label>notebook <select id="f-notebook"><option value="">all</option>{notebook_options}</select></label>
+<span id="f-count" aria-live="polite"></span>
+</div>
+<div class="scroll">
+<table id="runs" class="sortable">
+<thead><tr><th aria-sort="descending" title="when the run started; the link opens its report">started (UTC)</th>
+<th>notebook</th><th title="the run's tag; a scheduled job's runs carry the job's name">tag</th>
+<th title="the model parameter; the code is the {code} the weights">model</th>
+<th title="the images parameter; the code is the {code} the image-set manifest">image set</th>
+<th>status</th><th>duration</th>
+<th class="nosort" title="from summary.json; the small mark is the change since the previous successful run of the same notebook and tag">headline figures</th>
+<th class="nosort">links</th></tr></thead>
+<tbody>
+{''.join(rows) or '<tr><td colspan="9" class="muted">no runs yet</td></tr>'}
+</tbody>
 </table>
+</div>
+<p class="note">Headline figures come from each run's summary.json. The small mark after a figure is its change
+since the previous successful run of the same notebook and tag, named under the figures (hover for the old value; a
+change there means the code, data or settings changed the answer). Model and image-set codes are the {code} the weights and of the
+image-set manifest: the same name with another code is another model or image set.</p>
 <h2>By notebook and tag</h2>
-<table>
-<tr><th>notebook</th><th>tag</th><th>runs</th><th>ok</th><th>failed</th><th>latest</th><th>last good</th></tr>
-{group_rows}
+<p class="note">One row per question asked over time: a scheduled job (<code>tclab schedule</code>) runs under its
+name as tag, so each job is one row.</p>
+<div class="scroll">
+<table id="jobs" class="sortable">
+<thead><tr><th>notebook</th><th>tag</th><th>runs</th><th>ok</th><th>failed</th><th>latest</th>
+<th>last good</th></tr></thead>
+<tbody>
+{group_rows or '<tr><td colspan="7" class="muted">no runs yet</td></tr>'}
+</tbody>
 </table>
+</div>
+<script>{_INDEX_JS}</script>
 </body></html>
 """
+
+
+def write_index(reports_dir: str | os.PathLike) -> Path:
+    """Rewrite ``<reports_dir>/index.html``: every run, newest first, then one row per notebook+tag.
+
+    Runs table: start (links the report), notebook, tag, model and image set (short names, hash codes),
+    status (with a failed run's error), duration, two or three headline figures (summary.json
+    ``report.key_numbers`` picked by ``report.index_keys``, else the first ``headline`` entries) with
+    their change since the previous *successful* run of the same notebook and tag, and links (report,
+    folder, error.txt). All links are relative to the reports folder. A small inline script (no
+    external resources) filters and sorts the tables; without it the page still reads in order.
+    Written atomically; a corrupt run folder is listed with what could be read.
+    """
+    reports = Path(reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
     out = reports / "index.html"
-    _replace_atomically(out, page)
+    _replace_atomically(out, render_index(list_runs(reports)))
     return out

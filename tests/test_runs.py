@@ -114,12 +114,17 @@ def test_summary_written_by_the_notebook(executed):
     assert summary["figures"] == ["curve.png"]
 
 
-def test_report_html_has_outputs_but_no_code(executed):
+def test_report_html_has_outputs_and_hides_code(executed):
+    import re
+
     page = (executed.good / "report.html").read_text()
     assert "output-40" in page                          # the printed output is there...
-    assert "str(num_steps * 10)" not in page            # ...the code that printed it is not
-    assert "save_figure" not in page and "matplotlib.use" not in page
+    shown = re.sub(r'<pre class="code">.*?</pre>', "", page, flags=re.S)
+    assert "str(num_steps * 10)" not in shown           # ...the code that printed it only behind "show code"
+    assert "str(num_steps * 10)" in page and ".code { display: none; }" in page
+    assert "save_figure" not in shown and "matplotlib.use" not in shown
     assert "Tiny study" in page                         # markdown stays
+    assert 'id="tclab-summary"' in page and "wrote no findings" in page  # no report entry in its summary
 
 
 def test_provenance_records_versions_git_times_params_and_identity(executed):
@@ -165,10 +170,12 @@ def test_index_lists_runs_newest_first_with_status_and_change(executed):
     page = (executed.reports / "index.html").read_text()
     pos = [page.find(d.name + "/") for d in (executed.failed, executed.second, executed.good)]
     assert all(p >= 0 for p in pos) and pos == sorted(pos), pos
-    assert 'class="failed">failed<' in page and 'class="ok">ok<' in page
+    assert 'class="status failed">failed<' in page and 'class="status ok">ok<' in page
     assert "boom on purpose" in page
     # the second run (loss 6*3=18) is compared with the first of the same notebook+tag (loss 2.0)
-    assert "loss: 2 (+16)" in page
+    second_row = page.split(f'data-search="{executed.second.name}', 1)[1].split("</tr>", 1)[0]
+    assert "<b>18</b>" in second_row and 'title="was 2 in the previous good run' in second_row
+    assert ">+16</span>" in second_row and f'href="{executed.good.name}/report.html"' in second_row
     assert "first run of this notebook+tag" in page
 
 

@@ -228,7 +228,8 @@ def test_the_index_links_each_jobs_latest_and_last_good_run(sleeper, tmp_path):
         runs.run_notebook(sleeper, {"sleep_s": -1.0}, reports, tag="job", progress_bar=False)  # sleep(-1) raises
     page = (reports / "index.html").read_text()
     by_tag = page.split("<h2>By notebook and tag</h2>", 1)[1]
-    assert "(failed)" in by_tag and f'href="{good.name}/report.html"' in by_tag and "last good" in by_tag
+    assert 'class="status failed">failed<' in by_tag and f'href="{good.name}/report.html"' in by_tag
+    assert "last good" in by_tag
 
 
 def test_a_schedule_into_an_unwritable_folder_runs_nothing_and_exits_2(sleeper, tmp_path, capsys):
