@@ -119,29 +119,72 @@ def key_numbers_from(headline: Mapping[str, Any], spec: Sequence[tuple[str, str,
 # formatting
 # ---------------------------------------------------------------------------------------------
 
-def format_value(value: Any, unit: str = "") -> str:
-    """A number as a reader wants it: 3 significant digits, dB to 0.1, a share in ``%`` to 0.1 %, a
-    whole number without ``.0``, ``yes``/``no`` for booleans, ``-`` for a missing value. ``unit`` is
-    appended (``x`` reads as a multiple: ``0.48x``)."""
-    if value is None or (isinstance(value, float) and value != value):
+def _is_ratio(unit: str, key: str) -> bool:
+    return unit.strip().lower() in ("x", "\u00d7", "ratio") or "ratio" in key.lower()
+
+
+def format_number(value: Any, unit: str = "", key: str = "") -> str:
+    """A value rounded for reading, without its unit: dB to 0.1, a share shown in ``%`` (``unit="%"``,
+    value 0.152 -> ``15.2``) to 0.1, ratios (``unit="x"`` or a key naming a ratio) to two decimals
+    (0.48), otherwise 3 significant digits, whole numbers without ``.0``; ``yes``/``no`` for booleans;
+    ``-`` for a missing or non-finite value; text as it is."""
+    import math
+
+    if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, str):
-        return value
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if not math.isfinite(value):
+        return "-"
     if unit == "%":
-        text = f"{100 * value:.1f}"
-    elif unit == "dB":
-        text = f"{value:.1f}"
-    elif isinstance(value, int) or (float(value).is_integer() and abs(value) < 1e6):
-        text = str(int(value))
-    elif abs(value) >= 1000:
-        text = f"{value:,.0f}"
-    else:
-        text = f"{value:.3g}"
+        return f"{100 * value:.1f}"
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**6 else f"{value:.3g}"
+    a = abs(value)
+    if unit.strip().lower() == "db":
+        return f"{value:.1f}"
+    if _is_ratio(unit, key) and 0.01 <= a < 100:
+        return f"{value:.2f}"
+    if a == 0:
+        return "0"
+    if a >= 1e6 or a < 1e-3:
+        return f"{value:.3g}"
+    if a >= 1000 or value.is_integer():
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def unit_suffix(unit: str) -> str:
+    """How a unit follows its number: ``x`` reads as a multiple (``0.48\u00d7``), others after a thin space."""
     if not unit:
+        return ""
+    return "\u00d7" if unit.strip().lower() in ("x", "\u00d7") else f"\u2009{unit}"
+
+
+def format_value(value: Any, unit: str = "", key: str = "") -> str:
+    """:func:`format_number` with its unit: ``31.5 dB``, ``15.2 %``, ``0.48\u00d7``, ``yes``, ``-``."""
+    text = format_number(value, unit, key)
+    if text == "-" or isinstance(value, (bool, str)):
         return text
-    return text + "\u00d7" if unit == "x" else f"{text}\u2009{unit}"
+    return text + unit_suffix(unit)
+
+
+def format_duration(seconds: float | None) -> str:
+    """A duration for people: ``4.2 s``, ``41 s``, ``3 min 12 s``, ``1 h 05 min``; ``-`` if unknown."""
+    import math
+
+    if seconds is None or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 #: Headers with units for columns the notebooks' tables hold (a column not listed keeps its name).
@@ -329,16 +372,6 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
     rows.append(("code", code))
     rows.append(("run", run_name + (f", tag {prov['tag']}" if prov.get("tag") else "")))
     return rows
-
-
-def format_duration(seconds: float) -> str:
-    """``41 s``, ``3 min 12 s``, ``1 h 05 min``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def _image_src(output: Mapping[str, Any]) -> str | None:

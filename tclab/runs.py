@@ -1436,59 +1436,7 @@ def _when(iso: str) -> str:
     return iso.replace("T", " ")[:19] if iso else "?"
 
 
-def format_duration(seconds: float | None) -> str:
-    """A run's duration for people: ``'4.2 s'``, ``'41 s'``, ``'3 min 12 s'``, ``'1 h 05 min'``; ``'-'`` if unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "-"
-    if seconds < 9.95:
-        return f"{seconds:.1f} s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def _is_ratio(unit: str, key: str) -> bool:
-    return unit.strip().lower() in ("x", "\u00d7", "ratio") or "ratio" in key.lower()
-
-
-def _format_number(v: float, unit: str = "", key: str = "") -> str:
-    """Rounded for reading: dB to one decimal, ratios to two (0.48), else 3 significant digits."""
-    if not math.isfinite(v):
-        return str(v)                      # nan, inf, -inf
-    if isinstance(v, int):
-        return str(v) if abs(v) < 10**6 else f"{v:.3g}"
-    a = abs(v)
-    if unit.strip().lower() == "db":
-        return f"{v:.1f}"
-    if _is_ratio(unit, key) and 0.01 <= a < 100:
-        return f"{v:.2f}"
-    if a == 0:
-        return "0"
-    if a >= 1e6 or a < 1e-3:
-        return f"{v:.3g}"                  # 1.23e+06, 4.5e-05
-    if a >= 1000:
-        return f"{v:.0f}"                  # 12346 rather than 1.23e+04
-    return f"{v:.3g}"
-
-
-def _value_text(value: Any, unit: str = "", key: str = "") -> str:
-    """A headline value rounded for its unit, without the unit."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        return _format_number(value, unit, key)
-    return str(value)
-
-
-def format_figure(value: Any, unit: str = "", key: str = "") -> str:
-    """A headline value as the index shows it, with its unit: ``'31.5 dB'``, ``'0.48'``, ``'yes'``."""
-    text = _value_text(value, unit, key)
-    return f"{text} {unit}" if unit and value is not None else text
+from .report import format_duration, format_number, format_value as format_figure, unit_suffix  # noqa: E402
 
 
 def _delta(now: Any, before: Any, unit: str = "", key: str = "") -> tuple[str, bool]:
@@ -1497,7 +1445,7 @@ def _delta(now: Any, before: Any, unit: str = "", key: str = "") -> tuple[str, b
         d = now - before
         if d == 0:
             return "=", False
-        text = _format_number(abs(d), unit, key)
+        text = format_number(abs(d), unit, key)
         if float(text) == 0:               # a real but invisible change at this rounding
             return "\u2248", True
         return ("+" if d > 0 else "-") + text, True
@@ -1680,10 +1628,10 @@ def _figures_html(run: RunInfo, prev: RunInfo | None) -> str:
     e = html.escape
     items = []
     for f in run.figures:
-        text = _value_text(f.value, f.unit, f.key)
+        text = format_number(f.value, f.unit, f.key)
         shown = _clip(text, 40)
         value = f'<b title="{e(text)}">{e(shown)}</b>' if shown != text else f"<b>{e(text)}</b>"
-        unit = f" {e(f.unit)}" if f.unit else ""
+        unit = e(unit_suffix(f.unit)) if text != "-" and not isinstance(f.value, (bool, str)) else ""
         delta = ""
         if prev is not None and (f.key in prev.headline or any(p.key == f.key for p in prev.figures)):
             before = prev.value_of(f.key)

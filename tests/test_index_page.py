@@ -206,16 +206,16 @@ def test_model_and_image_set_show_short_names_full_values_and_hash_codes(site):
 
 def test_headline_figures_follow_index_keys_in_order_with_units_and_rounding(site):
     cell = site.rows[site.second.name]["headline figures"]
-    assert figure_lines(cell) == ["PSNR vs full compute: 31.5 dB +0.6", "FLOP ratio: 0.48 -0.02",
-                                  "speed-up: 2.07 x +0.17", "vs 2026-01-10 09:00:00"]
+    assert figure_lines(cell) == ["PSNR vs full compute: 31.5\u2009dB +0.6", "FLOP ratio: 0.48 -0.02",
+                                  "speed-up: 2.07\u00d7 +0.17", "vs 2026-01-10 09:00:00"]
     assert cell["hrefs"] == [f"{site.first.name}/report.html"]   # the run the changes compare with
     assert [f.key for f in next(r for r in runs.list_runs(site.reports) if r.path == site.second).figures] == \
         ["psnr", "flop_ratio", "speedup"]
     titles = site.rows[site.second.name]["headline figures"]["titles"]
-    assert "was 30.9 dB in the previous good run (2026-01-10 09:00:00)" in titles
+    assert "was 30.9\u2009dB in the previous good run (2026-01-10 09:00:00)" in titles
     # the first run of the job has nothing to compare with
     assert figure_lines(site.rows[site.first.name]["headline figures"]) == [
-        "PSNR vs full compute: 30.9 dB", "FLOP ratio: 0.50", "speed-up: 1.90 x", FIRST]
+        "PSNR vs full compute: 30.9\u2009dB", "FLOP ratio: 0.50", "speed-up: 1.90\u00d7", FIRST]
 
 
 def test_older_runs_show_their_first_three_scalar_headline_entries(site):
@@ -279,10 +279,10 @@ def test_durations_read_like_a_person_wrote_them(seconds, shown):
 
 
 @pytest.mark.parametrize("value, unit, key, shown", [
-    (31.5234, "dB", "psnr", "31.5 dB"), (0.4812, "", "flop_ratio", "0.48"), (2.0711, "x", "speedup", "2.07 x"),
-    (0.123456, "", "lpips", "0.123"), (12345.6, "", "n", "12346"), (1.5e-5, "", "x", "1.5e-05"),
-    (7, "", "points", "7"), (True, "", "ok", "yes"), (None, "dB", "psnr", "n/a"), ("tprr n=4", "", "best", "tprr n=4"),
-    (float("nan"), "dB", "psnr", "nan dB")])
+    (31.5234, "dB", "psnr", "31.5\u2009dB"), (0.4812, "", "flop_ratio", "0.48"), (2.0711, "x", "speedup", "2.07\u00d7"),
+    (0.123456, "", "lpips", "0.123"), (12345.6, "", "n", "12346"), (1.5e-5, "", "eps", "1.5e-05"),
+    (7, "", "points", "7"), (True, "", "ok", "yes"), (None, "dB", "psnr", "-"), ("tprr n=4", "", "best", "tprr n=4"),
+    (float("nan"), "dB", "psnr", "-"), (0.1517, "%", "share", "15.2\u2009%")])
 def test_figures_are_rounded_for_reading(value, unit, key, shown):
     assert runs.format_figure(value, unit, key) == shown
 
@@ -306,7 +306,7 @@ def test_the_job_table_has_one_row_per_notebook_and_tag_with_latest_and_last_goo
     assert [text(c) for c in cells[2:5]] == ["3", "2", "1"]
     assert cells[5]["hrefs"] == [f"{site.failed.name}/"] and "failed" in text(cells[5])
     assert cells[6]["hrefs"] == [f"{site.second.name}/report.html"]
-    assert "PSNR vs full compute: 31.5 dB" in text(cells[6])
+    assert "PSNR vs full compute: 31.5\u2009dB" in text(cells[6])
     assert [text(c) for c in rows[("01_token_redundancy", "smoke")][2:5]] == ["2", "2", "0"]
 
 
