@@ -881,7 +881,8 @@ class OpenedRecord:
         report = ReportSummary(key_numbers=numbers, index_keys=["record", "steps"],
                                question="Which tokens change, where on the image, at which step and in which block?")
         return {"headline": head, "opened": info, "report": report.to_dict(),
-                "identity": {"model_weights_sha256": r.model_identity.get("weights_sha256")}}
+                "identity": {"model": r.model_identity.get("name"),
+                             "model_weights_sha256": r.model_identity.get("weights_sha256")}}
 
 
 def open_record(run_folder: str | os.PathLike | None = None, record: str = "auto",

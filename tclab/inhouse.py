@@ -407,7 +407,7 @@ def measure_candidates(model, candidates: Sequence[Mapping[str, Any]], settings:
 
 def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str | Path, budget: float = 0.5,
               candidates: Sequence[Mapping[str, Any]] = DEFAULT_CANDIDATES, settings: SweepSettings | None = None,
-              classifier=None, progress: bool = False) -> Recommendation:
+              classifier=None, progress: bool = True) -> Recommendation:
     """Decide which TokenCache setting the report measures.
 
     Args:
@@ -639,7 +639,7 @@ class InhouseMeasurement:
 
 def measure_on_images(model, rec: Recommendation, settings: SweepSettings, images, classifier=None,
                       extractor=None, reference_images: torch.Tensor | None = None,
-                      progress: bool = False) -> InhouseMeasurement:
+                      progress: bool = True) -> InhouseMeasurement:
     """SDEdit every image of ``images`` (an ImageSet from :func:`select_images`) with full compute and with
     the recommendation, in one ``tclab.ablation.run_sweep`` harness: FLOPs counted on what ran,
     wall-clock of ``settings.timing_batch`` images (median of ``settings.timing_repeats`` interleaved

@@ -347,8 +347,9 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
     rows = []
     model = params.get("model")
     if model is not None or identity.get("model_weights_sha256"):
-        rows.append(("model", f"{model if model is not None else identity.get('model', '-')}  "
-                              f"(weights {_short(identity.get('model_weights_sha256'))})"))
+        name = model if model is not None else identity.get("model") or "-"
+        sha = identity.get("model_weights_sha256")
+        rows.append(("model", f"{name}" + (f"  (weights {_short(sha)})" if sha else "")))
     images = params.get("images")
     if images is not None or identity.get("images_manifest_sha256"):
         used = identity.get("images_used")

@@ -148,6 +148,13 @@ def test_notebook_05_summary_numbers(run05, weights_sha):
     assert "not computed: 3 images, needs at least 129" in (folder / runs.REPORT_NAME).read_text()
     assert "NOT comparable to published FID" in s["details"]["measurement"]["fid_extractor"]
     assert s["details"]["redundancy"]["record"]["steps"] == 3  # SDEdit: the last round(5 * 0.6) steps
+    from tclab.report import ReportSummary, verdict_of
+
+    first = ReportSummary.from_dict(s["report"])
+    assert first.findings[0].verdict == "holds"                       # 300 usable, none skipped
+    rec = [x for x in first.findings if x.group == "the recommended setting on these images"]
+    assert rec[0].verdict == verdict_of(head["within_budget"]) and head["recommendation"] in rec[0].text
+    assert first.index_keys == ["recommendation", "flop_ratio", "psnr"]
     assert set(s["figures"]) >= {f"{n}.png" for n in FIGURES}
 
     # identity names exactly the folder checked, the images used and the model

@@ -130,6 +130,14 @@ def test_notebook_01_summary(run01):
     # SDEdit at strength 0.6 of 4 steps runs round(2.4) = 2 steps: one change step, so obs 2/3 are undetermined
     assert s["sdedit"]["record"]["steps"] == 2
     assert s["sdedit"]["observations"]["out_change"]["adjacent_steps_correlated"]["holds"] is None
+    # the report's first screen: a verdict per observation and trajectory set, as the analysis found
+    from tclab.report import ReportSummary, verdict_of
+
+    first = ReportSummary.from_dict(s["report"])
+    assert [f.verdict for f in first.findings[:3]] == [verdict_of(head[f"obs{i}_holds"]) for i in (1, 2, 3)]
+    assert first.findings[4].verdict == "not measured" and len(first.findings) == 6
+    page = (run01 / runs.REPORT_NAME).read_text()
+    assert page.count('class="badge ') == 6 and '<figure class="tclab-figure"' in page
 
     # identity names exactly the in-house images traced
     image_set = analysis.choose_balanced_images(load_image_folder(ROOT / "data" / "shapes", 32, limit=3), 3)

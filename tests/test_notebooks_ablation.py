@@ -95,3 +95,11 @@ def test_summary_agrees_with_the_saved_sweep(executed):
         assert w is None or w in CURVES[name]
     assert s["identity"]["model_weights_sha256"] == load_dit("shapes-dit").identity()["weights_sha256"]
     assert len(s["points"]) == len(f) and s["settings"]["num_steps"] == 4
+    from tclab.report import ReportSummary
+
+    first = ReportSummary.from_dict(s["report"])       # the report's first screen follows the headline
+    groups = [x.group for x in first.findings]
+    assert groups[0] == "at 1.5x fewer FLOPs" and any(g.startswith("within the budget") for g in groups)
+    if h["winner_at_2x_flops"] is None:
+        assert any(x.verdict == "not measured" and x.group == "at 2x fewer FLOPs" for x in first.findings)
+    assert s["identity"]["images_manifest_sha256"]
