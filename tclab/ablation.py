@@ -772,6 +772,7 @@ def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
     spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
     numbers = [k for k in key_numbers_from(head, spec) if k.value is not None]
     index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
+    index = index or [n.key for n in numbers[:3]]       # nothing within the budget: the first numbers there are
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=index)
 
 

@@ -650,8 +650,9 @@ def _observation_sentence(key: str, obs: Mapping) -> str:
         return (f"The top 10 % of tokens carry {num('top10pct_share', '.1%')} of the change "
                 f"(top 20 %: {num('top20pct_share', '.1%')}; Gini {num('gini')}).")
     if key == "adjacent_steps_correlated":
-        return (f"Adjacent steps' change maps have rank correlation {num('adjacent_rank_corr')}; "
-                f"{obs.get('far_distance', '?')} steps apart, {num('far_rank_corr')}.")
+        far = (f"{obs['far_distance']} steps apart, {num('far_rank_corr')}" if obs.get("far_distance") is not None
+               and obs.get("far_rank_corr") is not None else "too few steps to measure it further apart")
+        return f"Adjacent steps' change maps have rank correlation {num('adjacent_rank_corr')}; {far}."
     t = obs.get("split_t")
     return (f"The change splits into two phases at step {obs.get('split_step', '?')}"
             + (f" (t = {t:g})" if isinstance(t, (int, float)) else "")

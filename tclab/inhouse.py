@@ -776,7 +776,8 @@ def inhouse_report(summary: Mapping[str, Any]):
     budget = h.get("budget_flop_ratio")
     findings.append(Finding(
         f"Recommended: {h['recommendation']} ({h['recommendation_source']}"
-        + (f", {h['recommendation_from']}" if h.get("recommendation_from") else "") + f"): {h['flop_ratio']:.2f}x "
+        + (f", {h['recommendation_from']}" if h.get("recommendation_from") not in (None, "", h["recommendation_source"])
+           else "") + f"): {h['flop_ratio']:.2f}x "
         "the FLOPs of full compute on these images.",
         verdict_of(h.get("within_budget")),
         f"within the FLOP budget ({budget:g} of full compute)" if budget is not None else "within a FLOP budget (none set)",

@@ -195,3 +195,16 @@ def test_inhouse_findings_follow_the_numbers():
     head.update(class_consistency_cached=0.6, within_budget=None)
     rs = inhouse.inhouse_report({"headline": head, "details": {}})
     assert [f.verdict for f in rs.findings][1:] == [NOT_MEASURED, HOLDS, DOES_NOT_HOLD]
+
+
+def test_findings_read_well_when_a_number_could_not_be_measured():
+    from tclab.analysis import _observation_sentence
+
+    short = _observation_sentence("adjacent_steps_correlated",
+                                  {"holds": False, "adjacent_rank_corr": 0.59, "far_distance": None, "far_rank_corr": None})
+    assert "None" not in short and "too few steps" in short
+    head = {"usable_images": 3, "bad_images": 0, "recommendation": "tc", "flop_ratio": 0.6, "within_budget": True,
+            "recommendation_source": "measured here", "recommendation_from": "measured here", "budget_flop_ratio": 0.7,
+            "time_ratio": None, "psnr": 28.0, "worst_psnr": 20.0, "ssim": 0.9}
+    rs = inhouse.inhouse_report({"headline": head, "details": {}})
+    assert "measured here, measured here" not in rs.findings[1].text and rs.findings[2].verdict == NOT_MEASURED
