@@ -767,7 +767,7 @@ def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
     for r in reductions:
         t = f"{r:g}x"
         spec += [(f"winner_at_{t}_flops", f"best ablated variant at {t} fewer FLOPs", ""),
-                 (f"psnr_at_{t}", f"its PSNR", "dB"),
+                 (f"psnr_at_{t}", "its PSNR", "dB"),
                  (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
     spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
     numbers = [k for k in key_numbers_from(head, spec) if k.value is not None]

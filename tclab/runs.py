@@ -867,20 +867,19 @@ def _papermill_quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
     """Set (or, for None, remove) environment variables for the kernel about to start; restore after."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
+    def put(items: Iterable[tuple[str, str | None]]) -> None:
+        for k, v in items:
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+    old = [(k, os.environ.get(k)) for k in values]
+    try:
+        put(values.items())
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(old)
 
 
 def _kernel_manager_logging_to(log_path: Path):

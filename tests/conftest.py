@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny DiTs whose runs take milliseconds, built in the test (no weights on disk)."""
+"""Shared fixtures: tiny DiTs whose runs take milliseconds, built in the test (no weights on disk), and the
+system Chromium driven by Playwright for the browser checks."""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +41,72 @@ def pixel_dit() -> LoadedDiT:
     return LoadedDiT(name="tiny-pixel", transformer=tiny_transformer(3, 3), vae=PixelSpaceVAE(),
                      scheduler_config=default_scheduler_config(), trained=False, source="test",
                      class_names=["a", "b", "c"])
+
+
+# ---- the system Chromium, driven by Playwright (tests/browser/, and the index's browser checks) ------------
+# Playwright's own browser downloads are never used: the tests drive the Chromium the system provides
+# (Debian's ``chromium``; ``.ci/run`` installs it where it is missing). Without Playwright or without a
+# Chromium on PATH every browser test is skipped, with the reason and the command that installs it.
+#
+# - ``browser`` (session): a Playwright ``Browser``; one Chromium for the whole session.
+# - ``page``: a fresh context and page, 1280x900, whose console errors and uncaught page errors
+#   are collected in ``page.console_errors`` (list of str) for the tests' failure messages.
+# - ``screenshots_dir``: where a test saves its screenshots: ``$TCLAB_SCREENSHOTS`` if set, else
+#   the test's temporary folder.
+
+
+#: The names Chromium goes by on PATH (Debian: ``chromium``; Ubuntu's and older packages: ``chromium-browser``).
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
+#: Environment variable naming the folder the browser tests write their screenshots to.
+SCREENSHOTS_ENV = "TCLAB_SCREENSHOTS"
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+def find_chromium() -> str | None:
+    """The path of the system Chromium, or None."""
+    for name in CHROMIUM_NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A Playwright ``Browser`` on the system Chromium (headless); skips when either is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip('Playwright is not installed (it is in the test extra): pip install -e ".[test]"')
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}): apt-get install chromium")
+    with sync_playwright() as p:
+        # --no-sandbox: the tests run as root in containers, where Chromium's sandbox cannot start.
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A new page (own context, 1280x900) recording console errors in ``page.console_errors``."""
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = context.new_page()
+    pg.console_errors = []
+    pg.on("console", lambda msg: pg.console_errors.append(msg.text) if msg.type == "error" else None)
+    pg.on("pageerror", lambda exc: pg.console_errors.append(f"uncaught: {exc}"))
+    try:
+        yield pg
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def screenshots_dir(tmp_path) -> Path:
+    """The folder for this test's screenshots: ``$TCLAB_SCREENSHOTS`` (created) or the test's tmp dir."""
+    d = Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) else tmp_path / "screenshots"
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -14,10 +14,8 @@ are installed, driven in headless Chromium (filter, sort, width at 1280 px, cons
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -317,79 +315,55 @@ def test_an_empty_reports_folder_says_so(tmp_path):
 
 # ---- in a browser --------------------------------------------------------------------------------
 
-def chromium_or_skip() -> str:
-    """The Chromium executable for Playwright, or skip with the reason."""
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("no chromium or chromium-browser on PATH (apt-get install chromium)")
-    return exe
-
-
-def test_the_page_filters_sorts_and_fits_1280px_in_a_browser(site, tmp_path):
-    exe = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
+def test_the_page_filters_sorts_and_fits_1280px_in_a_browser(site, page, tmp_path):
     visible = "document.querySelectorAll('#runs tbody tr:not([hidden])').length"
     column = ("i => Array.from(document.querySelectorAll('#runs tbody tr:not([hidden])'))"
               ".map(r => r.cells[i].getAttribute('data-sort'))")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.goto(site.index.resolve().as_uri())
-            assert page.is_visible("#f-text") and page.evaluate(visible) == 7
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+    problems = page.console_errors
+    page.goto(site.index.resolve().as_uri())
+    assert page.is_visible("#f-text") and page.evaluate(visible) == 7
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
 
-            page.fill("#f-text", "redundancy")             # matches the notebook column
-            assert page.evaluate(visible) == 2 and page.inner_text("#f-count") == "showing 2 of 7 runs"
-            page.fill("#f-text", "ab12cd34")               # a model hash code (the failed run has none)
-            assert page.evaluate(visible) == 2
-            page.fill("#f-text", "cuda out of memory")     # the error line, case-insensitive
-            assert page.evaluate(visible) == 1
-            page.fill("#f-text", "")
-            page.select_option("#f-status", "failed")
-            assert page.evaluate(visible) == 1
-            page.select_option("#f-status", "")
-            page.select_option("#f-notebook", "05_inhouse_report")
-            assert page.evaluate(visible) == 3
-            page.select_option("#f-notebook", "")
-            assert page.evaluate(visible) == 7
+    page.fill("#f-text", "redundancy")             # matches the notebook column
+    assert page.evaluate(visible) == 2 and page.inner_text("#f-count") == "showing 2 of 7 runs"
+    page.fill("#f-text", "ab12cd34")               # a model hash code (the failed run has none)
+    assert page.evaluate(visible) == 2
+    page.fill("#f-text", "cuda out of memory")     # the error line, case-insensitive
+    assert page.evaluate(visible) == 1
+    page.fill("#f-text", "")
+    page.select_option("#f-status", "failed")
+    assert page.evaluate(visible) == 1
+    page.select_option("#f-status", "")
+    page.select_option("#f-notebook", "05_inhouse_report")
+    assert page.evaluate(visible) == 3
+    page.select_option("#f-notebook", "")
+    assert page.evaluate(visible) == 7
 
-            started = COLUMNS.index("started (UTC)")
-            before = page.evaluate(column, started)
-            assert before == sorted(before, reverse=True)
-            page.click("#runs th:has-text('started')")       # newest first -> oldest first
-            assert page.evaluate(column, started) == sorted(before)
-            page.click("#runs th:has-text('duration')")      # numbers sort as numbers, not as text
-            durations = page.evaluate(column, COLUMNS.index("duration"))
-            numbers = [float(d) for d in durations if d]
-            assert numbers == sorted(numbers) and numbers[-1] == 3900.0 and durations[-1] == ""  # unknown last
-            page.click("#runs th:has-text('duration')")
-            assert [float(d) for d in page.evaluate(column, COLUMNS.index("duration")) if d] == sorted(numbers)[::-1]
-            page.click("#jobs th:has-text('runs')")
-            job_runs = page.evaluate("Array.from(document.querySelectorAll('#jobs tbody tr')).map(r => r.cells[2].textContent)")
-            assert [int(n) for n in job_runs] == sorted(int(n) for n in job_runs)
-            assert problems == []
-        finally:
-            browser.close()
+    started = COLUMNS.index("started (UTC)")
+    before = page.evaluate(column, started)
+    assert before == sorted(before, reverse=True)
+    page.click("#runs th:has-text('started')")       # newest first -> oldest first
+    assert page.evaluate(column, started) == sorted(before)
+    page.click("#runs th:has-text('duration')")      # numbers sort as numbers, not as text
+    durations = page.evaluate(column, COLUMNS.index("duration"))
+    numbers = [float(d) for d in durations if d]
+    assert numbers == sorted(numbers) and numbers[-1] == 3900.0 and durations[-1] == ""  # unknown last
+    page.click("#runs th:has-text('duration')")
+    assert [float(d) for d in page.evaluate(column, COLUMNS.index("duration")) if d] == sorted(numbers)[::-1]
+    page.click("#jobs th:has-text('runs')")
+    job_runs = page.evaluate("Array.from(document.querySelectorAll('#jobs tbody tr')).map(r => r.cells[2].textContent)")
+    assert [int(n) for n in job_runs] == sorted(int(n) for n in job_runs)
+    assert problems == []
 
 
-def test_the_page_reads_without_javascript(site):
-    exe = chromium_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        try:
-            page = browser.new_context(java_script_enabled=False, viewport={"width": 1280, "height": 900}).new_page()
-            page.goto(site.index.resolve().as_uri())
-            assert not page.is_visible("#filters")
-            assert page.locator("#runs tbody tr").count() == 7
-            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
-        finally:
-            browser.close()
+def test_the_page_reads_without_javascript(site, browser):
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(site.index.resolve().as_uri())
+        assert not page.is_visible("#filters")
+        assert page.locator("#runs tbody tr").count() == 7
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    finally:
+        context.close()
