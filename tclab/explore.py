@@ -592,7 +592,7 @@ class StaticExplorer:
         s0 = 1 if len(self.steps) > 1 and self.steps[0] == 0 else 0
         cw, ch = self.canvas
         alpha = ('<label>overlay <input type="range" class="tclab-alpha" min="0" max="100" value="60" '
-                 f'aria-label="overlay opacity"></label>' if self._has_images else "")
+                 'aria-label="overlay opacity"></label>' if self._has_images else "")
         return (
             f'<div class="tclab-explorer" id="{uid}" style="font:13px sans-serif;max-width:100%;margin:6px 0">'
             f'<div class="tclab-caption" style="margin:0 0 4px 0">{_esc(self.caption)}</div>'
