@@ -654,9 +654,12 @@ def _observation_sentence(key: str, obs: Mapping) -> str:
                and obs.get("far_rank_corr") is not None else "too few steps to measure it further apart")
         return f"Adjacent steps' change maps have rank correlation {num('adjacent_rank_corr')}; {far}."
     t = obs.get("split_t")
+    m1, m2 = obs.get("phase1_mean"), obs.get("phase2_mean")
+    busier = ("the later phase changes {r}x as much as the earlier one" if m1 is None or m2 is None or m2 >= m1
+              else "the earlier phase changes {r}x as much as the later one")
     return (f"The change splits into two phases at step {obs.get('split_step', '?')}"
             + (f" (t = {t:g})" if isinstance(t, (int, float)) else "")
-            + f"; the later phase changes {num('phase_mean_ratio', '.2g')}x as much as the earlier one.")
+            + "; " + busier.format(r=num("phase_mean_ratio", ".2g")) + ".")
 
 
 def _observation_findings(part: Mapping, group: str) -> list:
@@ -690,7 +693,7 @@ def redundancy_report(summary: Mapping):
             ("frac_tokens_below_5pct", "token updates that move less than 5 %", "%"),
             ("adjacent_rank_corr", "rank correlation of adjacent steps' change maps", ""),
             ("far_rank_corr", f"the same at a distance of {far} steps" if far else "the same at a far distance", ""),
-            ("phase_mean_ratio", "mean change, later phase over earlier phase", "x"),
+            ("phase_mean_ratio", "mean change, busier phase over quieter phase", "x"),
             ("suggested_tprr_split", "suggested TPRR split (share of the steps)", ""),
             ("sdedit_top10pct_change_share", "SDEdit: share of the change carried by the top 10 %", "%"),
             ("sdedit_adjacent_rank_corr", "SDEdit: rank correlation of adjacent steps", "")]

@@ -783,11 +783,19 @@ def inhouse_report(summary: Mapping[str, Any]):
         f"within the FLOP budget ({budget:g} of full compute)" if budget is not None else "within a FLOP budget (none set)",
         group))
     tr = h.get("time_ratio")
+    pairs = ((details.get("measurement") or {}).get("settings") or {}).get("timing_repeats")
+    if tr is None:
+        speed = "Wall-clock was not measured."
+    elif tr < 1:
+        speed = f"It takes {tr:.2f}x the wall-clock of full compute ({1 / tr:.2f}x faster)."
+    else:
+        speed = f"It takes {tr:.2f}x the wall-clock of full compute ({tr:.2f}x slower)."
     findings.append(Finding(
-        (f"It takes {tr:.2f}x the wall-clock of full compute ({h['time_speedup']:.2f}x faster)." if tr is not None
-         else "Wall-clock was not measured."),
-        NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
-        "wall-clock below full compute's (median of interleaved runs, this machine)", group))
+        speed, NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
+        "wall-clock below full compute's: median of "
+        + (f"{pairs} interleaved pair(s) on this machine" + ("; with fewer than 3 one slow run can decide it "
+                                                               "(raise timing_repeats)" if pairs and pairs < 3 else "")
+           if pairs else "interleaved pairs on this machine"), group))
     full, cached, n = h.get("class_consistency_full"), h.get("class_consistency_cached"), h.get("class_consistency_n")
     quality = (f"PSNR {h['psnr']:.1f} dB against full compute (worst image {h['worst_psnr']:.1f} dB), SSIM "
                f"{h['ssim']:.2f}")
@@ -800,6 +808,22 @@ def inhouse_report(summary: Mapping[str, Any]):
     else:
         findings.append(Finding(f"{quality}; class-consistency not measured (no folder maps to a model class).",
                                 NOT_MEASURED, "class-consistency of the cached images close to full compute's", group))
+    # the answer to the report's question, from the findings on the setting: cache only when all of them hold
+    setting = findings[-3:]
+    if all(f.verdict == HOLDS for f in setting):
+        answer = Finding(f"Cache tokens with {h['recommendation']}: within the budget, faster, and as class-consistent "
+                         "as full compute on these images.", HOLDS, "every finding on the recommended setting holds",
+                         "the answer")
+    elif any(f.verdict == DOES_NOT_HOLD for f in setting):
+        failed = [name for f, name in zip(setting, ("over the FLOP budget", "not faster", "loses class-consistency"))
+                  if f.verdict == DOES_NOT_HOLD]
+        answer = Finding(f"Do not cache with {h['recommendation']} yet on these images: it is " + ", ".join(failed)
+                         + " (see below; try another setting or budget).", DOES_NOT_HOLD,
+                         "every finding on the recommended setting holds", "the answer")
+    else:
+        answer = Finding(f"Not decided for {h['recommendation']}: some of its findings could not be measured.",
+                         NOT_MEASURED, "every finding on the recommended setting holds", "the answer")
+    findings.insert(0, answer)
     spec = [("recommendation", "recommended setting", ""), ("flop_ratio", "FLOPs (of full compute)", "x"),
             ("time_ratio", "wall-clock (of full compute)", "x"), ("psnr", "PSNR vs full compute", "dB"),
             ("worst_psnr", "worst image's PSNR", "dB"), ("ssim", "SSIM vs full compute", ""),

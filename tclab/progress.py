@@ -7,8 +7,8 @@
   bars never write there. They write one status line per update (at most two a second) to the file
   named by ``$TCLAB_PROGRESS_FILE``, which the runner's :class:`ProgressFollower` shows on the
   console beside papermill's cell count: one line redrawn in place on a terminal, or, in a log
-  file, a line each time the outermost bar advances (one per variant of a sweep) and otherwise at
-  most one a minute.
+  file, a line each time the outermost bar advances, at most one every ``MIN_STEP_S`` seconds (one per
+  variant of a sweep), a line when an outermost loop ends, and otherwise at most one a minute.
 * **Anywhere else that cannot redraw a line** (stderr sent to a log file): the bar updates at most
   every ``QUIET_INTERVAL_S`` seconds (plus its first and last line).
 """
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 QUIET_INTERVAL_S = 60.0
+#: In a log, a step of the outermost loop gets its own line only this long after the previous line
+#: (a sweep's variants: yes; the steps of a sampling loop that takes a second: no).
+MIN_STEP_S = 5.0
 #: Set by the runner for the kernel it starts: where the kernel's progress bars report.
 PROGRESS_FILE_ENV = "TCLAB_PROGRESS_FILE"
 _FIELD_SEP = "\t"
@@ -121,12 +124,13 @@ class ProgressFollower:
     is the stream to give papermill's bar (``progress_bar={"file": follower.cells}``)."""
 
     def __init__(self, path: str | os.PathLike, stream=None, label: str = "", poll_s: float = 0.5,
-                 quiet_interval_s: float = QUIET_INTERVAL_S):
+                 quiet_interval_s: float = QUIET_INTERVAL_S, min_step_s: float = MIN_STEP_S):
         self.path = Path(path)
         self.stream = stream if stream is not None else sys.stderr
         self.label = label
         self.poll_s = poll_s
         self.quiet_interval_s = quiet_interval_s
+        self.min_step_s = min_step_s
         self.redraw = bool(getattr(self.stream, "isatty", lambda: False)())
         self.cells = _CellStream(self)
         self._cells_text = ""
@@ -180,6 +184,8 @@ class ProgressFollower:
 
     # -- output --
     def _compose(self, extra: str = "") -> str:
+        if not (self._cells_text or self._bars or extra):
+            return ""                                   # nothing running: no line of just the label
         parts = [self.label] if self.label else []
         if self._cells_text:
             parts.append(self._cells_text)
@@ -207,15 +213,18 @@ class ProgressFollower:
         if self.redraw:
             width = 200
             try:
-                width = os.get_terminal_size(self.stream.fileno()).columns - 1
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+                width = columns - 1 if columns > 20 else width   # a terminal of unknown size says 0
             except (OSError, ValueError, AttributeError):
                 pass
             line = line[:width]
             self.stream.write("\r" + line.ljust(self._last_len))
             self.stream.flush()
             self._last_len = len(line)
-        elif line != self._last_line and (force or time.monotonic() - self._last_print >= self.quiet_interval_s):
-            self._print_line(line)
+        elif line != self._last_line:
+            quiet = time.monotonic() - self._last_print
+            if quiet >= self.quiet_interval_s or (force and quiet >= self.min_step_s):
+                self._print_line(line)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):

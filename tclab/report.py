@@ -230,8 +230,11 @@ def _markdown_html(text: str) -> str:
 
 def _plain_sentence(markdown: str) -> str:
     """The first sentence of a markdown cell as one line of plain text (a caption)."""
-    para = markdown.strip().split("\n\n", 1)[0]
-    para = re.sub(r"^#+\s*", "", para)
+    paras = [p for p in re.split(r"\n\s*\n", markdown.strip()) if p.strip()]
+    if paras and paras[0].lstrip().startswith("#"):   # a section heading: the sentence under it says more
+        heading = re.sub(r"^#+\s*(\d+[.)]\s*)?", "", paras[0].strip())
+        paras = paras[1:] or [heading]
+    para = paras[0] if paras else ""
     para = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", para)   # [text](link) -> text
     para = " ".join(re.sub(r"[`*]", "", para).split())
     return re.split(r"(?<=[.!?])\s+(?=[A-Z(])", para, maxsplit=1)[0]
@@ -294,8 +297,8 @@ figure.tclab-figure { margin: 1.6em 0; } figure.tclab-figure img { max-width: 10
 figcaption, .caption { color: var(--muted); font-size: 0.92em; margin: 0.4em 0; } figcaption b, .caption b { color: var(--ink); }
 .tclab-table-scroll { overflow-x: auto; max-width: 100%; border: 1px solid var(--line); border-radius: 5px; }
 .tclab-table-scroll table { margin: 0; } .tclab-table-scroll table.dataframe { border: none; }
-.tclab-table-scroll td, .tclab-table-scroll th { white-space: nowrap; }
-.tclab-table-scroll td:last-child { white-space: normal; min-width: 12em; }
+.tclab-table-scroll thead th { white-space: nowrap; }
+.tclab-table-scroll td, .tclab-table-scroll tbody th { max-width: 30em; overflow-wrap: break-word; }
 .step { margin: 0.8em 0 1.2em; } .step .why { margin: 0.2em 0; } .step .ref { color: var(--muted); font-size: 0.9em; }
 .code { display: none; } body.show-code .code { display: block; }
 .toolbar { float: right; font-size: 0.88em; } .toolbar label { cursor: pointer; user-select: none; }
@@ -351,10 +354,13 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
         sha = identity.get("model_weights_sha256")
         rows.append(("model", f"{name}" + (f"  (weights {_short(sha)})" if sha else "")))
     images = params.get("images")
-    if images is not None or identity.get("images_manifest_sha256"):
+    if images is not None or identity.get("images_manifest_sha256") or identity.get("images_used_manifest_sha256"):
         used = identity.get("images_used")
         extra = [f"manifest {_short(identity['images_manifest_sha256'])}"] if identity.get("images_manifest_sha256") else []
-        extra += [f"{used} images used"] if used is not None else []
+        if used is not None and identity.get("images_used_manifest_sha256") and not identity.get("images_manifest_sha256"):
+            extra += [f"{used} images used, their manifest {_short(identity['images_used_manifest_sha256'])}"]
+        elif used is not None:
+            extra += [f"{used} images used"]
         rows.append(("image set", f"{images if images is not None else '-'}"
                                   + (f"  ({', '.join(extra)})" if extra else "")))
     if identity.get("labels_sha256"):

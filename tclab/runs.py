@@ -783,6 +783,11 @@ def open_run(run_dir: str | os.PathLike | None = None, *, notebook: str | None =
                                     "the notebook by hand and a fresh folder is made under reports/")
         # Record the kernel's own environment: it, not the tclab run process, executes the code.
         _write_json(d / _KERNEL_ENV_FILE, environment())
+        # A report is read, not scrolled in a kernel: table cells show their whole text (file names, skip
+        # reasons), not pandas' 50 characters and "...". This kernel is the run's own, started for it.
+        import pandas as pd
+
+        pd.set_option("display.max_colwidth", None)
         return RunContext(dir=d, managed=True)
 
     nb_path = notebook or _interactive_notebook_name()

@@ -151,7 +151,7 @@ def test_notebook_05_summary_numbers(run05, weights_sha):
     from tclab.report import ReportSummary, verdict_of
 
     first = ReportSummary.from_dict(s["report"])
-    assert first.findings[0].verdict == "holds"                       # 300 usable, none skipped
+    assert first.findings[0].group == "the answer" and first.findings[1].verdict == "holds"   # 300 usable, none skipped
     rec = [x for x in first.findings if x.group == "the recommended setting on these images"]
     assert rec[0].verdict == verdict_of(head["within_budget"]) and head["recommendation"] in rec[0].text
     assert first.index_keys == ["recommendation", "flop_ratio", "psnr"]

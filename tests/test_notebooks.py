@@ -141,7 +141,8 @@ def test_notebook_01_summary(run01):
 
     # identity names exactly the in-house images traced
     image_set = analysis.choose_balanced_images(load_image_folder(ROOT / "data" / "shapes", 32, limit=3), 3)
-    assert s["identity"]["images_manifest_sha256"] == image_set.manifest_hash()
+    assert s["identity"]["images_used_manifest_sha256"] == image_set.manifest_hash()
+    assert "images_manifest_sha256" not in s["identity"]   # that names a whole folder (05, 02-04), not a subset
     assert s["identity"]["images_used"] == 3
 
 

@@ -57,7 +57,8 @@ def test_the_follower_prints_one_line_per_outer_step_in_a_log(monkeypatch, tmp_p
     target = tmp_path / "progress.log"
     monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(target))
     out = io.StringIO()                            # not a terminal: a scheduler's log file
-    with progress.ProgressFollower(target, stream=out, label="02", poll_s=0.02, quiet_interval_s=1000) as follower:
+    with progress.ProgressFollower(target, stream=out, label="02", poll_s=0.02, quiet_interval_s=1000,
+                                   min_step_s=0.05) as follower:
         follower.cells.write("\rExecuting:  50%|#####     | 5/10 [00:01<00:01, 5cell/s]")
         for _ in progress.progress_bar(range(3), desc="sweep", unit="variant"):
             inner = progress.progress_bar(total=400, desc="sampling", unit="step", leave=False)
@@ -85,3 +86,17 @@ def test_the_follower_redraws_one_line_on_a_terminal(tmp_path):
             follower.cells.write(f"\rExecuting: {i}/3")
     text = out.getvalue()
     assert "\n" not in text and text.count("\r") >= 3 and "01 | cells 2/3" in text
+
+
+def test_a_fast_loop_alone_does_not_print_a_line_per_step(monkeypatch, tmp_path):
+    target = tmp_path / "progress.log"
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(target))
+    out = io.StringIO()
+    with progress.ProgressFollower(target, stream=out, label="05", poll_s=0.01, quiet_interval_s=1000):
+        import time
+
+        for _ in range(3):                          # three short sampling loops, nothing around them
+            for _ in progress.progress_bar(range(10), desc="sampling", unit="step"):
+                time.sleep(0.01)
+    lines = out.getvalue().splitlines()
+    assert 3 <= len(lines) <= 4 and all("100%" in line for line in lines[-3:])   # one line as each loop ends

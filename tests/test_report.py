@@ -190,11 +190,18 @@ def test_inhouse_findings_follow_the_numbers():
             "ssim": 0.9, "class_consistency_full": 0.8, "class_consistency_cached": 0.78, "class_consistency_n": 30,
             "images_used": 30}
     rs = inhouse.inhouse_report({"headline": head, "details": {"image_check": {"classes": ["a", "b", "c"]}}})
-    assert [f.verdict for f in rs.findings] == [DOES_NOT_HOLD, DOES_NOT_HOLD, HOLDS, HOLDS]
-    assert "2 files skipped" in rs.findings[0].text and "78% cached vs 80%" in rs.findings[3].text
-    head.update(class_consistency_cached=0.6, within_budget=None)
+    assert [f.verdict for f in rs.findings] == [DOES_NOT_HOLD, DOES_NOT_HOLD, DOES_NOT_HOLD, HOLDS, HOLDS]
+    assert rs.findings[0].group == "the answer" and "Do not cache with tc yet" in rs.findings[0].text
+    assert "over the FLOP budget" in rs.findings[0].text and "not faster" not in rs.findings[0].text
+    assert "2 files skipped" in rs.findings[1].text and "78% cached vs 80%" in rs.findings[4].text
+    head.update(within_budget=True)
+    rs = inhouse.inhouse_report({"headline": head, "details": {"measurement": {"settings": {"timing_repeats": 1}}}})
+    assert rs.findings[0].verdict == HOLDS and rs.findings[0].text.startswith("Cache tokens with tc")
+    assert "fewer than 3 one slow run can decide it" in rs.findings[3].criterion
+    head.update(class_consistency_cached=0.6, within_budget=None, time_ratio=2.0)
     rs = inhouse.inhouse_report({"headline": head, "details": {}})
-    assert [f.verdict for f in rs.findings][1:] == [NOT_MEASURED, HOLDS, DOES_NOT_HOLD]
+    assert [f.verdict for f in rs.findings][2:] == [NOT_MEASURED, DOES_NOT_HOLD, DOES_NOT_HOLD]
+    assert "2.00x slower" in rs.findings[3].text and rs.findings[0].verdict == DOES_NOT_HOLD
 
 
 def test_findings_read_well_when_a_number_could_not_be_measured():
@@ -207,4 +214,5 @@ def test_findings_read_well_when_a_number_could_not_be_measured():
             "recommendation_source": "measured here", "recommendation_from": "measured here", "budget_flop_ratio": 0.7,
             "time_ratio": None, "psnr": 28.0, "worst_psnr": 20.0, "ssim": 0.9}
     rs = inhouse.inhouse_report({"headline": head, "details": {}})
-    assert "measured here, measured here" not in rs.findings[1].text and rs.findings[2].verdict == NOT_MEASURED
+    assert "measured here, measured here" not in rs.findings[2].text and rs.findings[3].verdict == NOT_MEASURED
+    assert rs.findings[0].verdict == NOT_MEASURED                      # wall-clock missing: not decided
