@@ -96,15 +96,15 @@ def test_config_validates_every_field():
 
 
 def test_scorer_options_and_availability(dit3, monkeypatch):
-    import tclab.cache.scorers as scorers_mod
+    from tclab.cache.registry import SCORERS
 
     with pytest.raises(ValueError, match=r"does not take option\(s\) \['bogus'\]"):
         apply_token_cache(dit3.transformer, TokenCacheConfig(scorer="toca", scorer_options={"bogus": 1}))
     assert no_cache_hooks(dit3.transformer)
     # a named scorer whose provider module is absent: a clear error, nothing attached
-    monkeypatch.setattr(scorers_mod, "_SCORERS", {k: v for k, v in scorers_mod._SCORERS.items()
-                                                  if not k.startswith("learned")})
-    monkeypatch.setitem(scorers_mod._PROVIDERS, "learned-static", "tclab.cache.no_such_module")
+    monkeypatch.setattr(SCORERS, "_factories", {k: v for k, v in SCORERS._factories.items()
+                                                if not k.startswith("learned")})
+    monkeypatch.setitem(SCORERS.providers, "learned-static", "tclab.cache.no_such_module")
     with pytest.raises(ValueError, match="'learned-static' is not available"):
         apply_token_cache(dit3.transformer, TokenCacheConfig(scorer="learned-static"))
     assert no_cache_hooks(dit3.transformer)
@@ -449,3 +449,30 @@ def test_rho_below_the_forced_blocks_share_is_warned(pixel_dit):
         _w.simplefilter("error")
         apply_token_cache(pixel_dit.transformer, TokenCacheConfig(rho=0.6, full_first_blocks=1))  # no warning
     remove_token_cache(pixel_dit.transformer)
+
+
+def test_a_scorer_registered_by_name_is_usable_by_name_everywhere(dit3, monkeypatch):
+    """The documented way to add a scorer: register it, then name it in a config and in a sweep."""
+    from tclab import ablation
+    from tclab.cache import available_scorers, register_scorer
+    from tclab.cache.registry import SCORERS
+
+    class CornerScorer(TokenScorer):          # scores the first tokens highest: easy to check by hand
+        name = "corner"
+        needs = frozenset()
+
+        def score(self, ctx):
+            B, L, N = ctx.shape
+            return torch.linspace(1, 0, N, device=ctx.device).expand(B, L, N)
+
+    monkeypatch.setattr(SCORERS, "_factories", dict(SCORERS._factories))   # the registration ends with the test
+    with pytest.raises(ValueError, match="'corner' is not a valid choice"):
+        TokenCacheConfig(scorer="corner")
+    register_scorer("corner", lambda config, **options: CornerScorer())
+    assert "corner" in available_scorers()
+    config = TokenCacheConfig(scorer="corner", rho=0.5)                     # valid by name now
+    state = apply_token_cache(dit3.transformer, config)
+    assert type(state.scorer).__name__ == "CornerScorer"
+    remove_token_cache(dit3.transformer)
+    (variant,) = ablation.predictor_variants(["corner"], [0.5])             # and in a sweep's variants
+    assert variant.curve == "corner" and TokenCacheConfig(**variant.cache).scorer == "corner"

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .registry import SCORERS
+
 if TYPE_CHECKING:  # pragma: no cover
     from .scorers import TokenScorer
 
@@ -21,9 +23,6 @@ KV_MODES = ("all", "kept")
 REUSE_MODES = ("update", "output")
 SELECTIONS = ("global", "uniform", "adaptive")
 SCHEDULES = ("tprr", "round-robin", "percentile")
-# Scorers the spec names. The heuristics live in ``tclab.cache.scorers``; the learned predictors are
-# registered there by ``tclab.cache.predictor`` when it is imported (see ``register_scorer``).
-SCORERS = ("prev-change", "random", "oracle", "toca", "learned-static", "learned-dynamic")
 
 
 def _choice(name: str, value, choices: Sequence[str]) -> None:
@@ -171,10 +170,11 @@ class TokenCacheConfig:
                              "mean update_change per step from the redundancy notebook); or use 'tprr'")
         if not isinstance(self.scorer_options, dict):
             raise TypeError(f"scorer_options must be a dict of keyword arguments, got {self.scorer_options!r}")
+        # scorer names come from the one registry (tclab.cache.registry): a registered scorer is valid here
         if isinstance(self.scorer, str):
-            _choice("scorer", self.scorer, SCORERS)
+            _choice("scorer", self.scorer, SCORERS.names())
         elif not (callable(getattr(self.scorer, "score", None)) and hasattr(self.scorer, "needs")):
-            raise TypeError(f"scorer must be one of {list(SCORERS)} or a TokenScorer instance (with .score() and "
+            raise TypeError(f"scorer must be one of {SCORERS.names()} or a TokenScorer instance (with .score() and "
                             f".needs), got {self.scorer!r}")
 
     # ---- helpers ---------------------------------------------------------------------------------

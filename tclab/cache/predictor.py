@@ -39,7 +39,7 @@ Use::
     TokenCacheConfig(scorer=load_predictor(path, transformer))         # checked against the model now
 
 Importing this module registers both names with :func:`tclab.cache.scorers.register_scorer`; the
-engine imports it lazily the first time a config names one of them (``scorers._PROVIDERS``).
+engine imports it lazily the first time a config names one of them (``registry.BUILTIN_PROVIDERS``).
 """
 
 from __future__ import annotations

@@ -47,8 +47,6 @@ The heuristics here (for ablation): ``prev-change``, ``random``, ``oracle``, ``t
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -242,18 +240,8 @@ class TocaScorer(TokenScorer):
 
 # ---- registry: option name -> factory(config, **scorer_options) ----------------------------------
 
-_SCORERS: dict[str, Callable[..., TokenScorer]] = {}
-# Modules that register more scorers when imported (the learned Cache Predictor, written separately).
-_PROVIDERS = {"learned-static": "tclab.cache.predictor", "learned-dynamic": "tclab.cache.predictor"}
-
-
-def register_scorer(name: str, factory: Callable[..., TokenScorer]) -> None:
-    """Make ``TokenCacheConfig(scorer=name)`` build ``factory(config, **config.scorer_options)``."""
-    _SCORERS[name] = factory
-
-
-def available_scorers() -> list[str]:
-    return sorted(_SCORERS)
+# The registry itself lives in the leaf module tclab.cache.registry (configs validate against it).
+from .registry import SCORERS, available_scorers, register_scorer  # noqa: E402
 
 
 def make_scorer(config: "TokenCacheConfig", transformer=None) -> TokenScorer:
@@ -263,13 +251,7 @@ def make_scorer(config: "TokenCacheConfig", transformer=None) -> TokenScorer:
     if not isinstance(config.scorer, str):
         return config.scorer
     name = config.scorer
-    if name not in _SCORERS and name in _PROVIDERS and importlib.util.find_spec(_PROVIDERS[name]) is not None:
-        importlib.import_module(_PROVIDERS[name])  # registers the learned scorers
-    if name not in _SCORERS:
-        raise ValueError(f"scorer {name!r} is not available (registered: {available_scorers()}); the learned "
-                         f"predictors register themselves from {_PROVIDERS.get(name, 'their module')}, or pass a "
-                         "TokenScorer instance as TokenCacheConfig.scorer")
-    factory = _SCORERS[name]
+    factory = SCORERS.factory(name)   # imports the provider of a built-in name the first time
     opts = dict(config.scorer_options)
     target = getattr(factory, "options_of", factory)
     params = inspect.signature(target).parameters
