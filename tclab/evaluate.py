@@ -184,13 +184,11 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
 
 
 def _plot_sdedit(rows: list[dict], class_names: list[str], path: Path, model_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: the caller's backend is left as it is
 
     x = [r["strength"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     for name in class_names:
         ax.plot(x, [r["per_class"][name] for r in rows], marker="o", label=name)
     ax.plot(x, [r["class_consistency"] for r in rows], "k--", lw=2, label="all")
@@ -199,4 +197,3 @@ def _plot_sdedit(rows: list[dict], class_names: list[str], path: Path, model_nam
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -596,8 +596,9 @@ def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtyp
                                  "rebuild it with `tclab train-dit`")
         return _load_folder(EMBEDDED_DIR, dtype, name=EMBEDDED_NAME)
     if spec in PRESETS:
-        torch.manual_seed(seed)
-        transformer = PRESETS[spec](resolution=resolution)
+        with torch.random.fork_rng(devices=[]):   # seeded weights; the caller's global RNG is left alone
+            torch.manual_seed(seed)
+            transformer = PRESETS[spec](resolution=resolution)
         if dtype != torch.float32:
             transformer = transformer.to(dtype)
         transformer.eval().requires_grad_(False)

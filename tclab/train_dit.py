@@ -284,12 +284,8 @@ def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, 
                  init_model: dict | None = None) -> Path:
     """Write the model folder atomically (build in a sibling folder, then swap it in). ``init_model``
     (from ``lineage_of``) adds the lineage: the starting model's record and the totals over both runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from diffusers import DDIMScheduler
+    from matplotlib.figure import Figure   # no pyplot: the caller's backend is left as it is
 
     out = Path(config.out)
     stage = out.parent / f".{out.name}.export"
@@ -318,7 +314,8 @@ def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, 
                                                                       init_model["train_seconds"])) + elapsed, 1)})
     (stage / META_FILE).write_text(json.dumps(meta, indent=2))
     np.savetxt(stage / "loss.csv", np.array(losses), fmt="%.6f", header="loss per step", comments="")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     k = max(1, len(losses) // 100)
     smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
     ax.plot(losses, alpha=0.25, lw=0.5, label="per step")
@@ -327,7 +324,6 @@ def export_model(ema, config: TrainDiTConfig, data, losses, elapsed, sched_cfg, 
     ax.legend()
     fig.tight_layout()
     fig.savefig(stage / "loss.png", dpi=120)
-    plt.close(fig)
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

@@ -100,3 +100,18 @@ def test_scheduler_names():
     cfg = load_dit("DiT-S/2").scheduler_config
     assert type(make_scheduler("dpm++", cfg)).__name__ == "DPMSolverMultistepScheduler"
     assert type(make_scheduler("euler", cfg)).__name__ == "EulerDiscreteScheduler"
+
+
+def test_a_preset_leaves_the_callers_random_state_alone():
+    import torch
+
+    from tclab.models import load_dit
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_dit("DiT-S/8", resolution=256, seed=5)
+    assert torch.equal(torch.rand(3), expected)                      # not reseeded behind the caller's back
+    b = load_dit("DiT-S/8", resolution=256, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.transformer.state_dict().values(),
+                                                 b.transformer.state_dict().values()))   # still seeded weights
