@@ -212,6 +212,8 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
         if not isinstance(params_raw, dict):
             problems.append(f"{where}: 'params' must be a mapping 'name: value', got {params_raw!r}")
             continue
+        from .labels import LabelSpecError   # here, not at import: it loads torch
+
         try:
             params_file = _resolve(raw["params_file"], base) if raw.get("params_file") else None
             merged = runs.load_parameters(params_file)
@@ -220,8 +222,8 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
             runs.check_parameter_values(merged, notebook)
             from .paths import check_path_parameters
 
-            check_path_parameters(merged, base)
-        except (runs.ParameterError, FileNotFoundError) as e:
+            check_path_parameters(merged, base, defaults=runs.notebook_parameters(notebook))
+        except (runs.ParameterError, FileNotFoundError, LabelSpecError) as e:
             problems.append(f"{where}: {e}")
             continue
         timeout = _timeout(raw.get("timeout"), f"{where}: 'timeout'", problems) if "timeout" in raw else default_timeout

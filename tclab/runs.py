@@ -1134,7 +1134,8 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
                          "notebook from the main thread, or without a timeout")
     from .paths import check_path_parameters
 
-    check_path_parameters({k: v for k, v in params.items()}, caller_cwd)  # a mistyped path: refused now
+    # a mistyped path, or a labels mapping naming a folder the images lack: refused now, not in the kernel
+    check_path_parameters(dict(params), caller_cwd, defaults=defaults)
     used = {k: v for k, v in defaults.items() if k != RUN_DIR_PARAMETER}
     used.update(params)
     used = _plain(used)

@@ -129,3 +129,18 @@ def test_yaml_mapping_keys_stay_folder_names(pixel_dit, tmp_path):
     m = resolve_labels(s, model_with(pixel_dit, IMAGENET_LIKE), str(tmp_path / "m.yaml"))
     assert rows(m) == {"007": (4, "mapping"), "no": (3, "mapping")}
 
+
+
+def test_a_mapping_naming_a_missing_folder_is_refused_before_any_kernel(tmp_path, capsys):
+    """`tclab run` refuses a labels mapping whose folder the images lack with exit 2 and a did-you-mean,
+    before a run folder or a kernel exists (it used to fail inside the kernel, leaving a FAILED run)."""
+    from tclab import cli
+
+    images = tmp_path / "set"
+    folder(images, ["Golden Retriever", "cats"])
+    reports = tmp_path / "reports"
+    rc = cli.main(["run", "01", "-p", "images", str(images), "-p", "labels", '{"Golden Retrievr": 207}',
+                   "--reports", str(reports)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'Golden Retrievr' (did you mean 'Golden Retriever'?)" in err
+    assert not reports.exists() or not any(p for p in reports.iterdir() if p.name != "index.html")
