@@ -387,8 +387,8 @@ def _explorer_class():
             self.block = w.IntSlider(value=block, min=0, max=l_n - 1, description="block", style=style, layout=lay)
             self.measure = w.Dropdown(options=list(MEASURES), value=measure, description="measure", style=style,
                                       layout=lay)
-            self.branch = w.ToggleButtons(options=have, value=branch, description="branch", layout=lay,
-                                          style={**style, "button_width": "70px"})
+            self.branch = w.ToggleButtons(options=have, value=branch, description="branch",
+                                          layout=w.Layout(width="auto"), style={**style, "button_width": "72px"})
             self.sample = w.Dropdown(options=self._sample_options(branch), value=sample, description="sample",
                                      style=style, layout=lay)
             self.token_row = w.IntSlider(value=int(token[0]), min=0, max=h - 1, description="token row",

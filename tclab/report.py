@@ -363,6 +363,11 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
             extra += [f"{used} images used"]
         rows.append(("image set", f"{images if images is not None else '-'}"
                                   + (f"  ({', '.join(extra)})" if extra else "")))
+    if params.get("scheduler") is not None or params.get("num_steps") is not None:
+        parts = [str(params["scheduler"])] if params.get("scheduler") is not None else []
+        parts += [f"{params['num_steps']} steps"] if params.get("num_steps") is not None else []
+        parts += [f"guidance {params['guidance_scale']:g}"] if isinstance(params.get("guidance_scale"), (int, float)) else []
+        rows.append(("sampling", ", ".join(parts)))
     if identity.get("labels_sha256"):
         rows.append(("labels", f"{params.get('labels', 'auto')}  (mapping {_short(identity.get('labels_sha256'))})"))
     start = str(prov.get("start_utc") or "")

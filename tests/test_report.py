@@ -102,7 +102,8 @@ PROV = {"start_utc": "2026-01-01T00:00:00.000Z", "duration_s": 192.0, "tag": "de
 @pytest.fixture
 def page(tmp_path):
     out = report.render_report(_executed(tmp_path), tmp_path / "report.html", summary=SUMMARY, provenance=PROV,
-                               params={"model": "m", "images": "/data/set"}, overridden={"images"},
+                               params={"model": "m", "images": "/data/set", "scheduler": "ddim", "num_steps": 10,
+                                       "guidance_scale": 4.0}, overridden={"images"},
                                run_name="20260101T000000Z_99_demo_x", replacements={STAGING: FINAL})
     return out.read_text()
 
@@ -114,7 +115,7 @@ def test_the_summary_comes_first_with_verdicts_numbers_and_identity(page):
     assert "x above 2" in summary and "samples" in summary and "images" in summary
     assert "31.2\u2009dB" in summary                                          # the key number, with its unit
     for shown in ("abababababab", "cdcdcdcdcdcd", "6 images used", "2026-01-01 00:00:00 UTC", "3 min 12 s",
-                  "commit 0123456789 with uncommitted changes", "/data/set"):
+                  "commit 0123456789 with uncommitted changes", "/data/set", "ddim, 10 steps, guidance 4"):
         assert shown in summary, shown
 
 
