@@ -34,7 +34,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from diffusers import DiTPipeline, DiTTransformer2DModel
+from diffusers import (DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -96,6 +97,23 @@ def default_scheduler_config() -> dict:
     """DDIM over DiT's training noise schedule (linear betas 1e-4..0.02, 1000 steps)."""
     return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=0, prediction_type="epsilon")
+
+
+#: Samplers by name: the class and what it changes in the model's own noise-schedule config.
+SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler of kind ``name`` (``ddim``, ``dpm++``, ``euler``) over the model's noise schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    keep = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    return cls.from_config({**keep, **extra})
 
 
 @dataclass
@@ -169,8 +187,6 @@ class LoadedDiT:
 
     def pipeline(self, scheduler=None) -> DiTPipeline:
         """This model inside diffusers' own ``DiTPipeline`` (for peers built on diffusers)."""
-        from .sampling import make_scheduler
-
         return DiTPipeline(transformer=self.transformer, vae=self.vae,
                            scheduler=scheduler or make_scheduler("ddim", self.scheduler_config))
 

@@ -31,25 +31,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models import NULL_CLASS, LoadedDiT
-
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "euler": (EulerDiscreteScheduler, {}),
-}
-
-
-def make_scheduler(name: str, base_config: dict):
-    """A fresh scheduler of kind ``name`` (``ddim``, ``dpm++``, ``euler``) over the model's noise schedule."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[name]
-    keep = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    return cls.from_config({**keep, **extra})
+# the schedulers live with the model loading (a model's noise schedule is part of it); re-exported here
+from .models import NULL_CLASS, SCHEDULERS, LoadedDiT, make_scheduler  # noqa: F401
 
 
 @dataclass(frozen=True)
