@@ -222,7 +222,11 @@ def load_jobs(jobs_file: str | os.PathLike) -> JobsFile:
             runs.check_parameter_values(merged, notebook)
             from .paths import check_path_parameters
 
-            check_path_parameters(merged, base, defaults=runs.notebook_parameters(notebook))
+            check_path_parameters(merged, base)
+            if "labels" in merged:
+                from .labels import check_label_folders
+
+                check_label_folders({**runs.notebook_parameters(notebook), **merged}, base)
         except (runs.ParameterError, FileNotFoundError, LabelSpecError) as e:
             problems.append(f"{where}: {e}")
             continue

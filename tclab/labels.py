@@ -29,6 +29,7 @@ import csv
 import difflib
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -353,3 +354,34 @@ def _class_from_value(value: Any, folder: str, names: list[str] | None, n_classe
     close = difflib.get_close_matches(key, list(alias), n=3)
     hint = f"; close matches: {[names[alias[c][0]] for c in close]}" if close else ""
     raise LabelSpecError(f"labels: folder {folder!r} maps to {value!r}, which is not a class of the model{hint}")
+
+
+def check_label_folders(params: dict, caller_cwd: str | os.PathLike | None = None) -> None:
+    """Notebook parameters whose ``labels`` mapping (inline or a file) names a class folder that ``images``
+    lacks are refused before a kernel starts, with the close matches (the classes are checked against
+    the model in the kernel). Relative paths are read from ``caller_cwd``, as the kernel will."""
+    from .paths import reading_from, resolve_images
+
+    labels, images = params.get("labels"), params.get("images")
+    if labels is None or images is None or (isinstance(labels, str)
+                                            and labels.strip().lower() in (AUTO, UNCONDITIONAL)):
+        return
+    with reading_from(caller_cwd):
+        spec = load_label_spec(labels)
+        if not isinstance(spec, dict):
+            return
+        root = resolve_images(images)
+    if not root.is_dir():
+        return
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    named = [str(k) for k in spec if k != "__file__"]
+    if not folders:
+        return  # a flat folder: resolve_labels explains that a mapping needs class folders
+    unknown = [k for k in named if k not in folders]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, folders, n=2)
+            hints.append(repr(k) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise LabelSpecError(f"parameter 'labels' names folder(s) {', '.join(hints)} that {root} does not have; its "
+                             f"class folders are {folders}")

@@ -125,12 +125,9 @@ def reading_from(caller_cwd: str | os.PathLike | None = None) -> Iterator[None]:
             os.environ[CALLER_CWD_ENV] = old
 
 
-def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = None,
-                          defaults: dict | None = None) -> None:
+def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = None) -> None:
     """Refuse a path parameter that names nothing, reading relative paths from ``caller_cwd`` (as the
-    kernel will). Raises :class:`PathNotFoundError` naming the parameter and where it looked. A
-    ``labels`` mapping is checked against the class folders of ``images`` (given, or the notebook's
-    default in ``defaults``): :class:`tclab.labels.LabelSpecError` names a folder that is not there."""
+    kernel will). Raises :class:`PathNotFoundError` naming the parameter and where it looked."""
     from .models import EMBEDDED_NAME, PRESETS
 
     with reading_from(caller_cwd):
@@ -145,36 +142,3 @@ def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = N
                 raise PathNotFoundError(f"parameter {name!r}: {path} is a file; give a folder")
             if kind == "file" and path.is_dir():
                 raise PathNotFoundError(f"parameter {name!r}: {path} is a folder; give a file")
-        if "labels" in params:
-            _check_label_folders({**(defaults or {}), **params})
-
-
-def _check_label_folders(params: dict) -> None:
-    """A ``labels`` mapping (inline or a file) must name class folders that ``images`` has: refused here,
-    before a kernel starts, with the close matches (the kernel checks the classes against the model)."""
-    labels, images = params.get("labels"), params.get("images")
-    if labels is None or images is None or (isinstance(labels, str) and labels.strip().lower() in _NOT_PATHS["labels"]):
-        return
-    from .labels import LabelSpecError, load_label_spec
-
-    spec = load_label_spec(labels)
-    if not isinstance(spec, dict):
-        return
-    root = resolve_images(images)
-    if not root.is_dir():
-        return
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    named = [str(k) for k in spec if k != "__file__"]
-    if not folders:
-        return  # a flat folder: resolve_labels explains that a mapping needs class folders
-    unknown = [k for k in named if k not in folders]
-    if unknown:
-        import difflib
-
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, folders, n=2)
-            hints.append(repr(k) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-        raise LabelSpecError(f"parameter 'labels' names folder(s) {', '.join(hints)} that {root} does not have; its "
-                             f"class folders are {folders}")
-

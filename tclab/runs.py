@@ -1135,7 +1135,11 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
     from .paths import check_path_parameters
 
     # a mistyped path, or a labels mapping naming a folder the images lack: refused now, not in the kernel
-    check_path_parameters(dict(params), caller_cwd, defaults=defaults)
+    check_path_parameters(dict(params), caller_cwd)
+    if "labels" in params:
+        from .labels import check_label_folders
+
+        check_label_folders({**defaults, **params}, caller_cwd)
     used = {k: v for k, v in defaults.items() if k != RUN_DIR_PARAMETER}
     used.update(params)
     used = _plain(used)
