@@ -39,6 +39,7 @@ from .cache import TokenCacheConfig, apply_token_cache, remove_token_cache
 from .cache.config import fora_config
 from .evaluate import balanced_labels
 from .metrics import count_flops, distribution_quality, mse, psnr, ssim
+from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, format_number, key_numbers_from
 from .sampling import SampleConfig, sample
 
 FAMILIES = ("reference", "ablation", "baseline", "peer")
@@ -697,7 +698,7 @@ def is_tokencache_curve(curve: str) -> bool:
 
 
 def _db(v) -> str:
-    return "-" if v is None else f"{v:.1f} dB"
+    return "-" if v is None else f"{format_number(v, 'dB')} dB"
 
 
 def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
@@ -706,8 +707,6 @@ def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
     (:func:`is_tokencache_curve`) win among the ablated variants, and does the best ablated point beat
     the best rival (fewer steps, FORA, peers) at the same FLOPs; within the budget: the recommended
     point, and whether its FLOP saving shows up in wall-clock."""
-    from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, key_numbers_from
-
     flops, head = summary["flops"], summary["headline"]
     findings = []
     for r in reductions:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from .report import Finding, ReportSummary, key_numbers_from, verdict_of
+
 if TYPE_CHECKING:  # only for annotations: importing this module needs numpy, not torch
     from .record import TokenChangeRecord
 
@@ -662,9 +664,8 @@ def _observation_sentence(key: str, obs: Mapping) -> str:
             + "; " + busier.format(r=num("phase_mean_ratio", ".2g")) + ".")
 
 
-def _observation_findings(part: Mapping, group: str) -> list:
-    from .report import Finding, verdict_of
-
+def observation_findings(part: Mapping, group: str) -> list[Finding]:
+    """The three observations of a :func:`analyse_record` result as report findings under ``group``."""
     m = part["primary_measure"]
     out = []
     for key, short in _OBSERVATION_SHORT.items():
@@ -678,14 +679,12 @@ def redundancy_report(summary: Mapping):
     """The first screen of a redundancy report (:class:`tclab.report.ReportSummary`) from a
     :func:`summarise_redundancy` summary: each observation's verdict on the pure samples and, when
     traced, on SDEdit of the in-house images; the numbers behind them."""
-    from .report import ReportSummary, key_numbers_from
-
     rec = summary["record"]
-    findings = _observation_findings(summary, f"the model's own samples ({rec['samples']} samples, "
+    findings = observation_findings(summary, f"the model's own samples ({rec['samples']} samples, "
                                               f"{rec['steps']} steps, {summary['primary_measure']})")
     if "sdedit" in summary:
         sd = summary["sdedit"]["record"]
-        findings += _observation_findings(summary["sdedit"], f"SDEdit of the in-house images ({sd['samples']} images, "
+        findings += observation_findings(summary["sdedit"], f"SDEdit of the in-house images ({sd['samples']} images, "
                                                              f"{sd['steps']} steps)")
     head = summary["headline"]
     far = head.get("far_distance")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import html
 import io
 import json
 import math
@@ -48,7 +49,7 @@ import numpy as np
 
 from .models import NULL_CLASS
 from .plots import CHANGE_LABEL, STEP_LABEL
-from .record import BRANCHES, MEASURES, TokenChangeRecord
+from .record import BRANCHES, MEASURES, TokenChangeRecord, quiet_nan_warnings
 
 #: Change measures: NaN at step 0 (no previous step).
 CHANGE_MEASURES = ("out_change", "update_change", "cos")
@@ -297,14 +298,14 @@ def render_curve_png(record: TokenChangeRecord, measure: str, sample: int, branc
     and the current block's mean over all samples of the branch; the current step marked."""
     row = record.row_of(sample, branch)
     a = record.measure(measure)[:, :, row].astype(np.float64)  # (S, L, N)
-    with np.errstate(invalid="ignore"), _quiet():
+    with np.errstate(invalid="ignore"), quiet_nan_warnings():
         this = np.nanmean(a, axis=2)  # (S, L)
         every = record.mean_over(measure, ("sample", "token"), branch)  # (S, L)
     steps = record.steps
     fig = _new_figure(4.8, 2.3)
     ax = fig.add_subplot()
     ax.plot(steps, this[:, block], "-o", ms=3, color="C0", label=f"sample {sample}, block {block}")
-    with _quiet():
+    with quiet_nan_warnings():
         ax.plot(steps, np.nanmean(this, axis=1), "--", color="C1", label=f"sample {sample}, mean of blocks")
     ax.plot(steps, every[:, block], ":", color="0.4", label=f"all {branch} samples, block {block}")
     ax.axvline(step, color="cyan", lw=1.5)
@@ -316,21 +317,6 @@ def render_curve_png(record: TokenChangeRecord, measure: str, sample: int, branc
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6.5, loc="best", frameon=False)
     return _figure_png(fig)
-
-
-class _quiet:
-    """Silence numpy's 'Mean of empty slice' (step 0 of change measures is all NaN by design)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.filterwarnings("ignore", message="Mean of empty slice")
-        return self
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
 
 
 @functools.cache
@@ -374,7 +360,7 @@ def _explorer_class():
                 raise ValueError(f"sample {sample} is not in the {branch!r} rows; sample ids are {ids[0]}..{ids[-1]}")
             h, wd = record.grid
             if token is None:  # start on the token that changes most (mean over steps) at this block
-                with np.errstate(invalid="ignore"), _quiet():
+                with np.errstate(invalid="ignore"), quiet_nan_warnings():
                     mean = np.nanmean(record.measure(measure)[:, block, record.row_of(sample, branch)], axis=0)
                 flat = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
                 token = divmod(flat, wd)
@@ -467,7 +453,7 @@ def _explorer_class():
                                                            "per step and block")
             self.curve_plot.value = render_curve_png(rec, m, i, br, s, b)
             t = rec.timesteps[s]
-            with np.errstate(invalid="ignore"), _quiet():
+            with np.errstate(invalid="ignore"), quiet_nan_warnings():
                 mean = float(np.nanmean(values))
             why = " (no previous step at s = 0)" if s == 0 and m in CHANGE_MEASURES else ""
             self.readout.value = (f"<code>step {s}, t = {_fmt(t)}, block {b}, {m}, {br}, "
@@ -638,7 +624,7 @@ def _options(pairs) -> str:
 
 
 def _esc(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return html.escape(str(text))
 
 
 def _b64(b: bytes) -> str:
@@ -734,7 +720,7 @@ def static_explorer(record: TokenChangeRecord | str | os.PathLike, images=None, 
         a = rec.measure(m)[np.ix_(steps_i, blocks_i, sel_rows)]  # (S', L', n, N)
         a = np.ascontiguousarray(a.transpose(2, 0, 1, 3))  # (n, S', L', N): sample, step, block, token
         maps[m] = _b64(quantise(a, *scales[m]).tobytes())
-        with np.errstate(invalid="ignore"), _quiet():
+        with np.errstate(invalid="ignore"), quiet_nan_warnings():
             mu = np.nanmean(a.astype(np.float64), axis=3).reshape(-1)
         means[m] = [float(f"{v:.5g}") if math.isfinite(v) else None for v in mu]
     data = {"version": 1, "grid": list(rec.grid), "measures": measures, "maps": maps, "means": means,
@@ -814,7 +800,7 @@ def find_record(run_folder: str | os.PathLike | None = None, record: str = "auto
         for info in runs.list_runs(reports_dir):  # newest first
             have = records_in(info.path) if info.status != "failed" else []
             if have and (name is None or any(p.name == name for p in have)):
-                return _pick(info.path, record)
+                return _pick(info.path, record, have)
         return None
     p = Path(run_folder).expanduser()
     if not p.is_absolute():
@@ -835,8 +821,8 @@ def _record_name(record: str) -> str:
     return record if record.endswith(".npz") else record + ".npz"
 
 
-def _pick(folder: Path, record: str) -> Path:
-    have = records_in(folder)
+def _pick(folder: Path, record: str, have: list[Path] | None = None) -> Path:
+    have = records_in(folder) if have is None else have
     if record == "auto":
         if not have:
             raise FileNotFoundError(f"run folder {folder.name} holds no record_*.npz; pick a run of notebook 01 or 05")
@@ -898,8 +884,7 @@ def open_record(run_folder: str | os.PathLike | None = None, record: str = "auto
     """
     path = find_record(run_folder, record, reports_dir)
     if path is not None:
-        rec = TokenChangeRecord.load(path)
-        imgs = load_record_images(path)
+        rec, imgs, _ = _as_record(path, None)
         return OpenedRecord(rec, imgs, path, f"Opened {path.name} of run {path.parent.name}.")
     from .analysis import choose_sample_labels
     from .models import load_dit

@@ -42,9 +42,11 @@ import torch
 from . import runs
 from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, check_budget,
                        finite_or_none, run_sweep)
-from .analysis import choose_balanced_images, to_plain
+from .analysis import choose_balanced_images, observation_findings, to_plain
 from .cache import TokenCacheConfig
 from .metrics import FID_FLOOR_RULE
+from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, KeyNumber, ReportSummary, key_numbers_from,
+                     verdict_of)
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
 ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
@@ -754,13 +756,10 @@ def inhouse_report(summary: Mapping[str, Any]):
     """The first screen of the in-house report (:class:`tclab.report.ReportSummary`) from
     :func:`summarise_report`'s summary: is the image set usable, is there redundancy on these images
     (the three observations on their SDEdit traces), which setting, and what it buys and costs here."""
-    from .analysis import _observation_findings
-    from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, key_numbers_from, verdict_of
-
     h, details = summary["headline"], summary["details"]
     check = details.get("image_check", {})
     folders = len(check.get("classes") or []) or None
-    findings = [Finding(
+    findings = [Finding(   # the answer goes first, once the setting's findings below are known
         f"{h['usable_images']} usable images" + (f" in {folders} folders" if folders else "")
         + (f", {h['mapped_folders']} of them mapped to model classes" if h.get("mapped_folders") is not None and folders
            else "") + (f"; {h['bad_images']} files skipped (each with its reason under Tables)." if h["bad_images"]
@@ -770,18 +769,18 @@ def inhouse_report(summary: Mapping[str, Any]):
     red = details.get("redundancy") or {}
     if red.get("observations"):
         rec = red["record"]
-        findings += _observation_findings(red, f"redundancy on SDEdit traces of these images ({rec['samples']} images, "
+        findings += observation_findings(red, f"redundancy on SDEdit traces of these images ({rec['samples']} images, "
                                                f"{rec['steps']} steps)")
     group = "the recommended setting on these images"
     budget = h.get("budget_flop_ratio")
-    findings.append(Finding(
+    setting = [Finding(
         f"Recommended: {h['recommendation']} ({h['recommendation_source']}"
         + (f", {h['recommendation_from']}" if h.get("recommendation_from") not in (None, "", h["recommendation_source"])
            else "") + f"): {h['flop_ratio']:.2f}x "
         "the FLOPs of full compute on these images.",
         verdict_of(h.get("within_budget")),
         f"within the FLOP budget ({budget:g} of full compute)" if budget is not None else "within a FLOP budget (none set)",
-        group))
+        group)]
     tr = h.get("time_ratio")
     pairs = ((details.get("measurement") or {}).get("settings") or {}).get("timing_repeats")
     if tr is None:
@@ -790,7 +789,7 @@ def inhouse_report(summary: Mapping[str, Any]):
         speed = f"It takes {tr:.2f}x the wall-clock of full compute ({1 / tr:.2f}x faster)."
     else:
         speed = f"It takes {tr:.2f}x the wall-clock of full compute ({tr:.2f}x slower)."
-    findings.append(Finding(
+    setting.append(Finding(
         speed, NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
         "wall-clock below full compute's: median of "
         + (f"{pairs} interleaved pair(s) on this machine" + ("; with fewer than 3 one slow run can decide it "
@@ -800,16 +799,15 @@ def inhouse_report(summary: Mapping[str, Any]):
     quality = (f"PSNR {h['psnr']:.1f} dB against full compute (worst image {h['worst_psnr']:.1f} dB), SSIM "
                f"{h['ssim']:.2f}")
     if full is not None and cached is not None:
-        findings.append(Finding(
+        setting.append(Finding(
             f"{quality}; class-consistency {cached:.0%} cached vs {full:.0%} full compute (N = {n}).",
             HOLDS if cached >= full - CLASS_CONSISTENCY_TOLERANCE else DOES_NOT_HOLD,
             f"class-consistency of the cached images at most {CLASS_CONSISTENCY_TOLERANCE:.0%} below full "
             "compute's (small N is noisy)", group))
     else:
-        findings.append(Finding(f"{quality}; class-consistency not measured (no folder maps to a model class).",
+        setting.append(Finding(f"{quality}; class-consistency not measured (no folder maps to a model class).",
                                 NOT_MEASURED, "class-consistency of the cached images close to full compute's", group))
     # the answer to the report's question, from the findings on the setting: cache only when all of them hold
-    setting = findings[-3:]
     if all(f.verdict == HOLDS for f in setting):
         answer = Finding(f"Cache tokens with {h['recommendation']}: within the budget, faster, and as class-consistent "
                          "as full compute on these images.", HOLDS, "every finding on the recommended setting holds",
@@ -823,7 +821,7 @@ def inhouse_report(summary: Mapping[str, Any]):
     else:
         answer = Finding(f"Not decided for {h['recommendation']}: some of its findings could not be measured.",
                          NOT_MEASURED, "every finding on the recommended setting holds", "the answer")
-    findings.insert(0, answer)
+    findings = [answer, *findings, *setting]
     spec = [("recommendation", "recommended setting", ""), ("flop_ratio", "FLOPs (of full compute)", "x"),
             ("time_ratio", "wall-clock (of full compute)", "x"), ("psnr", "PSNR vs full compute", "dB"),
             ("worst_psnr", "worst image's PSNR", "dB"), ("ssim", "SSIM vs full compute", ""),
@@ -833,7 +831,5 @@ def inhouse_report(summary: Mapping[str, Any]):
             ("usable_images", "usable images", ""), ("images_used", "images measured", "")]
     numbers = [k for k in key_numbers_from(h, spec) if k.value is not None]
     if h.get("fid_full") is None and h.get("fid_reason"):
-        from .report import KeyNumber
-
         numbers.append(KeyNumber("fid_reason", "FID", h["fid_reason"]))
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=["recommendation", "flop_ratio", "psnr"])

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -48,7 +49,9 @@ def _redraws_in_place() -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+@functools.cache
 def _file_bar_class():
+    """The tqdm subclass of a runner's kernel, built once (tqdm is imported only when a bar is made)."""
     from tqdm.std import tqdm as std_tqdm
 
     class FileBar(std_tqdm):
@@ -206,8 +209,11 @@ class ProgressFollower:
         self._last_line = line
 
     def _show(self, force: bool) -> None:
-        with self._lock:
-            line = self._compose()
+        with self._lock:   # papermill's thread and the poll thread both show: one writer at a time
+            self._show_locked(force)
+
+    def _show_locked(self, force: bool) -> None:
+        line = self._compose()
         if not line:
             return
         if self.redraw:
@@ -241,11 +247,10 @@ class ProgressFollower:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._read()
-        if not self.redraw:   # a log ends with where the run got to
-            with self._lock:
-                line = self._compose()
-            if line and line != self._last_line:
+        with self._lock:
+            line = self._compose()
+            if not self.redraw and line and line != self._last_line:   # a log ends with where the run got to
                 self._print_line(line)
-        if self.redraw and self._last_len:
-            self.stream.write("\r" + " " * self._last_len + "\r")
-            self.stream.flush()
+            if self.redraw and self._last_len:
+                self.stream.write("\r" + " " * self._last_len + "\r")
+                self.stream.flush()

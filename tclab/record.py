@@ -229,7 +229,7 @@ class TokenChangeRecord:
         The default gives the (steps, blocks) matrix: row ``s`` is step index ``s`` (see
         ``timesteps`` for ``t``); step 0 is NaN for the change measures.
         """
-        with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+        with np.errstate(invalid="ignore"), quiet_nan_warnings():
             return np.nanmean(self.select(measure, branch), axis=self._axes(axes), dtype=np.float64)
 
     def quantile_over(self, measure: str, q: float | Sequence[float], axes: str | Sequence[str] = ("sample", "token"),
@@ -237,7 +237,7 @@ class TokenChangeRecord:
         """NaN-ignoring quantile(s) ``q`` of ``measure`` over ``axes`` (e.g. the spread over tokens of
         each step x block cell: tokencache.md observation 1). Leading axis = ``q`` when it is a list."""
         a = self.select(measure, branch).astype(np.float32, copy=False)
-        with _quiet_nan_warnings():
+        with quiet_nan_warnings():
             return np.nanquantile(a, q, axis=self._axes(axes))
 
     def row_of(self, sample: int, branch: str = "cond") -> int:
@@ -368,7 +368,8 @@ class TokenChangeRecord:
 
 
 @contextmanager
-def _quiet_nan_warnings():
+def quiet_nan_warnings():
+    """Silence numpy's warnings about all-NaN slices: step 0 of the change measures is NaN by design."""
     import warnings
 
     with warnings.catch_warnings():

@@ -74,6 +74,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import yaml
 
 from .paths import PROJECT_ROOT
+from .report import format_duration, format_number, render_report, unit_suffix
+from .report import format_value as format_figure  # the index's name for it
 
 __all__ = [
     "RUN_DIR_PARAMETER", "STAGING_DIRNAME", "FAILED_SUFFIX", "REPORT_NAME",
@@ -833,17 +835,9 @@ def _kernel_imports_this_tclab(caller_cwd: str | os.PathLike | None = None) -> I
     """
     from .paths import reading_from
 
-    root = str(PROJECT_ROOT)
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = root if not old else root + os.pathsep + old
-    try:
-        with reading_from(caller_cwd):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    root, old = str(PROJECT_ROOT), os.environ.get("PYTHONPATH")
+    with _environment({"PYTHONPATH": root if not old else root + os.pathsep + old}), reading_from(caller_cwd):
+        yield
 
 
 KERNEL_LOG = "kernel.log"
@@ -1080,8 +1074,6 @@ def render_html(executed: str | os.PathLike, out: str | os.PathLike, title: str 
                 replacements: Mapping[str, str] | None = None, error: str | None = None) -> Path:
     """Render an executed notebook as the run's report (:func:`tclab.report.render_report`): the
     summary from ``summary.json`` first, then numbered figures, tables and the details, code hidden."""
-    from .report import render_report
-
     return render_report(executed, out, summary=summary, provenance=provenance, params=params,
                          overridden=overridden, run_name=title or "", replacements=replacements, error=error)
 
@@ -1310,11 +1302,7 @@ class RunInfo:
 
 def read_json(p: Path) -> dict[str, Any]:
     """A JSON object from ``p``; {} when the file is missing, unreadable or not an object."""
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return _read_json_noting(p, [])
 
 
 def _read_json_noting(p: Path, problems: list[str]) -> dict[str, Any]:
@@ -1379,8 +1367,8 @@ def _key_figures(summary: dict[str, Any], headline: dict[str, Any]) -> list[KeyF
     numbers = report.get("key_numbers") if isinstance(report.get("key_numbers"), list) else []
     by_key = {n["key"]: n for n in numbers if isinstance(n, dict) and isinstance(n.get("key"), str)}
     keys = report.get("index_keys")
-    chosen = ([by_key[k] for k in keys if isinstance(k, str) and k in by_key] if isinstance(keys, list)
-              else list(by_key.values()))
+    chosen = ([by_key[k] for k in keys if isinstance(k, str) and k in by_key] if isinstance(keys, list) and keys
+              else list(by_key.values()))   # no index_keys (or none given): the first key numbers
     if chosen:
         return [KeyFigure(n["key"], _text(n.get("label")) or n["key"], n.get("value"), _text(n.get("unit")) or "")
                 for n in chosen[:INDEX_FIGURES]]
@@ -1445,9 +1433,6 @@ def _when(iso: str) -> str:
     return iso.replace("T", " ")[:19] if iso else "?"
 
 
-from .report import format_duration, format_number, format_value as format_figure, unit_suffix  # noqa: E402
-
-
 def _delta(now: Any, before: Any, unit: str = "", key: str = "") -> tuple[str, bool]:
     """(text, moved): '+16' / '-0.02' / '=' / 'changed' for a figure against its previous value."""
     if _number(now) is not None and _number(before) is not None:
@@ -1464,8 +1449,7 @@ def _delta(now: Any, before: Any, unit: str = "", key: str = "") -> tuple[str, b
 def _short_name(value: str, max_len: int = 28) -> str:
     """A model or image-set spec for a table cell: a path's last folder name, at most ``max_len`` long."""
     parts = [p for p in re.split(r"[\\/]+", value) if p]
-    short = parts[-1] if parts else value
-    return short if len(short) <= max_len else short[:max_len - 1] + "\u2026"
+    return _clip(parts[-1] if parts else value, max_len)
 
 
 _INDEX_CSS = """

@@ -367,3 +367,14 @@ def test_the_page_reads_without_javascript(site, browser):
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     finally:
         context.close()
+
+
+def test_key_numbers_without_index_keys_show_the_first_key_numbers(tmp_path):
+    """An empty index_keys (ReportSummary's default) falls back to the first key numbers, not the headline."""
+    d = tmp_path / "20260101T000000Z_99_x_t"
+    d.mkdir()
+    (d / "provenance.json").write_text('{"status": "ok", "notebook": "99_x.ipynb", "tag": "t"}')
+    (d / "summary.json").write_text('{"headline": {"raw": 1}, "report": {"version": 1, "index_keys": [], '
+                                    '"key_numbers": [{"key": "psnr", "label": "PSNR", "value": 30.0, "unit": "dB"}]}}')
+    (run,) = runs.list_runs(tmp_path)
+    assert [(f.key, f.label) for f in run.figures] == [("psnr", "PSNR")]
