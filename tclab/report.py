@@ -299,6 +299,9 @@ figcaption, .caption { color: var(--muted); font-size: 0.92em; margin: 0.4em 0; 
 .tclab-table-scroll table { margin: 0; } .tclab-table-scroll table.dataframe { border: none; }
 .tclab-table-scroll thead th { white-space: nowrap; }
 .tclab-table-scroll td, .tclab-table-scroll tbody th { max-width: 30em; overflow-wrap: break-word; }
+a.anchor-link { visibility: hidden; margin-left: 0.3em; text-decoration: none; }
+:hover > a.anchor-link { visibility: visible; }
+.step h1, .step h2, .step h3 { font-size: 1.05em; border: none; margin: 1.4em 0 0.3em; }   /* the notebook's own headings, under Details */
 .step { margin: 0.8em 0 1.2em; } .step .why { margin: 0.2em 0; } .step .ref { color: var(--muted); font-size: 0.9em; }
 .code { display: none; } body.show-code .code { display: block; }
 .toolbar { float: right; font-size: 0.88em; } .toolbar label { cursor: pointer; user-select: none; }
