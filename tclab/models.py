@@ -40,9 +40,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from .steps import NULL_CLASS  # 1000: DiTPipeline hard-codes it as the unconditional label
+
 EMBEDDED_NAME = "shapes-dit"
 EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_NAME
-NULL_CLASS = 1000  # DiTPipeline hard-codes class 1000 as the unconditional ("null") label.
 META_FILE = "tclab_model.json"
 IDENTITY_MAX_NAMES = 32  # identity() lists at most this many class names
 

@@ -32,9 +32,10 @@ timestep values ``t(s)``: never use one for the other.
 ``current_step()`` gives the step index, ``t`` and a ``run_id`` that changes with every batch
 (chunk); a new ``run_id`` resets the previous-step state and the new batch's rows are appended
 along the sample axis. Outside it (e.g. diffusers' ``DiTPipeline``) the recorder **falls back to
-counting transformer forward calls**: the n-th call of a run is step n, ``t`` is read from the
-``timestep`` argument, and a new run starts when the number of rows or the class labels change or
-``t`` goes *up* (a new trajectory starts from high noise). That fallback assumes one transformer
+counting transformer forward calls** with ``tclab.steps.StepTracker``, the rule all of tclab uses:
+the n-th call of a run is step n, ``t`` is read from the ``timestep`` argument, and a new run starts
+when the input's shape or the class labels change or ``t`` goes *up* (a new trajectory starts from
+high noise). That fallback assumes one transformer
 call per scheduler step (true for DDIM, DPM-Solver++, Euler; not for Heun-style two-call steps).
 
 **CFG.** tclab's sampler and DiTPipeline run ``[cond rows; uncond rows]`` in one batch. Both halves
@@ -43,7 +44,7 @@ are recorded, on separate rows: ``record.branch[r]`` is ``'cond'`` or ``'uncond'
 ``to_frame`` takes a ``branch`` and never averages the two together. ``record.class_labels[r]`` is
 the class the sample was asked for: an unconditional row carries its twin's class (the model was
 fed the null label 1000 for it). Outside the sampler a batch counts as CFG when its second half is
-all null labels and its first half has none.
+all null labels and its first half is not (``tclab.steps.is_cfg_batch``).
 
 **Hooks.** Plain torch forward hooks (``register_forward_pre_hook(..., with_kwargs=True)`` on the
 transformer for ``timestep``/``class_labels``, ``register_forward_hook(..., with_kwargs=True)`` on
@@ -92,8 +93,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .models import NULL_CLASS
-from .sampling import current_step
+from .steps import NULL_CLASS, StepTracker, bind_model_call, dit_blocks
 
 MEASURES = ("out_change", "update_change", "update_ratio", "cos")
 BRANCHES = ("cond", "uncond")
@@ -393,23 +393,6 @@ def _json_dict(name: str, d: dict | None) -> dict:
 
 # ---- finding the blocks -----------------------------------------------------------------------
 
-def _dit_blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer's block list, or a TypeError that says what was found instead."""
-    name = type(transformer).__name__
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        children = [n for n, _ in transformer.named_children()] if isinstance(transformer, torch.nn.Module) else []
-        raise TypeError(f"{name} is not a DiT: it has no `transformer_blocks` (its children are {children}). "
-                        "record_token_changes needs a diffusers DiTTransformer2DModel (or a model with a "
-                        "`transformer_blocks` ModuleList of blocks mapping hidden_states (B, N, C) -> (B, N, C)); "
-                        "pass `loaded.transformer`, not the pipeline or the LoadedDiT")
-    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-        raise TypeError(f"{name}.transformer_blocks is a {type(blocks).__name__} of length "
-                        f"{len(blocks) if hasattr(blocks, '__len__') else '?'}; expected a non-empty "
-                        "torch.nn.ModuleList of DiT blocks (BasicTransformerBlock)")
-    return blocks
-
-
 def _token_grid(transformer: torch.nn.Module) -> tuple[int, int]:
     cfg = getattr(transformer, "config", None)
     size, patch = getattr(cfg, "sample_size", None), getattr(cfg, "patch_size", None)
@@ -433,7 +416,7 @@ class _RunState:
     """
 
     __slots__ = ("key", "source", "rows", "num_blocks", "buf", "steps_done", "step", "last_step", "last_t",
-                 "labels_dev", "row_labels", "row_branch", "row_ids", "x_prev", "xin_prev", "prev_step",
+                 "row_labels", "row_branch", "row_ids", "x_prev", "xin_prev", "prev_step",
                  "chained_prev", "norms", "scratch", "ran", "has_prev", "chained", "last_out", "last_block",
                  "last_has_dx", "pending")
 
@@ -444,7 +427,6 @@ class _RunState:
         self.step = -1
         self.last_step = -1
         self.last_t = math.nan
-        self.labels_dev = None
         self.x_prev = [None] * num_blocks  # block outputs x_{l+1}^{s-1}, (rows, N, C) each (references)
         self.xin_prev = [None] * num_blocks  # block inputs x_l^{s-1} (references)
         self.prev_step = [-2] * num_blocks  # the step at which each block last ran
@@ -471,7 +453,7 @@ class TokenChangeRecorder:
 
     def __init__(self, transformer: torch.nn.Module, eps: float = 1e-6, model_identity: dict | None = None,
                  data_identity: dict | None = None, storage_dtype: torch.dtype = torch.float32):
-        self.blocks = _dit_blocks(transformer)
+        self.blocks = dit_blocks(transformer, "record_token_changes")
         self.grid = _token_grid(transformer)
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (it keeps the ratios finite), got {eps}")
@@ -487,6 +469,7 @@ class TokenChangeRecorder:
         self.model_identity = _json_dict("model_identity", model_identity)
         self.data_identity = _json_dict("data_identity", data_identity)
         self._handles: list = []
+        self._tracker = StepTracker()
         self._run: _RunState | None = None
         self._chunks: list[dict] = []  # finished batches: values (S_r, L, 4, R_r, N) + row metadata
         self._ref_t: list[float] = []  # t of each step index, shared by all batches of the record
@@ -600,24 +583,14 @@ class TokenChangeRecorder:
     # -- hooks --
     def _on_forward(self, module, args, kwargs):
         """Transformer pre-hook: work out step, t, run and rows; once per forward call."""
-        x = args[0] if args else kwargs.get("hidden_states")
-        labels = kwargs["class_labels"] if "class_labels" in kwargs else (args[2] if len(args) > 2 else None)
-        ctx = current_step()
+        a = bind_model_call(args, kwargs)
+        x, labels = a["hidden_states"], a.get("class_labels")
+        ctx = self._tracker(x, a.get("timestep"), labels)  # the sampler's step, or worked out from the calls
         run = self._run
-        if ctx is not None:
-            key = ("sampler", ctx.run_id)
-            if run is None or run.key != key:
-                run = self._start_run(key, "sampler", x, labels, ctx.cfg, ctx.batch, ctx.num_steps)
-            step, t = ctx.step, float(ctx.t)
-        else:  # fallback: count forward calls; a new trajectory starts when t goes up or the batch changes
-            t_arg = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-            t = _first_float(t_arg)
-            if (run is None or run.source != "forward-count" or x.shape[0] != run.rows
-                    or not _same_labels(labels, run.labels_dev) or t > run.last_t):
-                cfg, batch = _looks_like_cfg(labels, x.shape[0])
-                run = self._start_run(("forward-count", id(self)), "forward-count", x, labels, cfg, batch, None)
-                run.labels_dev = labels
-            step = run.last_step + 1
+        if run is None or run.key != ctx.run_id:
+            source = "sampler" if ctx.source == "sampler" else "forward-count"
+            run = self._start_run(ctx.run_id, source, x, labels, ctx.cfg, ctx.batch, ctx.num_steps or None)
+        step, t = ctx.step, float(ctx.t)
         if step <= run.last_step:
             raise RuntimeError(f"the transformer was called twice for step {step} of one batch; "
                                "record_token_changes expects one transformer call per sampling step")
@@ -740,34 +713,6 @@ class TokenChangeRecorder:
                 out[l] = math.nan
             elif not has_prev[l]:
                 out[l, [_OUT, _UPD, _COS]] = math.nan
-
-
-def _first_float(t) -> float:
-    if t is None:
-        return math.nan
-    if torch.is_tensor(t):
-        return float(t.reshape(-1)[0]) if t.numel() else math.nan
-    if isinstance(t, (list, tuple)):
-        return float(t[0]) if t else math.nan
-    return float(t)
-
-
-def _same_labels(a, b) -> bool:
-    if a is b:
-        return True
-    if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.device != b.device:
-        return False
-    return bool(torch.equal(a, b))
-
-
-def _looks_like_cfg(labels, rows: int) -> tuple[bool, int]:
-    """Outside the sampler: a batch is CFG when its second half is all null labels and its first half has none."""
-    if not torch.is_tensor(labels) or labels.numel() != rows or rows % 2:
-        return False, rows
-    lab = labels.reshape(-1)
-    b = rows // 2
-    null = lab == NULL_CLASS
-    return bool(null[b:].all() and not null[:b].any()), b
 
 
 @contextmanager

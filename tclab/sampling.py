@@ -14,7 +14,7 @@ the step index ``step`` (0 = first executed, noisiest step), the scheduler's tim
 the number of steps, whether the batch is a CFG batch (``[cond; uncond]`` halves) and a run id
 that changes with every ``sample`` call (so stateful hooks know when to reset). Instrumentation
 (``tclab.record``) and caching (``tclab.cache``) read it; outside tclab's sampler it is ``None`` and
-they fall back to counting forward calls.
+``tclab.steps.StepTracker`` works the step out from the calls (one rule, in ``tclab.steps``).
 
 CFG batch layout, as in DiTPipeline: rows ``[0, B)`` are conditional (the asked labels), rows
 ``[B, 2B)`` the same latents with the null label 1000.
@@ -22,11 +22,8 @@ CFG batch layout, as in DiTPipeline: rows ``[0, B)`` are conditional (the asked 
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -35,36 +32,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 # the schedulers live with the model loading (a model's noise schedule is part of it); re-exported here
 from .models import NULL_CLASS, SCHEDULERS, LoadedDiT, make_scheduler  # noqa: F401
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """Which denoising step is running. ``step`` is the 0-based index, ``t`` the timestep value."""
-
-    step: int
-    t: float
-    num_steps: int
-    cfg: bool
-    batch: int  # samples in the batch, not counting the unconditional copies
-    run_id: int
-
-
-_STEP: ContextVar[StepContext | None] = ContextVar("tclab_step", default=None)
-_RUN_IDS = itertools.count(1)
-
-
-def current_step() -> StepContext | None:
-    """The step the sampler is running now, or None outside ``tclab.sampling.sample``."""
-    return _STEP.get()
-
-
-@contextmanager
-def _running(ctx: StepContext):
-    token = _STEP.set(ctx)
-    try:
-        yield
-    finally:
-        _STEP.reset(token)
+# the step context lives in the leaf tclab.steps (every hook reads it); re-exported here
+from .steps import StepContext, current_step, next_run_id, running
 
 
 @dataclass
@@ -179,14 +148,14 @@ def sample(
             x = sched.add_noise(x0[lo:hi], noise[lo:hi], timesteps[:1])
         y = labels[lo:hi].to(device)
         y_in = torch.cat([y, torch.full_like(y, NULL_CLASS)]) if cfg else y
-        run_id = next(_RUN_IDS)
+        run_id = next_run_id()
         for s, t in enumerate(timesteps):
             ctx = StepContext(step=s, t=float(t), num_steps=len(timesteps), cfg=cfg, batch=hi - lo, run_id=run_id)
             x_in = torch.cat([x, x]) if cfg else x
             x_in = sched.scale_model_input(x_in, t)
             t_in = (t[None] if t.ndim == 0 else t).to(device).expand(x_in.shape[0])
             t1 = time.perf_counter()
-            with _running(ctx):
+            with running(ctx):
                 pred = tr(x_in, timestep=t_in, class_labels=y_in).sample
             t_model += time.perf_counter() - t1
             c = model.latent_channels

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from tclab.models import NULL_CLASS
 from tclab.record import MEASURES, TokenChangeRecord, record_token_changes
-from tclab.sampling import SampleConfig, StepContext, _running, sample
+from tclab.sampling import SampleConfig, sample
+from tclab.steps import StepContext
+from tclab.steps import running as _running
 
 THETA = math.pi / 3  # the toy's update direction turns by THETA per step (cond) or 2*THETA (uncond)
 

@@ -33,8 +33,8 @@ set". The peer therefore registers one more hook, ``PEER_CONTEXT_HOOK``, on the 
 
 1. decides whether this call starts a new sampling run. Inside ``tclab.sampling.sample`` the
    ``StepContext`` says so (a new ``run_id``; every batch chunk is its own run). Inside diffusers'
-   ``DiTPipeline`` there is no context: a new run is recognised when the timestep value does not go
-   down (within a run it strictly decreases) or the input's shape changes. ``handle.reset()`` forces
+   ``DiTPipeline`` there is no context: ``tclab.steps.StepTracker`` recognises runs and CFG batches
+   from the calls, by the one rule all of tclab uses (see ``tclab.steps``). ``handle.reset()`` forces
    one. On a new run it resets the peer's state (``reset_state`` of each of its hooks, or cache-dit's
    ``refresh_context``): what diffusers' pipelines get at the end of a call from
    ``maybe_free_model_hooks`` -> ``_reset_stateful_cache``, a ``CacheMixin`` method DiT lacks;
@@ -82,8 +82,8 @@ from typing import Callable
 
 import torch
 
-from ..models import NULL_CLASS, LoadedDiT
-from ..sampling import current_step
+from ..models import LoadedDiT
+from ..steps import StepTracker, bind_model_call, dit_blocks
 from .hooks import TOKEN_CACHE_MODEL_HOOK, drop_plain_forward
 
 PEER_CONTEXT_HOOK = "tclab_peer_context"
@@ -295,13 +295,6 @@ def _context_hook_class():
     return PeerContextHook
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str):
-    """A ``DiTTransformer2DModel.forward`` argument, given by keyword or position."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
 class PeerHandle:
     """One peer applied to one model. ``remove()`` undoes it exactly; ``reset()`` forgets the cache.
 
@@ -319,9 +312,8 @@ class PeerHandle:
         self.calls = 0
         self.runs = 0
         self.removed = False
+        self._tracker = StepTracker()
         self._run_key = None
-        self._last_t: float | None = None
-        self._step = -1
         self._timestep: float | None = None
         self._force_new_run = False
         self._created_registries: list[torch.nn.Module] = []  # modules that had no _diffusers_hook
@@ -351,6 +343,7 @@ class PeerHandle:
         """Forget all cached state now and treat the next call as the start of a new run."""
         self._check_live()
         self._reset_state()
+        self._tracker.reset()
         self._force_new_run = True
 
     def stats(self) -> dict:
@@ -410,29 +403,18 @@ class PeerHandle:
     def _enter_call(self, args: tuple, kwargs: dict) -> None:
         from diffusers.hooks.hooks import CacheContext
 
-        x = _arg(args, kwargs, 0, "hidden_states")
-        t = _arg(args, kwargs, 1, "timestep")
-        labels = _arg(args, kwargs, 2, "class_labels")
-        t_val = float(t.reshape(-1)[0]) if torch.is_tensor(t) else (None if t is None else float(t))
-        ctx = current_step()
-        num_steps = None
-        if ctx is not None:  # tclab's sampler: the step context is authoritative
-            key = ("tclab", ctx.run_id)
-            new_run = key != self._run_key
-            step, num_steps, cfg = ctx.step, ctx.num_steps, ctx.cfg
-        else:  # DiTPipeline or a bare call: timesteps strictly decrease within a run
-            key = ("call", tuple(x.shape) if torch.is_tensor(x) else None)
-            new_run = key != self._run_key or self._last_t is None or t_val is None or t_val >= self._last_t
-            step = 0 if new_run else self._step + 1
-            cfg = _is_cfg_batch(labels)
-        if new_run or self._force_new_run:
+        a = bind_model_call(args, kwargs)
+        t = a.get("timestep")
+        ctx = self._tracker(a["hidden_states"], t, a.get("class_labels"))
+        if ctx.run_id != self._run_key or self._force_new_run:
             self._reset_state()
             self.runs += 1
             self._force_new_run = False
-        self._run_key, self._last_t, self._step, self._timestep = key, t_val, step, t_val
+        self._run_key = ctx.run_id
+        self._timestep = None if t is None else ctx.t
         self.calls += 1
-        self._set_context(CacheContext("cond_uncond" if cfg else "cond", step_index=step,
-                                       num_inference_steps=num_steps, timestep=t_val))
+        self._set_context(CacheContext("cond_uncond" if ctx.cfg else "cond", step_index=ctx.step,
+                                       num_inference_steps=ctx.num_steps or None, timestep=self._timestep))
 
     def _exit_call(self) -> None:
         self._after_call()
@@ -446,15 +428,8 @@ class PeerHandle:
         return self._timestep
 
 
-def _is_cfg_batch(labels) -> bool:
-    """A DiTPipeline CFG batch: rows [B, 2B) carry the null label."""
-    if not torch.is_tensor(labels) or labels.ndim != 1 or len(labels) % 2:
-        return False
-    return bool((labels[len(labels) // 2:] == NULL_CLASS).all())
-
-
 def _blocks(model: LoadedDiT) -> torch.nn.ModuleList:
-    return model.transformer.transformer_blocks
+    return dit_blocks(model.transformer, "an external peer")
 
 
 # ---- diffusers' hooks --------------------------------------------------------------------------------
