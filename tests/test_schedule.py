@@ -164,3 +164,25 @@ def test_make_schedule_percentile_length_must_match():
 def test_validation_errors(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+def test_a_registered_schedule_is_usable_by_name_in_a_config_and_the_engine(pixel_dit):
+    import functools
+
+    from tclab.cache import TokenCacheConfig, apply_caching
+    from tclab.cache.schedule import register_schedule
+    from tclab.sampling import SampleConfig, sample
+
+    def every_third(num_steps, force_last=0, offset=0):
+        return (np.arange(num_steps) % 3 == offset) | (np.arange(num_steps) >= num_steps - force_last)
+
+    with pytest.raises(ValueError, match="not a valid choice"):
+        TokenCacheConfig(schedule="every-third")
+    register_schedule("every-third", functools.partial(every_third, offset=0))
+    try:
+        assert make_schedule("every-third", 6).tolist() == [True, False, False, True, False, False]
+        with apply_caching(pixel_dit.transformer, TokenCacheConfig(rho=0.5, schedule="every-third")) as handle:
+            sample(pixel_dit, [0, 1], SampleConfig(num_steps=6), progress=False)
+            assert [r.full for r in handle.state.history] == [True, False, False, True, False, False]
+    finally:
+        del SCHEDULES["every-third"]

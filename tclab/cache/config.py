@@ -15,6 +15,7 @@ from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .registry import SCORERS
+from .schedule import SCHEDULES  # the one list of schedules (register_schedule adds to it)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scorers import TokenScorer
@@ -22,7 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
 KV_MODES = ("all", "kept")
 REUSE_MODES = ("update", "output")
 SELECTIONS = ("global", "uniform", "adaptive")
-SCHEDULES = ("tprr", "round-robin", "percentile")
 
 
 def _choice(name: str, value, choices: Sequence[str]) -> None:
@@ -143,7 +143,7 @@ class TokenCacheConfig:
         _choice("selection", self.selection, SELECTIONS)
         _int("full_first_blocks", self.full_first_blocks, 0, " (blocks at the start always computed)")
         _int("full_last_blocks", self.full_last_blocks, 0, " (blocks at the end always computed)")
-        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("schedule", self.schedule, list(SCHEDULES))
         _int("interval", self.interval, 1, " (round-robin: a full step every `interval` steps)")
         _int("k1", self.k1, 1, " (tprr: phase-1 interval)")
         _int("k2", self.k2, 1, " (tprr: phase-2 interval)")
@@ -195,8 +195,10 @@ class TokenCacheConfig:
             p = {"interval": self.interval}
         elif self.schedule == "tprr":
             p = {"k1": self.k1, "k2": self.k2, "split": self.split}
-        else:
+        elif self.schedule == "percentile":
             p = {"step_importance": self.step_importance, "n_full": self.n_full}
+        else:  # a registered schedule: its knobs are bound into it (register_schedule)
+            p = {}
         return {**p, "force_last": self.force_last_steps}
 
     def to_dict(self) -> dict:

@@ -174,6 +174,15 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def register_schedule(name: str, fn: Callable[..., np.ndarray]) -> None:
+    """Make ``TokenCacheConfig(schedule=name)`` and ``make_schedule(name, S)`` use ``fn(num_steps,
+    force_last=0) -> (S,) bool`` (True = full step). Bind other knobs with ``functools.partial``;
+    ``SCHEDULES`` is the one list configs validate against."""
+    if not isinstance(name, str) or not name.strip() or not callable(fn):
+        raise ValueError(f"register_schedule(name, fn): a non-empty name and a callable, got {name!r}, {fn!r}")
+    SCHEDULES[name] = fn
+
+
 def make_schedule(kind: str, num_steps: int, **params) -> np.ndarray:
     """The schedule named ``kind`` (``"round-robin"``, ``"tprr"``, ``"percentile"``) over
     ``num_steps`` steps; ``params`` are that function's remaining arguments, by name:

@@ -8,8 +8,10 @@ under the budget ``rho``. Spec: ``shared/docs/tokencache.md`` section 3, "Which 
 **The interface** (:class:`TokenScorer`): a scorer declares in ``needs`` what the engine must keep for
 it, and implements ``score(ctx) -> (B, L, N)``; ``reset_state()`` is called when a new run starts.
 ``ctx`` is a :class:`ScoreContext`: the step (``StepContext``: ``step``, ``t``, ``num_steps``, ``cfg``,
-``run_id``), the model input, timestep and labels, the transformer, and the engine's
-``TokenCacheState``, whose per-block fields a scorer may read (never write):
+``run_id``), the model input, timestep and labels, the transformer, and a read-only view of the
+engine's cache (:class:`CacheView`, a Protocol the engine's ``TokenCacheState`` satisfies; a scorer
+needs nothing else of the engine, so it can be written and tested alone), whose per-block fields
+(:class:`BlockView`) a scorer may read (never write):
 
 ==============  =====================  ==================================================================
 need            state field (block l)  what it holds
@@ -49,15 +51,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..sampling import StepContext
-    from .config import TokenCacheConfig
-    from .hooks import TokenCacheState
+from ..steps import StepContext
 
 NEEDS = frozenset({"history", "attention", "age", "probe"})
 EPS = 1e-6
@@ -76,12 +75,44 @@ def squash(r: torch.Tensor) -> torch.Tensor:
     return r / (1 + r)
 
 
+class BlockView(Protocol):
+    """What the cache holds for one block (see the table in the module docstring); read-only."""
+
+    u: torch.Tensor | None  # (B, N, C)
+    change: torch.Tensor | None  # (B, N)
+    ratio: torch.Tensor | None  # (B, N)
+    attention: torch.Tensor | None  # (B, N)
+    age: torch.Tensor | None  # (B, N)
+    probe_u: torch.Tensor | None  # (B, N, C)
+
+
+class CacheView(Protocol):
+    """The part of the engine's state a scorer may read: the batch's shape and each block's fields."""
+
+    rows: int  # B, CFG halves included
+    num_blocks: int  # L
+    num_tokens: int  # N
+    grid: tuple[int, int]  # (H, W), N = H * W
+    blocks: Sequence[BlockView]
+
+    def stacked(self, name: str) -> torch.Tensor:  # a field over all blocks, (B, L, N[, C])
+        ...
+
+
+class ScorerConfig(Protocol):
+    """The part of a config ``make_scorer`` reads (``TokenCacheConfig`` has it)."""
+
+    scorer: Any  # a registered name or a TokenScorer instance
+    scorer_options: dict
+    seed: int
+
+
 @dataclass
 class ScoreContext:
     """What a scorer sees when asked for scores (see the module docstring)."""
 
-    step: "StepContext"
-    state: "TokenCacheState"
+    step: StepContext
+    state: CacheView
     transformer: torch.nn.Module
     hidden_states: torch.Tensor  # (B, C_in, H_px, W_px) the transformer's input at this step
     timestep: torch.Tensor  # (B,)
@@ -244,7 +275,7 @@ class TocaScorer(TokenScorer):
 from .registry import SCORERS, available_scorers, register_scorer  # noqa: E402
 
 
-def make_scorer(config: "TokenCacheConfig", transformer=None) -> TokenScorer:
+def make_scorer(config: ScorerConfig, transformer=None) -> TokenScorer:
     """The scorer a config names (or the instance it holds), with its options checked. A factory that
     takes a ``transformer`` keyword gets the model the scorer is for (the learned predictors use it to
     find the predictor of *these* weights)."""
