@@ -10,7 +10,7 @@ Each sampling step ``s`` is **full** or **cached** (``TokenCacheConfig.schedule`
   scorer needs (``TokenScorer.needs``).
 - Cached step: the scorer scores every (row, block, token) and ``select_tokens`` picks the kept set
   ``K_l`` of each row under ``rho``. Block ``l`` then, on gathered tensors (real savings need real
-  gathering):
+  gathering; the computation itself is ``tclab.anatomy.block_packed``, beside the DiT's other parts):
 
   1. adaLN modulation as usual (per row: ``norm1.emb`` -> ``norm1.linear``);
   2. kept tokens: ``norm1`` + modulation, queries from them; keys/values (``kv``) from all current
@@ -30,10 +30,10 @@ padded key slots are masked out, so no row's result depends on another row's dec
 
 **Where the step comes from.** Inside ``tclab.sampling.sample`` the ``StepContext`` says the step, the
 number of steps and the run id (a new id resets the cache). Inside diffusers' ``DiTPipeline`` there is
-no context: the hook counts transformer calls, reads ``timestep``, and takes the number of steps
-from ``TokenCacheConfig.num_steps`` (or infers it from the first two timesteps, with a warning). A new
-pipeline run is recognised when the call count reaches ``num_steps`` or the timestep goes *up*;
-``state.reset_state()`` forces it.
+no context: ``tclab.steps.StepTracker`` works out the step, the run and the CFG layout from the calls
+(one rule for all of tclab; see ``tclab.steps``), and the number of steps comes from
+``TokenCacheConfig.num_steps`` (or is inferred from the first two timesteps, with a warning).
+``state.reset_state()`` makes the next call start a new run.
 
 Decisions (scheduling, scoring, selection, index building: Python branching and host syncs) are fenced
 off from ``torch.compile`` with ``torch.compiler.disable``; the per-block tensor work is plain torch.
@@ -41,31 +41,28 @@ off from ``torch.compile`` with ``torch.compiler.disable``; the per-block tensor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from ..models import NULL_CLASS
-from ..sampling import StepContext, current_step
+# the block computation on gathered tokens lives in the DiT's anatomy; compute_block_tokens is re-exported
+from ..anatomy import BlockPlan, attention_received, block_packed, compute_block_tokens, plan_from_counts  # noqa: F401
+from ..steps import StepContext, StepTracker, bind_block_call, bind_model_call, current_step, dit_blocks
+from .methods import (PEER_CONTEXT_HOOK, TOKEN_CACHE_BLOCK_HOOK, TOKEN_CACHE_MODEL_HOOK, CachingHandle, common_stats,
+                      drop_plain_forward, register_method)
 from .config import TokenCacheConfig
 from .schedule import make_schedule
 from .scorers import EPS, ScoreContext, TokenScorer, make_scorer, relative_change
 from .select import select_tokens
 
-TOKEN_CACHE_MODEL_HOOK = "tclab_token_cache"
-TOKEN_CACHE_BLOCK_HOOK = "tclab_token_cache_block"
 
-_BLOCK_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
-               "cross_attention_kwargs", "class_labels")
-_MODEL_ARGS = ("hidden_states", "timestep", "class_labels", "cross_attention_kwargs", "return_dict")
-_ATTENTION_CHUNK = 256  # queries per chunk when measuring received attention (bounds the (B, H, q, N) map)
 
 
 # ---- state ----------------------------------------------------------------------------------------
@@ -90,48 +87,6 @@ class BlockCacheState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.u, self.out, self.u_full, self.change, self.ratio,
                                                           self.attention, self.age, self.probe_u) if t is not None)
-
-
-@dataclass
-class BlockPlan:
-    """Which (row, token) pairs block ``l`` computes in the current cached step, built once per step.
-
-    Kept tokens are *packed*: the ``T`` kept pairs of all rows form one (T, C) tensor, so every token-wise
-    op (norms, modulation, Q/K/V/out projections, MLP) runs on exactly the kept tokens, however unevenly
-    the rows keep them. Only attention needs rows: it runs on a padded (B, K, C) layout (K = the
-    fullest row's count); padded queries are computed and discarded, padded keys (``kv="kept"``) masked.
-    """
-
-    keep: torch.Tensor  # (B, N) bool, True = compute
-    flat: torch.Tensor  # (T,) long, row * N + token of each kept pair; rows ascending, then tokens
-    rows: torch.Tensor  # (T,) long, the row of each kept pair
-    K: int  # kept tokens of the fullest row (0 = no row computes anything: skip the block)
-    pad_flat: torch.Tensor | None = None  # (T,) long, row * K + rank in row: where a pair sits in the padded
-    # attention layout; None when every row keeps exactly K (the packed tensor *is* the padded one)
-    key_valid: torch.Tensor | None = None  # (B, K) bool, kv="kept" with padding: keys to attend to (a row
-    # that keeps nothing attends to its padding: nothing of it is used, and an all-masked row gives NaN)
-
-    @property
-    def T(self) -> int:
-        return self.flat.numel()
-
-
-def plan_from_counts(keep: torch.Tensor, nz: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int],
-                     kv: str) -> BlockPlan:
-    """Plan of one block from its mask ``keep`` (B, N), the (T, 2) [row, token] pairs of ``keep.nonzero()``,
-    the per-row counts (B,) on device and on the host."""
-    B, N = keep.shape
-    K = max(counts_cpu) if counts_cpu else 0
-    rows, tok = nz[:, 0], nz[:, 1]  # (T,), (T,)
-    plan = BlockPlan(keep=keep, flat=rows * N + tok, rows=rows, K=K)
-    if K and min(counts_cpu) < K:  # uneven rows: attention needs a padded layout
-        offsets = counts.cumsum(0) - counts  # (B,) first packed position of each row
-        rank = torch.arange(len(rows), device=keep.device) - offsets[rows]  # (T,) position within its row
-        plan.pad_flat = rows * K + rank
-        if kv == "kept":
-            valid = torch.arange(K, device=keep.device)[None] < counts[:, None]  # (B, K)
-            plan.key_valid = valid | (counts == 0)[:, None]
-    return plan
 
 
 @dataclass
@@ -163,10 +118,15 @@ class TokenCacheState:
     def __post_init__(self) -> None:
         self.blocks = [BlockCacheState() for _ in range(self.num_blocks)]
         self.needs = frozenset() if self.scorer is None or self.config.skips_all_blocks else frozenset(self.scorer.needs)
-        self._pipeline_runs = 0
+        self.tracker = StepTracker(self.config.num_steps)  # the step of calls from outside tclab's sampler
         self.reset_state()
 
     def reset_state(self) -> None:
+        """Forget every cached tensor; the next call starts a new run."""
+        self.tracker.reset()
+        self._clear()
+
+    def _clear(self) -> None:
         for b in self.blocks:
             b.reset_state()
         if self.scorer is not None:
@@ -179,12 +139,6 @@ class TokenCacheState:
         self.rows = self.num_tokens = 0
         self.grid: tuple[int, int] = (0, 0)
         self.full_steps_done = 0
-        # pipeline fallback (no StepContext)
-        self._calls = 0
-        self._t_prev: float | None = None
-        self._t_first: float | None = None
-        self._inferred_steps: int | None = None
-        self._cfg = False
 
     # ---- reading -----------------------------------------------------------------------------------
 
@@ -214,117 +168,7 @@ class TokenCacheState:
         self.history.clear()
 
 
-# ---- the block computation on gathered tokens ------------------------------------------------------
-
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), idx (B, K) -> (B, K, C)."""
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _modulation(block: BasicTransformerBlock, timestep, class_labels, dtype) -> tuple[torch.Tensor, ...]:
-    """adaLN-Zero modulation of one block, per row: six (B, C) tensors, exactly as ``AdaLayerNormZero``."""
-    n1 = block.norm1
-    emb = n1.emb(timestep, class_labels, hidden_dtype=dtype)  # (B, C)
-    return n1.linear(n1.silu(emb)).chunk(6, dim=1)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-
-
-def compute_block_tokens(block: BasicTransformerBlock, x: torch.Tensor, idx: torch.Tensor, timestep: torch.Tensor,
-                         class_labels: torch.Tensor | None, kv: str = "all",
-                         valid: torch.Tensor | None = None) -> torch.Tensor:
-    """DiT's block (diffusers ``BasicTransformerBlock``, ``norm_type="ada_norm_zero"``) on the tokens
-    ``idx`` of each row, with the block's own submodules: returns their outputs ``x_{l+1}[idx]``. The
-    cached-step engine calls the same code (``block_packed``) on its per-step plans.
-
-    Args:
-        x: (B, N, C) the block input, all tokens.
-        idx: (B, K) token indices to compute per row (distinct within a row).
-        kv: ``"all"``: keys/values from all N tokens (the kept outputs then equal the full block's outputs
-            for those tokens); ``"kept"``: from the computed tokens of the row only.
-        valid: (B, K) bool, optional: False marks padding entries of ``idx`` (not computed; zeros returned).
-    Returns:
-        (B, K, C) outputs of the gathered tokens.
-    """
-    B, N, C = x.shape
-    K = idx.shape[1]
-    valid = torch.ones(B, K, dtype=torch.bool, device=x.device) if valid is None else valid
-    keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, idx, valid)  # (B, N)
-    counts = keep.sum(1)  # (B,)
-    plan = plan_from_counts(keep, keep.nonzero(), counts, counts.tolist(), kv)
-    out, _ = block_packed(block, x, plan, timestep, class_labels, kv)  # (T, C), kept tokens in ascending order
-    full = torch.zeros(B * N, C, dtype=x.dtype, device=x.device).index_copy_(0, plan.flat, out).view(B, N, C)
-    return torch.gather(full, 1, idx[..., None].expand(-1, -1, C)) * valid[..., None]  # (B, K, C)
-
-
-def _to_padded(t: torch.Tensor, plan: BlockPlan, B: int) -> torch.Tensor:
-    """Packed (T, C) -> padded (B, K, C) for attention (zeros at padding)."""
-    if plan.pad_flat is None:
-        return t.view(B, plan.K, t.shape[-1])
-    return t.new_zeros(B * plan.K, t.shape[-1]).index_copy_(0, plan.pad_flat, t).view(B, plan.K, t.shape[-1])
-
-
-def _from_padded(t: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """Padded (B, K, C) -> packed (T, C)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if plan.pad_flat is None else t.index_select(0, plan.pad_flat)
-
-
-def block_packed(block: BasicTransformerBlock, x: torch.Tensor, plan: BlockPlan, timestep: torch.Tensor,
-                 class_labels: torch.Tensor | None, kv: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
-    """One DiT block on the kept pairs of ``plan``: returns packed outputs and inputs, both (T, C)."""
-    B, N, C = x.shape
-    attn = block.attn1
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, timestep, class_labels, x.dtype)
-    r = plan.rows  # (T,) row of each kept pair: per-row modulation -> per-token
-    x_k = x.reshape(B * N, C).index_select(0, plan.flat)  # (T, C)
-    if kv == "all":
-        h = block.norm1.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]  # (B, N, C) all tokens
-        h_k = h.reshape(B * N, C).index_select(0, plan.flat)  # (T, C) queries' source
-        k, v = attn.to_k(h), attn.to_v(h)  # (B, N, C) each: K/V of every current token
-        mask = None
-    else:
-        h_k = block.norm1.norm(x_k) * (1 + scale_msa[r]) + shift_msa[r]  # (T, C)
-        k, v = _to_padded(attn.to_k(h_k), plan, B), _to_padded(attn.to_v(h_k), plan, B)  # (B, K, C) each
-        mask = None if plan.key_valid is None else plan.key_valid[:, None, None, :]  # (B, 1, 1, K)
-    q = _to_padded(attn.to_q(h_k), plan, B)  # (B, K, C)
-    heads = attn.heads
-    d = C // heads
-    q = q.view(B, -1, heads, d).transpose(1, 2)  # (B, H, K, d)
-    k = k.view(B, -1, heads, d).transpose(1, 2)  # (B, H, Nk, d)
-    v = v.view(B, -1, heads, d).transpose(1, 2)  # (B, H, Nk, d)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, K, d)
-    a = _from_padded(a.transpose(1, 2).reshape(B, -1, C).to(q.dtype), plan)  # (T, C)
-    a = attn.to_out[1](attn.to_out[0](a))  # (T, C) out projection, dropout
-    hid = gate_msa[r] * a + x_k  # (T, C) gated attention residual (same order as diffusers)
-    n = block.norm3(hid) * (1 + scale_mlp[r]) + shift_mlp[r]  # (T, C)
-    return gate_mlp[r] * block.ff(n) + hid, x_k  # (T, C) gated MLP residual; the packed inputs
-
-
-def attention_received(block: BasicTransformerBlock, x: torch.Tensor, timestep: torch.Tensor,
-                       class_labels: torch.Tensor | None) -> torch.Tensor:
-    """Mean attention each token receives in block ``block`` (ToCa's influence score): the column mean of
-    the softmax attention map, averaged over heads; sums to 1 over tokens. x (B, N, C) -> (B, N)."""
-    B, N, C = x.shape
-    attn = block.attn1
-    shift_msa, scale_msa = _modulation(block, timestep, class_labels, x.dtype)[:2]
-    h = block.norm1.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]  # (B, N, C)
-    heads = attn.heads
-    d = C // heads
-    q = attn.to_q(h).view(B, N, heads, d).transpose(1, 2)  # (B, H, N, d)
-    k = attn.to_k(h).view(B, N, heads, d).transpose(1, 2)  # (B, H, N, d)
-    recv = torch.zeros(B, N, device=x.device, dtype=torch.float32)
-    for lo in range(0, N, _ATTENTION_CHUNK):  # chunks of queries bound the (B, H, q, N) map
-        p = torch.softmax((q[:, :, lo:lo + _ATTENTION_CHUNK] @ k.transpose(-1, -2)).float() / math.sqrt(d), dim=-1)
-        recv += p.sum(dim=2).mean(dim=1)  # (B, N) summed over queries, mean over heads
-    return recv / N
-
-
 # ---- hooks ------------------------------------------------------------------------------------------
-
-def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    out = dict(zip(names, args))
-    out.update(kwargs)
-    return out
-
 
 class TokenCacheModelHook(ModelHook):
     """On the transformer: decides per call whether the step is full or cached, runs the scorer and the
@@ -335,9 +179,11 @@ class TokenCacheModelHook(ModelHook):
     def __init__(self, state: TokenCacheState):
         super().__init__()
         self.state = state
+        self._t_first = math.nan  # pipeline runs without TokenCacheConfig.num_steps: inferring it
+        self._inferred_steps: int | None = None
 
     def new_forward(self, module, *args, **kwargs):
-        a = _bind(_MODEL_ARGS, args, kwargs)
+        a = bind_model_call(args, kwargs)
         x, timestep, labels = a["hidden_states"], a.get("timestep"), a.get("class_labels")
         st = self.state
         try:
@@ -369,7 +215,7 @@ class TokenCacheModelHook(ModelHook):
         if ctx is None:
             ctx = self._pipeline_context(x, timestep, labels)
         if ctx.run_id != st.run_id:
-            st.reset_state()
+            st._clear()
             st.run_id = ctx.run_id
         p = module.config.patch_size
         rows, grid = x.shape[0], (x.shape[-2] // p, x.shape[-1] // p)
@@ -426,38 +272,26 @@ class TokenCacheModelHook(ModelHook):
             (counts_cpu.float().mean(dim=0) / N).tolist(), padded_fraction=padded / total, probe=probe))
 
     def _pipeline_context(self, x, timestep, labels) -> StepContext:
-        """A ``StepContext`` outside tclab's sampler (e.g. diffusers' ``DiTPipeline``): count calls."""
-        st, cfg = self.state, self.state.config
+        """Outside tclab's sampler (e.g. diffusers' ``DiTPipeline``): the ``StepTracker``'s context, with
+        the number of steps from ``TokenCacheConfig.num_steps`` or inferred from the first two timesteps."""
+        cfg = self.state.config
         if timestep is None:
             raise ValueError("token cache: the transformer was called without `timestep`; DiT needs it")
-        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
-        n = cfg.num_steps or st._inferred_steps
-        new_run = st._calls == 0 or (n is not None and st._calls >= n) or (st._t_prev is not None and t > st._t_prev)
-        if new_run:  # reset here (not in _begin_step), so the counters set below survive
-            st.reset_state()
-            st._pipeline_runs += 1
-            st.run_id = -st._pipeline_runs
-            st._t_first = t
-        step = st._calls
-        if step == 1 and cfg.num_steps is None:
-            d = st._t_first - t
+        ctx = self.state.tracker(x, timestep, labels)
+        if cfg.num_steps:
+            return ctx
+        if ctx.step == 0:
+            self._t_first, self._inferred_steps = ctx.t, None
+        elif ctx.step == 1:
+            d = self._t_first - ctx.t
             if d <= 0:
-                raise ValueError(f"token cache: cannot infer the number of steps from timesteps {st._t_first} -> {t}; "
-                                 "set TokenCacheConfig.num_steps to the pipeline's num_inference_steps")
-            st._inferred_steps = int(round(st._t_first / d)) + 1
+                raise ValueError(f"token cache: cannot infer the number of steps from timesteps {self._t_first} -> "
+                                 f"{ctx.t}; set TokenCacheConfig.num_steps to the pipeline's num_inference_steps")
+            self._inferred_steps = int(round(self._t_first / d)) + 1
             warnings.warn(f"token cache: no step context and no TokenCacheConfig.num_steps; inferred "
-                          f"num_steps={st._inferred_steps} from the first two timesteps (exact for evenly spaced "
+                          f"num_steps={self._inferred_steps} from the first two timesteps (exact for evenly spaced "
                           "timesteps ending at 0, e.g. DDIM 'leading'); set num_steps to be sure", stacklevel=2)
-        st._calls += 1
-        st._t_prev = t
-        rows = x.shape[0]
-        if new_run:  # DiTPipeline's CFG layout: [asked labels; null label 1000]
-            y = labels.reshape(-1) if torch.is_tensor(labels) else None
-            st._cfg = (y is not None and rows % 2 == 0 and bool((y[rows // 2:] == NULL_CLASS).all())
-                       and not bool((y[: rows // 2] == NULL_CLASS).all()))
-        cfg_batch = st._cfg
-        return StepContext(step=step, t=t, num_steps=cfg.num_steps or st._inferred_steps or 0, cfg=cfg_batch,
-                           batch=rows // 2 if cfg_batch else rows, run_id=st.run_id)
+        return dataclasses.replace(ctx, num_steps=self._inferred_steps or 0)
 
 
 class TokenCacheBlockHook(ModelHook):
@@ -474,7 +308,7 @@ class TokenCacheBlockHook(ModelHook):
         phase = st.phase
         if phase is None:  # called outside a cached transformer call: behave as the plain block
             return self.fn_ref.original_forward(*args, **kwargs)
-        a = _bind(_BLOCK_ARGS, args, kwargs)
+        a = bind_block_call(args, kwargs)
         x = a["hidden_states"]  # (B, N, C)
         if phase != "cached":
             out = self.fn_ref.original_forward(*args, **kwargs)  # (B, N, C), the block untouched
@@ -528,10 +362,10 @@ class TokenCacheBlockHook(ModelHook):
 # ---- apply / remove ---------------------------------------------------------------------------------
 
 def _blocks_of(transformer) -> list[BasicTransformerBlock]:
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None or not hasattr(transformer, "config") or not hasattr(transformer.config, "patch_size"):
+    blocks = dit_blocks(transformer, "apply_token_cache")
+    if not hasattr(getattr(transformer, "config", None), "patch_size"):
         raise TypeError(f"apply_token_cache expects a diffusers DiTTransformer2DModel (with transformer_blocks and "
-                        f"a patch_size config), got {type(transformer).__name__}")
+                        f"a patch_size config), got {type(transformer).__name__} without config.patch_size")
     for i, blk in enumerate(blocks):
         if not isinstance(blk, BasicTransformerBlock) or blk.norm_type != "ada_norm_zero" or blk.attn2 is not None:
             raise TypeError(f"block {i} is not a DiT block (BasicTransformerBlock, norm_type='ada_norm_zero', no "
@@ -568,8 +402,6 @@ def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None
     if registry.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
         raise RuntimeError("a token cache is already applied to this transformer; call "
                            "tclab.cache.remove_token_cache(transformer) first")
-    from .peers import PEER_CONTEXT_HOOK  # late: peers builds on this module
-
     if registry.get_hook(PEER_CONTEXT_HOOK) is not None:
         raise RuntimeError("an external caching peer (tclab.cache.peers) is applied to this transformer; "
                            "call its handle's remove() before applying a token cache")
@@ -611,16 +443,39 @@ def remove_token_cache(transformer) -> None:
             drop_plain_forward(module)
 
 
-def drop_plain_forward(module: torch.nn.Module) -> None:
-    """Delete an instance ``forward`` that is just the class's own (left behind by hook removal)."""
-    fwd = module.__dict__.get("forward")
-    if fwd is not None and getattr(fwd, "__self__", None) is module and \
-            getattr(fwd, "__func__", None) is type(module).forward:
-        del module.forward
-
-
 def get_token_cache_state(transformer) -> TokenCacheState | None:
     """The live state of the token cache applied to ``transformer``, or None."""
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(TOKEN_CACHE_MODEL_HOOK) if registry is not None else None
     return hook.state if hook is not None else None
+
+
+# ---- the one caching interface (tclab.cache.methods) ---------------------------------------------------
+
+class TokenCacheHandle(CachingHandle):
+    """TokenCache (every ``TokenCacheConfig``, FORA included) behind ``apply_caching``'s interface;
+    ``state`` is the ``TokenCacheState`` that ``apply_token_cache`` returns."""
+
+    method = "tokencache"
+
+    def __init__(self, transformer, config: TokenCacheConfig):
+        super().__init__(transformer, config)
+        self.state = apply_token_cache(transformer, config)
+
+    def reset(self) -> None:
+        self.state.reset_state()
+
+    def stats(self) -> dict:
+        s = self.state.summary()
+        full, cached = s.pop("full_steps"), s.pop("cached_steps")
+        return common_stats(self.method, calls=s.pop("calls"), runs=len({r.run_id for r in self.state.history}),
+                            full_steps=full, cached_steps=cached, compute_fraction=s.pop("compute_fraction"),
+                            cache_bytes=s.pop("cache_bytes"), **s)
+
+    def remove(self) -> None:
+        if not self.removed and get_token_cache_state(self.transformer) is self.state:
+            remove_token_cache(self.transformer)
+        self.removed = True
+
+
+register_method("tokencache", TokenCacheConfig, TokenCacheHandle)

@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..anatomy import embed_tokens, output_head
 from ..models import NULL_CLASS, LoadedDiT, PixelSpaceVAE, default_scheduler_config
 from .predictor import (
     KINDS,
@@ -193,12 +193,13 @@ def forward_blended(transformer, hidden_states: torch.Tensor, timestep: torch.Te
         (out (B, C_out, H, W) exactly as ``transformer(...).sample``, the updates or None).
     """
     tr = transformer
-    x = tr.pos_embed(hidden_states)  # (B, N, C) patch tokens + positional embedding
+    x = embed_tokens(tr, hidden_states)  # (B, N, C) patch tokens + positional embedding
     updates = [] if record else None
     for l, block in enumerate(tr.transformer_blocks):
         if cached is not None and w is None:  # all cached: the block is not run
             x = x + cached[l]
             continue
+        # the block module itself, called as DiT's forward calls it (its processor and any hooks run)
         out = block(x, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                     timestep=timestep, cross_attention_kwargs=None, class_labels=class_labels)  # (B, N, C)
         if record:
@@ -207,19 +208,7 @@ def forward_blended(transformer, hidden_states: torch.Tensor, timestep: torch.Te
             wl = w[:, l, :, None].to(out.dtype)  # (B, N, 1)
             out = wl * out + (1 - wl) * (x + cached[l])
         x = out
-    return _output_head(tr, x, timestep, class_labels), updates
-
-
-def _output_head(tr, x: torch.Tensor, timestep, class_labels) -> torch.Tensor:
-    """DiT's final adaLN, projection and unpatchify, as diffusers' ``DiTTransformer2DModel.forward``."""
-    cond = tr.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)  # (B, C)
-    shift, scale = tr.proj_out_1(F.silu(cond)).chunk(2, dim=1)
-    x = tr.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
-    x = tr.proj_out_2(x)  # (B, N, p*p*C_out)
-    h = w = int(x.shape[1] ** 0.5)
-    p, c = tr.config.patch_size, tr.out_channels
-    x = torch.einsum("nhwpqc->nchpwq", x.reshape(-1, h, w, p, p, c))
-    return x.reshape(-1, c, h * p, w * p)  # (B, C_out, H, W)
+    return output_head(tr, x, timestep, class_labels), updates  # DiT's final adaLN, decoder, unpatchify
 
 
 def _noise_channels(out: torch.Tensor, transformer) -> torch.Tensor:
@@ -284,7 +273,8 @@ def _image_set_and_labels(model: LoadedDiT, config: "PredictorTrainConfig"):
 def collect_trajectories(model, config: PredictorTrainConfig, progress: bool = True) -> TrajectorySet:
     """Sample the model's own trajectories (and SDEdit traces of ``config.images``) with full compute,
     recording every transformer call. See :class:`TrajectorySet`."""
-    from ..sampling import SampleConfig, current_step, sample
+    from ..sampling import SampleConfig, sample
+    from ..steps import bind_model_call, current_step
     from .hooks import get_token_cache_state
 
     model = _as_loaded(model)
@@ -295,10 +285,9 @@ def collect_trajectories(model, config: PredictorTrainConfig, progress: bool = T
     calls = []
 
     def hook(module, args, kwargs, output):
-        ctx = current_step()
-        x = args[0] if args else kwargs["hidden_states"]
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        y = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        ctx = current_step()  # always set: the trajectories come from tclab's sampler
+        a = bind_model_call(args, kwargs)
+        x, t, y = a["hidden_states"], a.get("timestep"), a.get("class_labels")
         out = output.sample if hasattr(output, "sample") else output[0]
         calls.append((ctx.run_id, ctx.step, x.detach().cpu().clone(), torch.as_tensor(t).reshape(-1).cpu().clone(),
                       y.detach().cpu().clone(), _noise_channels(out, tr).detach().cpu().clone()))
