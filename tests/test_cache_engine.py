@@ -104,7 +104,7 @@ def test_scorer_options_and_availability(dit3, monkeypatch):
     # a named scorer whose provider module is absent: a clear error, nothing attached
     monkeypatch.setattr(SCORERS, "_factories", {k: v for k, v in SCORERS._factories.items()
                                                 if not k.startswith("learned")})
-    monkeypatch.setitem(SCORERS.providers, "learned-static", "tclab.cache.no_such_module")
+    monkeypatch.setitem(SCORERS.builtin, "learned-static", "tclab.cache.no_such_module")
     with pytest.raises(ValueError, match="'learned-static' is not available"):
         apply_token_cache(dit3.transformer, TokenCacheConfig(scorer="learned-static"))
     assert no_cache_hooks(dit3.transformer)

@@ -11,7 +11,9 @@
 A method is registered once (:func:`register_method`: its name, its config dataclass, the function
 that applies it); :func:`apply_caching` finds it from the config's type, so adding a method is one
 file with its config and its apply function, plus that registration. The built-in methods are known
-by name before their modules load (:data:`BUILTIN_METHODS`), as the scorers are.
+by name before their modules load (:data:`BUILTIN_METHODS`), as the scorers are; a package's own
+methods are found through its entry points in :data:`ENTRY_POINT_GROUP` (so notebook kernels and
+scheduled jobs know them too).
 
 Every handle (:class:`CachingHandle`) has ``method``, ``config``, ``transformer``, ``reset()``,
 ``stats()`` and ``remove()`` (idempotent); it is also a context manager that removes on exit.
@@ -32,11 +34,15 @@ the check that a transformer carries no other caching, and the removal helper al
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 from typing import Any, Callable
 
 import torch
+
+from .registry import entry_point_providers, import_provider
+
+#: The entry-point group a package declares its caching methods in, as scorers are declared in
+#: ``tclab.scorers`` (see ``tclab.cache.registry``): ``mine = "my_team.caching"``.
+ENTRY_POINT_GROUP = "tclab.methods"
 
 TOKEN_CACHE_MODEL_HOOK = "tclab_token_cache"
 TOKEN_CACHE_BLOCK_HOOK = "tclab_token_cache_block"
@@ -94,11 +100,18 @@ def common_stats(method: str, **values) -> dict:
 
 
 class MethodRegistry:
-    """Caching methods by name and by config type; ``providers`` maps built-in names to their modules."""
+    """Caching methods by name and by config type; ``providers`` maps built-in names (and installed
+    packages' entry points of ``group``) to the modules that register them."""
 
-    def __init__(self, providers: dict[str, str]):
-        self.providers = dict(providers)
+    def __init__(self, providers: dict[str, str], group: str | None = None):
+        self.builtin = dict(providers)
+        self.group = group
         self._by_name: dict[str, tuple[type, Callable[..., CachingHandle]]] = {}
+
+    @property
+    def providers(self) -> dict[str, str]:
+        found = entry_point_providers(self.group) if self.group else {}
+        return {**found, **self.builtin}
 
     def register(self, name: str, config_class: type, apply: Callable[..., CachingHandle]) -> None:
         """``apply(transformer, config) -> CachingHandle`` is what :func:`apply_caching` calls for a
@@ -114,9 +127,9 @@ class MethodRegistry:
         self._by_name[name] = (config_class, apply)
 
     def _load(self, name: str) -> None:
-        module = self.providers.get(name)
-        if name not in self._by_name and module and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+        module = None if name in self._by_name else self.providers.get(name)
+        if module:
+            import_provider(module)
 
     def load_builtins(self) -> None:
         for name in self.providers:
@@ -147,7 +160,7 @@ class MethodRegistry:
 
 
 #: The method registry every part of tclab reads.
-METHODS = MethodRegistry(BUILTIN_METHODS)
+METHODS = MethodRegistry(BUILTIN_METHODS, ENTRY_POINT_GROUP)
 
 
 def register_method(name: str, config_class: type, apply: Callable[..., CachingHandle]) -> None:

@@ -11,13 +11,47 @@ everywhere (configs, sweeps, notebook parameters)::
 The built-in names are known before their modules are imported: each names the module that
 registers it (:data:`BUILTIN_PROVIDERS`), imported the first time the name is used. So validating a
 config needs no torch, and the learned predictors load only when asked for.
+
+**A team's own scorer, everywhere (notebooks and scheduled jobs too).** A notebook's kernel is a new
+process, so a ``register_scorer`` call in your session does not reach it. Declare the scorer as an
+entry point of your package instead, in the group :data:`ENTRY_POINT_GROUP`::
+
+    # pyproject.toml of your package
+    [project.entry-points."tclab.scorers"]
+    mine = "my_team.scorers"        # a module whose import calls register_scorer("mine", ...)
+
+Every process that has your package installed then knows ``"mine"``: ``TokenCacheConfig``, sweeps,
+``scorers: [mine]`` in a notebook's parameters. The entry point is imported the first time its name
+is looked up, never at ``import tclab``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 from typing import Any, Callable
+
+#: The entry-point group a package declares its scorers in (see the module docstring).
+ENTRY_POINT_GROUP = "tclab.scorers"
+
+
+def entry_point_providers(group: str) -> dict[str, str]:
+    """Installed packages' entry points of ``group``: name -> the module (or ``module:attr``) to import."""
+    try:
+        return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
+    except Exception:  # a broken installed distribution must not break tclab's own names
+        return {}
+
+
+def import_provider(target: str) -> None:
+    """Import the module of a provider (``module`` or ``module:attr``; the attribute is looked up too)."""
+    module, _, attr = target.partition(":")
+    if importlib.util.find_spec(module) is None:
+        return
+    loaded = importlib.import_module(module)
+    if attr:
+        getattr(loaded, attr)
 
 #: Built-in scorer -> the module that registers it when imported.
 BUILTIN_PROVIDERS = {
@@ -30,9 +64,16 @@ BUILTIN_PROVIDERS = {
 class ScorerRegistry:
     """Scorer factories by name; ``providers`` maps a name to the module that registers it."""
 
-    def __init__(self, providers: dict[str, str]):
+    def __init__(self, providers: dict[str, str], group: str | None = None):
         self._factories: dict[str, Callable[..., Any]] = {}
-        self.providers = dict(providers)
+        self.builtin = dict(providers)
+        self.group = group
+
+    @property
+    def providers(self) -> dict[str, str]:
+        """Built-in names and installed packages' entry points (built-ins win a clash) -> module."""
+        found = entry_point_providers(self.group) if self.group else {}
+        return {**found, **self.builtin}
 
     def register(self, name: str, factory: Callable[..., Any]) -> None:
         """Make ``TokenCacheConfig(scorer=name)`` build ``factory(config, **config.scorer_options)``."""
@@ -53,9 +94,9 @@ class ScorerRegistry:
 
     def factory(self, name: str) -> Callable[..., Any]:
         """The factory of ``name``, importing its provider module first when needed."""
-        module = self.providers.get(name)
-        if name not in self._factories and module and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+        module = None if name in self._factories else self.providers.get(name)
+        if module:
+            import_provider(module)
         if name not in self._factories:
             raise ValueError(f"scorer {name!r} is not available (registered: {self.registered()}); the learned "
                              f"predictors register themselves from {module or 'their module'}, or pass a "
@@ -64,7 +105,7 @@ class ScorerRegistry:
 
 
 #: The scorer registry every part of tclab reads.
-SCORERS = ScorerRegistry(BUILTIN_PROVIDERS)
+SCORERS = ScorerRegistry(BUILTIN_PROVIDERS, ENTRY_POINT_GROUP)
 
 
 def register_scorer(name: str, factory: Callable[..., Any]) -> None:
