@@ -171,7 +171,7 @@ def test_two_runs_with_one_tag_in_one_second_each_name_their_own_folder(sleeper,
     import datetime as dt
 
     fixed = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-    monkeypatch.setattr(runs, "_utc_now", lambda: fixed)
+    monkeypatch.setattr(runs.execution, "_utc_now", lambda: fixed)
     a = runs.run_notebook(sleeper, {}, tmp_path / "reports", tag="same", progress_bar=False)
     b = runs.run_notebook(sleeper, {}, tmp_path / "reports", tag="same", progress_bar=False)
     assert a != b and b.name == a.name + "-2"
@@ -248,7 +248,7 @@ def test_a_signal_while_a_run_is_being_finished_waits_until_the_folder_is_in_pla
         real(*a, **k)
         os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of finishing the run
 
-    monkeypatch.setattr(runs, "render_html", render_and_get_stopped)
+    monkeypatch.setattr(runs.execution, "render_html", render_and_get_stopped)
     with pytest.raises(runs.RunStopped, match="SIGTERM"):
         runs.run_notebook(sleeper, {}, tmp_path / "reports", progress_bar=False)
     (done,) = folders(tmp_path / "reports")
