@@ -11,36 +11,74 @@ and the label mapping it was trained with. Both are kept outside the installed p
       classifiers/<images key>-<labels key>-r<res>.safetensors   tclab train-classifier
       data/shapes/                                        the stand-in image set, if the checkout has none
 
-``<model key>`` is the first 16 hex digits of :func:`tclab.cache.predictor.weights_fingerprint` (a
+``<model key>`` is the first 16 hex digits of :func:`tclab.models.weights_fingerprint` (a
 sha256 over the transformer's parameters), so the same weights loaded from any folder find their
 predictor, and other weights never do. The embedded model's shipped files stay in
 ``tclab/weights/``; :func:`find_predictor` looks there first when the weights are the shipped ones.
 ``tclab artefacts`` lists the store (:func:`list_artefacts`).
+
+Layering: the store sits below what it stores. ``tclab.cache.predictor`` (which makes and loads the
+predictors) imports this module to find them, never the reverse, so a predictor file's kinds, name and
+JSON header (:func:`read_predictor_meta`) are defined here and re-exported there. A classifier file's
+header is read through ``tclab.classifier``, which does not import the store.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import weakref
 from pathlib import Path
 
-HOME_ENV = "TCLAB_HOME"
+from .env import HOME_ENV  # noqa: F401 (importable from here, as before)
+from .paths import EMBEDDED_MODEL, PACKAGE_DIR, tclab_home
+
 KEY_LEN = 16
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
+# ---- predictor files: their kinds, the shipped ones, their header ------------------------------------
 
-def tclab_home() -> Path:
-    """``$TCLAB_HOME``, else ``$XDG_CACHE_HOME/tclab``, else ``~/.cache/tclab`` (not created here)."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "tclab"
+KINDS = ("learned-static", "learned-dynamic")
+FORMAT = "tclab-cache-predictor"
+FORMAT_VERSION = 1
+META_KEY = "tclab_predictor"
+#: The shipped predictors of the embedded model (beside its weights).
+WEIGHTS_DIR = PACKAGE_DIR / "weights"
 
+
+def check_predictor_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {list(KINDS)}")
+
+
+def default_predictor_path(kind: str, model_name: str = EMBEDDED_MODEL) -> Path:
+    """Where ``tclab train-predictor`` puts (and the registered scorers look for) a model's predictor:
+    ``tclab/weights/<model>-predictor-<static|dynamic>.safetensors``."""
+    check_predictor_kind(kind)
+    return WEIGHTS_DIR / f"{model_name}-predictor-{kind.split('-')[1]}.safetensors"
+
+
+def read_predictor_meta(path: str | Path) -> dict:
+    """The JSON header of a predictor file (no tensors are read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file without tclab predictor metadata; is it a predictor "
+                         "written by `tclab train-predictor`?")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported predictor format {meta.get('format')!r} version {meta.get('version')}; "
+                         f"this tclab reads {FORMAT!r} up to version {FORMAT_VERSION}")
+    return meta
+
+
+# ---- the store, keyed by the weights ---------------------------------------------------------------------
 
 def fingerprint(transformer) -> str:
     """The transformer's weights fingerprint (computed once per module object; weights are frozen)."""
-    from .cache.predictor import weights_fingerprint
+    from .models import weights_fingerprint  # here, not at the top: importing the store stays light (no diffusers)
 
     fp = _FINGERPRINTS.get(transformer)
     if fp is None:
@@ -57,10 +95,7 @@ def model_dir(transformer) -> Path:
 
 
 def predictor_file_name(kind: str) -> str:
-    from .cache.predictor import KINDS
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {list(KINDS)}")
+    check_predictor_kind(kind)
     return f"predictor-{kind.split('-')[1]}.safetensors"
 
 
@@ -71,7 +106,7 @@ def predictor_path(transformer, kind: str) -> Path:
 
 def record_model(model) -> Path:
     """Write ``model.json`` (name, source, fingerprint, shape) for a ``LoadedDiT``; returns its folder."""
-    from .cache.predictor import model_signature
+    from .models import model_signature  # light import of the store, as in fingerprint
 
     d = model_dir(model.transformer)
     d.mkdir(parents=True, exist_ok=True)
@@ -85,8 +120,6 @@ def record_model(model) -> Path:
 
 def shipped_predictor(transformer, kind: str) -> Path | None:
     """The shipped predictor file of ``kind`` when ``transformer`` holds the weights it was trained on."""
-    from .cache.predictor import default_predictor_path, read_predictor_meta
-
     path = default_predictor_path(kind)
     if not path.is_file():
         return None
@@ -116,7 +149,7 @@ def list_artefacts(home: Path | None = None):
     """Every artefact in the store as a pandas frame: kind, model (or image set), key, file, size, check."""
     import pandas as pd
 
-    from .cache.predictor import read_predictor_meta
+    from .classifier import read_classifier_meta  # torch: imported when the store is listed, not with it
 
     home = Path(home) if home is not None else tclab_home()
     rows = []
@@ -139,8 +172,6 @@ def list_artefacts(home: Path | None = None):
             rows.append({"kind": kind, "belongs_to": info.get("name", "?"), "source": info.get("source", ""),
                          "key": d.name, "file": str(f), "bytes": f.stat().st_size, "check": check})
     for f in sorted((home / "classifiers").glob("*.safetensors")) if (home / "classifiers").is_dir() else []:
-        from .classifier import read_classifier_meta
-
         try:
             meta = read_classifier_meta(f)
             acc = meta.get("val_accuracy")

@@ -46,13 +46,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .env import MAX_PIXELS_ENV
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DEFAULT_MIN_SIDE = 16
 # 64 megapixels: above nearly every camera's photos (61 MP full frame, 48-50 MP phones; a 200 MP
 # phone mode needs the variable), well below the 156 MP (12500x12500) PNG of issue 14 and PIL's own
 # error at ~179 MP; ~192 MB decoded as RGB, ~0.5 GB for a 16-bit image while it is converted.
 DEFAULT_MAX_PIXELS = 64_000_000
-MAX_PIXELS_ENV = "TCLAB_MAX_PIXELS"
 # JPEGs with more pixels than this are decoded at 1/2, 1/4 or 1/8 scale (never below twice the
 # resolution); smaller ones are decoded in full, so ordinary sets preprocess bit for bit as before.
 DRAFT_ABOVE_PIXELS = 16_000_000

@@ -40,9 +40,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from .paths import EMBEDDED_ALIASES, EMBEDDED_MODEL, base_dir, resolve_path
 from .steps import NULL_CLASS  # 1000: DiTPipeline hard-codes it as the unconditional label
 
-EMBEDDED_NAME = "shapes-dit"
+EMBEDDED_NAME = EMBEDDED_MODEL  # "shapes-dit"; the built-in model names live in tclab.paths (BUILTIN_MODELS)
 EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_NAME
 META_FILE = "tclab_model.json"
 IDENTITY_MAX_NAMES = 32  # identity() lists at most this many class names
@@ -264,6 +265,29 @@ def widen_label_table(transformer: DiTTransformer2DModel) -> DiTTransformer2DMod
             module.embedding_table, module.num_classes = new, NULL_CLASS
     transformer.register_to_config(num_embeds_ada_norm=NULL_CLASS)
     return transformer
+
+
+# ---- a loaded transformer's identity: its shape and its weights ---------------------------------------
+
+def model_signature(transformer) -> dict:
+    """What a predictor must match: block count, token grid, hidden width, channels, patch size."""
+    c = transformer.config
+    g = c.sample_size // c.patch_size
+    return {"blocks": len(transformer.transformer_blocks), "grid": [g, g],
+            "width": int(transformer.transformer_blocks[0].dim), "in_channels": int(c.in_channels),
+            "patch_size": int(c.patch_size)}
+
+
+def weights_fingerprint(transformer) -> str:
+    """sha256 over the transformer's parameters (float32 bytes, in state-dict order): which weights, however
+    they were loaded (``weights_sha`` hashes the files instead). The artefact store keys on it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in transformer.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---- reading a folder strictly: JSON files, weight files, complete state dicts ------------------------
@@ -607,7 +631,7 @@ def _load_folder(path: Path, dtype: torch.dtype, name: str | None = None) -> Loa
 def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtype = torch.float32,
              seed: int = 0) -> LoadedDiT:
     """Load a DiT by spec (see the module docstring). ``resolution`` and ``seed`` apply to presets."""
-    if spec in (EMBEDDED_NAME, "embedded", "default"):
+    if spec in (EMBEDDED_NAME, *EMBEDDED_ALIASES):
         if not (EMBEDDED_DIR / "transformer").is_dir():
             raise ModelSpecError(f"the embedded model is missing from {EMBEDDED_DIR}; reinstall tclab or "
                                  "rebuild it with `tclab train-dit`")
@@ -622,8 +646,6 @@ def load_dit(spec: str = EMBEDDED_NAME, resolution: int = 256, dtype: torch.dtyp
         return LoadedDiT(name=f"{spec}@{resolution}", transformer=transformer,
                          vae=PixelSpaceVAE(latent_channels=4), scheduler_config=default_scheduler_config(),
                          trained=False, source=f"preset {spec} (random weights, seed {seed}; UNTRAINED)")
-    from .paths import base_dir, resolve_path
-
     path = resolve_path(spec, what="model folder", must_exist=False)  # relative: the user's folder (tclab.paths)
     if path.is_dir():
         return _load_folder(path, dtype)

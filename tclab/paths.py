@@ -10,10 +10,11 @@ user's shell, wherever the code that opens it runs:
   relative paths are read from the **repository root**, so the same text works in both places;
 - everywhere else (the CLI, a script, a test), from the working directory.
 
-Built-in names, valid anywhere: the model ``shapes-dit`` (``tclab.models``) and the image set
-``shapes``, the committed stand-in set (``data/shapes`` of the checkout; written by
-``tclab make-images`` into the artefact store when tclab is installed without its checkout). To use a
-folder that happens to be called ``shapes``, write ``./shapes``.
+Built-in names, valid anywhere (defined here, so that modules below ``tclab.models`` can tell a name
+from a path): the models :data:`BUILTIN_MODELS` (``shapes-dit`` and the DiT presets, loaded by
+``tclab.models.load_dit``) and the image set ``shapes``, the committed stand-in set (``data/shapes`` of
+the checkout; written by ``tclab make-images`` into the artefact store when tclab is installed without
+its checkout). To use a folder that happens to be called ``shapes``, write ``./shapes``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,34 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-CALLER_CWD_ENV = "TCLAB_CALLER_CWD"
+from .env import CALLER_CWD_ENV, HOME_ENV
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: The folder holding the ``tclab`` package: the repository root in a source checkout (``pip install -e .``).
 PROJECT_ROOT = PACKAGE_DIR.parent
 #: The stand-in image set's built-in name, and how it is made when the checkout's copy is absent.
 STAND_IN_IMAGES = "shapes"
 STAND_IN_SPEC = {"per_class": 50, "seed": 1, "resolution": 32}
+#: The model names that are not folders: the embedded model and the words that mean it, and the DiT
+#: architecture presets named as in the DiT repo (``tclab.models.PRESETS`` holds one factory a name;
+#: ``tests/test_models.py`` keeps the two lists equal).
+EMBEDDED_MODEL = "shapes-dit"
+EMBEDDED_ALIASES = ("embedded", "default")
+PRESET_MODELS = tuple(f"DiT-{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8))
+BUILTIN_MODELS = frozenset({EMBEDDED_MODEL, *EMBEDDED_ALIASES, *PRESET_MODELS})
 
 
 class PathNotFoundError(FileNotFoundError):
     """A path the user gave does not exist; the message says where it was looked for and why there."""
+
+
+def tclab_home() -> Path:
+    """The artefact store's folder (``tclab.artefacts``): ``$TCLAB_HOME``, else ``$XDG_CACHE_HOME/tclab``,
+    else ``~/.cache/tclab`` (not created here)."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "tclab"
 
 
 def repo_root() -> Path | None:
@@ -80,7 +98,6 @@ def stand_in_images() -> Path:
     root = repo_root()
     if root is not None and (root / "data" / STAND_IN_IMAGES).is_dir():
         return root / "data" / STAND_IN_IMAGES
-    from .artefacts import tclab_home
     from .shapes import ShapesConfig, write_shapes_dataset
 
     out = tclab_home() / "data" / STAND_IN_IMAGES
@@ -104,7 +121,7 @@ def resolve_images(images: str | os.PathLike) -> Path:
 
 #: Notebook parameters that name a path, and what must be there: checked by :func:`check_path_parameters`
 #: before a kernel starts, so a mistyped path is refused at once (not in a failed run). Values that are
-#: built-in names (``shapes``, ``shapes-dit``, a preset, ``auto``) are not paths.
+#: built-in names (``shapes``, :data:`BUILTIN_MODELS`, ``auto``) are not paths.
 PATH_PARAMETERS = {"images": "folder", "model": "folder", "labels": "file", "classifier": "file",
                    "inception_weights": "file", "predictor": "file"}
 _NOT_PATHS = {"images": {STAND_IN_IMAGES}, "labels": {"auto", "unconditional"}, "predictor": {"auto"}}
@@ -128,14 +145,12 @@ def reading_from(caller_cwd: str | os.PathLike | None = None) -> Iterator[None]:
 def check_path_parameters(params: dict, caller_cwd: str | os.PathLike | None = None) -> None:
     """Refuse a path parameter that names nothing, reading relative paths from ``caller_cwd`` (as the
     kernel will). Raises :class:`PathNotFoundError` naming the parameter and where it looked."""
-    from .models import EMBEDDED_NAME, PRESETS
-
     with reading_from(caller_cwd):
         for name, kind in PATH_PARAMETERS.items():
             value = params.get(name)
             if not isinstance(value, str) or value.strip().lower() in _NOT_PATHS.get(name, set()):
                 continue
-            if name == "model" and (value in (EMBEDDED_NAME, "embedded", "default") or value in PRESETS):
+            if name == "model" and value in BUILTIN_MODELS:  # as written (case and all), as load_dit reads it
                 continue
             path = resolve_path(value, what=f"parameter {name!r}", must_exist=True)
             if kind == "folder" and not path.is_dir():

@@ -23,18 +23,16 @@ import threading
 import time
 from pathlib import Path
 
+from .env import CALLER_CWD_ENV, PROGRESS_FILE_ENV
+
 QUIET_INTERVAL_S = 60.0
 #: In a log, a step of the outermost loop gets its own line only this long after the previous line
 #: (a sweep's variants: yes; the steps of a sampling loop that takes a second: no).
 MIN_STEP_S = 5.0
-#: Set by the runner for the kernel it starts: where the kernel's progress bars report.
-PROGRESS_FILE_ENV = "TCLAB_PROGRESS_FILE"
 _FIELD_SEP = "\t"
 
 
 def _redraws_in_place() -> bool:
-    from .paths import CALLER_CWD_ENV
-
     if os.environ.get(CALLER_CWD_ENV):  # a kernel started by `tclab run` / a scheduler: its output is a report
         return False
     try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, UNet2DModel
 
+from tclab import paths
 from tclab.models import EMBEDDED_NAME, NULL_CLASS, PRESETS, ModelSpecError, load_dit
 from tclab.sampling import SampleConfig, make_scheduler, sample
 
@@ -36,6 +37,12 @@ def test_preset_is_marked_untrained():
     assert set(PRESETS) >= {"DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"}
     with pytest.raises(ModelSpecError, match="256 or 512"):
         load_dit("DiT-S/2", resolution=300)
+
+
+def test_the_built_in_model_names_of_paths_are_the_models_load_dit_knows():
+    # tclab.paths tells a model name from a folder without importing tclab.models: the two lists agree
+    assert set(paths.PRESET_MODELS) == set(PRESETS)
+    assert paths.BUILTIN_MODELS == {EMBEDDED_NAME, "embedded", "default", *PRESETS}
 
 
 def test_transformer_only_folder_round_trip(pixel_dit, tmp_path):

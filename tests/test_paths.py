@@ -55,3 +55,13 @@ def test_a_model_folder_is_looked_up_where_the_user_is_and_the_error_says_where(
     with pytest.raises(ModelSpecError, match=rf"looked for a folder at {tmp_path}/dit \(relative paths are read from "
                                              "the working directory"):
         load_dit("dit")
+
+
+def test_the_environment_variables_are_named_once_and_still_importable_from_their_old_homes():
+    from tclab import artefacts, data, env, progress
+
+    assert paths.CALLER_CWD_ENV is env.CALLER_CWD_ENV == "TCLAB_CALLER_CWD"
+    assert progress.PROGRESS_FILE_ENV is env.PROGRESS_FILE_ENV
+    assert artefacts.HOME_ENV is env.HOME_ENV == "TCLAB_HOME"
+    assert data.MAX_PIXELS_ENV is env.MAX_PIXELS_ENV
+    assert artefacts.tclab_home is paths.tclab_home

@@ -44,7 +44,6 @@ engine imports it lazily the first time a config names one of them (``registry.B
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -54,14 +53,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import EMBEDDED_NAME, NULL_CLASS
+# Below this module: the artefact store (a predictor file's kinds, header and shipped path; where a model's
+# predictor is) and tclab.models (a transformer's shape and weights fingerprint). Names once defined here
+# (KINDS, read_predictor_meta, model_signature, weights_fingerprint, ...) stay importable from here.
+from ..artefacts import (FORMAT, FORMAT_VERSION, KINDS, META_KEY, WEIGHTS_DIR,  # noqa: F401
+                         check_predictor_kind, default_predictor_path, find_predictor, fingerprint, model_key,
+                         predictor_path, read_predictor_meta)
+from ..models import NULL_CLASS, model_signature, weights_fingerprint  # noqa: F401
 from .scorers import ScoreContext, TokenScorer, register_scorer
 
-KINDS = ("learned-static", "learned-dynamic")
-FORMAT = "tclab-cache-predictor"
-FORMAT_VERSION = 1
-META_KEY = "tclab_predictor"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 T_SCALE = 1000.0  # timesteps are divided by this (DiT's 1000 training timesteps) to give tau in [0, 1]
 N_FREQ = 6  # Fourier frequencies of tau
 
@@ -70,42 +70,12 @@ class PredictorMismatchError(ValueError):
     """A predictor file does not fit the transformer it is used with (blocks, token grid or width)."""
 
 
-def default_predictor_path(kind: str, model_name: str = EMBEDDED_NAME) -> Path:
-    """Where ``tclab train-predictor`` puts (and the registered scorers look for) a model's predictor:
-    ``tclab/weights/<model>-predictor-<static|dynamic>.safetensors``."""
-    _check_kind(kind)
-    return WEIGHTS_DIR / f"{model_name}-predictor-{kind.split('-')[1]}.safetensors"
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown predictor kind {kind!r}; choose one of {list(KINDS)}")
-
-
 def time_features(timestep: torch.Tensor, t_scale: float = T_SCALE) -> torch.Tensor:
     """Fourier features of the normalised timestep ``tau = t / t_scale``: (B,) -> (B, 1 + 2 * N_FREQ)."""
     tau = timestep.reshape(-1).float() / t_scale  # (B,)
     k = torch.arange(1, N_FREQ + 1, device=tau.device, dtype=tau.dtype) * math.pi  # (K,)
     ang = tau[:, None] * k  # (B, K)
     return torch.cat([tau[:, None], ang.sin(), ang.cos()], dim=1)  # (B, 1 + 2K)
-
-
-def model_signature(transformer) -> dict:
-    """What a predictor must match: block count, token grid, hidden width, channels, patch size."""
-    c = transformer.config
-    g = c.sample_size // c.patch_size
-    return {"blocks": len(transformer.transformer_blocks), "grid": [g, g],
-            "width": int(transformer.transformer_blocks[0].dim), "in_channels": int(c.in_channels),
-            "patch_size": int(c.patch_size)}
-
-
-def weights_fingerprint(transformer) -> str:
-    """sha256 over the transformer's parameters (float32 bytes, in state-dict order): which weights."""
-    h = hashlib.sha256()
-    for name, p in transformer.state_dict().items():
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class CachePredictor(nn.Module, TokenScorer):
@@ -323,7 +293,7 @@ class DynamicCachePredictor(CachePredictor):
 
 def make_predictor(kind: str, transformer, **arch) -> CachePredictor:
     """A fresh (untrained: all scores 0.5) predictor of ``kind`` sized for ``transformer``."""
-    _check_kind(kind)
+    check_predictor_kind(kind)
     sig = model_signature(transformer)
     if kind == "learned-static":
         p = StaticCachePredictor(sig["blocks"], sig["grid"], **arch)
@@ -331,23 +301,6 @@ def make_predictor(kind: str, transformer, **arch) -> CachePredictor:
         p = DynamicCachePredictor(sig["blocks"], sig["grid"], model_width=sig["width"], **arch)
     p.meta = {"model": sig}
     return p.to(transformer.device)
-
-
-def read_predictor_meta(path: str | Path) -> dict:
-    """The JSON header of a predictor file (no tensors are read)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
-    if raw is None:
-        raise ValueError(f"{path} is a safetensors file without tclab predictor metadata; is it a predictor "
-                         "written by `tclab train-predictor`?")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported predictor format {meta.get('format')!r} version {meta.get('version')}; "
-                         f"this tclab reads {FORMAT!r} up to version {FORMAT_VERSION}")
-    return meta
 
 
 def load_predictor(path: str | Path, transformer=None, kind: str | None = None,
@@ -366,7 +319,7 @@ def load_predictor(path: str | Path, transformer=None, kind: str | None = None,
     meta = read_predictor_meta(path)
     if kind is not None and meta["kind"] != kind:
         raise ValueError(f"{path} holds a {meta['kind']} predictor, not {kind}; pass the matching file")
-    _check_kind(meta["kind"])
+    check_predictor_kind(meta["kind"])
     cls = StaticCachePredictor if meta["kind"] == "learned-static" else DynamicCachePredictor
     p = cls(meta["num_blocks"], meta["grid"], **meta["arch"])
     p.load_state_dict(load_file(str(path)), strict=True)
@@ -374,8 +327,6 @@ def load_predictor(path: str | Path, transformer=None, kind: str | None = None,
     p.eval().requires_grad_(False)
     if transformer is not None:
         p.check_fits(transformer)
-        from ..artefacts import fingerprint
-
         want, have = p.meta.get("model", {}).get("weights_fingerprint"), fingerprint(transformer)
         if want and want != have:
             trained_on = p.meta["model"].get("name", "?")
@@ -396,8 +347,6 @@ class PredictorNotFoundError(FileNotFoundError):
 def find_predictor_for(transformer, kind: str) -> Path:
     """This model's ``kind`` predictor file (shipped, or in the artefact store), or
     :class:`PredictorNotFoundError` saying where it was looked for and how to make one."""
-    from ..artefacts import find_predictor, model_key, predictor_path
-
     found = find_predictor(transformer, kind)
     if found is None:
         raise PredictorNotFoundError(
