@@ -423,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import traceback
 
+    from .env import DEBUG_ENV
+
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("TCLAB_DEBUG", "") not in ("", "0")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     name = f"tclab {args.command}"
     from .runs import RunStopped
 

@@ -113,7 +113,7 @@ class RunContext:
         return out
 
 
-REPORTS_DIR_ENV = "TCLAB_REPORTS_DIR"
+from ..env import REPORTS_DIR_ENV  # noqa: E402,F401 (where `tclab run` writes unless told)
 
 
 def _find_reports_dir(start: Path | None = None) -> Path:
