@@ -32,6 +32,7 @@ import torch
 
 from tclab.cache import TokenCacheConfig, apply_token_cache, remove_token_cache
 from tclab.cache.config import fora_config
+from tclab.cache.peers import PEERS, apply_peer, peer_label
 from tclab.classifier import ShapesClassifier, class_consistency
 from tclab.evaluate import balanced_labels
 from tclab.metrics import count_flops, paired_quality
@@ -60,8 +61,6 @@ def token_cache(config: TokenCacheConfig) -> Callable:
 
 def peer(name: str, **options) -> Callable:
     def attach(model):
-        from tclab.cache.peers import apply_peer
-
         handle = apply_peer(name, model, **options)
         return handle.remove
 
@@ -94,10 +93,7 @@ def build_methods(steps: int) -> list[Method]:
     for scorer in ("toca", "random", "oracle"):
         out.append(Method(f"scorer {scorer} rho=0.25", "heuristic",
                           token_cache(TokenCacheConfig(rho=0.25, scorer=scorer, **tc))))
-    out += [Method("diffusers first-block cache", "peer", peer("fbcache")),
-            Method("diffusers TaylorSeer", "peer", peer("taylorseer")),
-            Method("diffusers pyramid attention broadcast", "peer", peer("pab")),
-            Method("cache-dit DBCache", "peer", peer("dbcache"))]
+    out += [Method(peer_label(name), "peer", peer(name)) for name in PEERS]  # every registered peer
     return out
 
 

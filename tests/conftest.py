@@ -21,6 +21,29 @@ def tiny_transformer(in_channels=4, out_channels=8, sample_size=8, layers=2, see
                                  patch_size=2, num_embeds_ada_norm=1000).eval()
 
 
+def hand_transformer(layers=3, sample_size=8, seed=0) -> tuple[DiTTransformer2DModel, torch.Tensor]:
+    """A DiT whose blocks can be worked out by hand: block ``l`` adds the constant vector ``b[l]`` to
+    every token, ``x_{l+1} = x_l + b[l]``, whatever the step, label or token.
+
+    adaLN-Zero makes it so: ``norm1.linear`` has zero weights and a bias giving shift = scale = 0 and
+    gate_msa = 0 (attention adds nothing), gate_mlp = 1; the MLP's last ``Linear`` has zero weights
+    and bias ``b[l]``. Returns the transformer and ``b`` (L, C).
+    """
+    tr = tiny_transformer(3, 3, sample_size=sample_size, layers=layers, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = torch.randn(layers, tr.inner_dim, generator=g)
+    with torch.no_grad():
+        for l, blk in enumerate(tr.transformer_blocks):
+            lin = blk.norm1.linear
+            lin.weight.zero_()
+            lin.bias.zero_()
+            lin.bias[5 * tr.inner_dim:] = 1.0  # the sixth chunk: gate_mlp
+            last = [m for m in blk.ff.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.copy_(b[l])
+    return tr, b
+
+
 def tiny_vae(seed=0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
@@ -33,6 +56,16 @@ def latent_dit() -> LoadedDiT:
     """A 2-block latent DiT (8x8x4 latents, learned sigma) with a random 2x-downsampling VAE."""
     return LoadedDiT(name="tiny-latent", transformer=tiny_transformer(), vae=tiny_vae(),
                      scheduler_config=default_scheduler_config(), trained=False, source="test")
+
+
+@pytest.fixture
+def hand_dit() -> LoadedDiT:
+    """The hand-computable 3-block pixel DiT of :func:`hand_transformer`; ``.b`` holds the updates (L, C)."""
+    tr, b = hand_transformer()
+    model = LoadedDiT(name="hand", transformer=tr, vae=PixelSpaceVAE(), scheduler_config=default_scheduler_config(),
+                      trained=False, source="test", class_names=["a", "b", "c"])
+    model.b = b
+    return model
 
 
 @pytest.fixture

@@ -112,7 +112,7 @@ def team_package(tmp_path, monkeypatch):
     from tclab.cache.registry import SCORERS
 
     SCORERS._factories.pop("team-centre", None)
-    METHODS._by_name.pop("team-half-last", None)
+    METHODS.unregister("team-half-last")
     for name in [m for m in sys.modules if m == "team_ext" or m.startswith("team_ext.")]:
         del sys.modules[name]
 

@@ -459,6 +459,7 @@ class TokenCacheHandle(CachingHandle):
     method = "tokencache"
 
     def __init__(self, transformer, config: TokenCacheConfig):
+        transformer = getattr(transformer, "transformer", transformer)  # a LoadedDiT's transformer
         super().__init__(transformer, config)
         self.state = apply_token_cache(transformer, config)
 

@@ -115,7 +115,8 @@ class MethodRegistry:
 
     def register(self, name: str, config_class: type, apply: Callable[..., CachingHandle]) -> None:
         """``apply(transformer, config) -> CachingHandle`` is what :func:`apply_caching` calls for a
-        ``config_class`` instance."""
+        ``config_class`` instance; ``transformer`` is what the caller gave (a ``DiTTransformer2DModel``
+        or a ``LoadedDiT``, whose ``.transformer`` it is)."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"a method name must be a non-empty string, got {name!r}")
         if not isinstance(config_class, type) or not callable(apply):
@@ -125,6 +126,12 @@ class MethodRegistry:
             if cls is config_class and other != name:
                 raise ValueError(f"{config_class.__name__} is already the config of method {other!r}")
         self._by_name[name] = (config_class, apply)
+
+    def unregister(self, name: str) -> None:
+        """Forget a registered method (a test's or a session's own); built-in names cannot be dropped."""
+        if name in self.builtin:
+            raise ValueError(f"{name!r} is a built-in caching method; it cannot be unregistered")
+        self._by_name.pop(name, None)
 
     def _load(self, name: str) -> None:
         module = None if name in self._by_name else self.providers.get(name)
@@ -192,7 +199,7 @@ def apply_caching(transformer, config) -> CachingHandle:
     """Apply the caching method ``config`` belongs to (``TokenCacheConfig``, a peer's config, or a
     registered method's) to ``transformer`` (a ``DiTTransformer2DModel``, or a ``LoadedDiT``)."""
     _, apply = METHODS.for_config(config)
-    return apply(getattr(transformer, "transformer", transformer), config)
+    return apply(transformer, config)  # as given: a peer names the LoadedDiT in its messages
 
 
 def caching_on(transformer) -> str | None:
