@@ -1,4 +1,5 @@
-"""The package's shape: its import graph has no cycle, and the leaves stay leaves.
+"""The package's shape (docs/architecture.md): its import graph has no cycle, every module belongs to
+a layer and imports only from its own layer or lower ones, and the leaves stay leaves.
 
 Every import counts: top level, inside functions and under ``TYPE_CHECKING`` alike (a lazy import
 that closes a cycle still ties the two modules together). The graph is read from the source with
@@ -14,6 +15,31 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tclab"
 
 #: Modules that import nothing from tclab (torch, diffusers and the standard library only).
 LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "tclab.anatomy")
+
+#: The layers of docs/architecture.md, lowest first. A module imports only from its layer or lower ones;
+#: a new module must be placed here (the test says so), which is the moment to decide where it belongs.
+LAYERS = [
+    ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
+                "tclab.cache.schedule", "tclab.cache.select"]),
+    ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data"]),
+    ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
+    ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",
+                "tclab.cache.scorers", "tclab.cache.methods", "tclab.cache.hooks", "tclab.cache.predictor",
+                "tclab.cache.peers", "tclab.cache.peers.*"]),
+    ("measurement", ["tclab.metrics", "tclab.features", "tclab.lpips", "tclab.cache.train"]),
+    ("run folders", ["tclab.runs", "tclab.runs.*"]),
+    ("studies", ["tclab.analysis", "tclab.prepare", "tclab.evaluate", "tclab.ablation", "tclab.sweep_summary",
+                 "tclab.inhouse", "tclab.plots", "tclab.explore"]),
+    ("front ends", ["tclab.jobs", "tclab.cli"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if module == m or (m.endswith(".*") and module.startswith(m[:-1])):
+                return i
+    return None
 
 
 def module_name(path: Path) -> str:
@@ -117,3 +143,12 @@ def test_the_leaves_import_nothing_from_tclab():
     for leaf in LEAVES:
         assert leaf in graph, f"{leaf} is gone: update LEAVES"
         assert not graph[leaf], f"{leaf} is a leaf module but imports {sorted(graph[leaf])}"
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m != "tclab" and layer_of(m) is None)
+    assert not unplaced, f"modules in no layer of LAYERS (tests/test_architecture.py, docs/architecture.md): {unplaced}"
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+              for m in sorted(graph) if m != "tclab" for d in sorted(graph[m]) if layer_of(d) > layer_of(m)]
+    assert not upward, "imports from a higher layer:\n  " + "\n  ".join(upward)
