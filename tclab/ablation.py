@@ -19,7 +19,10 @@ by taking, per curve, its best point within that budget (no interpolation betwee
 
 The three ablation notebooks build their variants with :func:`predictor_variants`,
 :func:`block_selection_variants` and :func:`schedule_variants`, plus :func:`reference_variants`
-(full compute, fewer steps, FORA, the external peers) on every plot.
+(full compute, fewer steps, FORA, the external peers) on every plot, and share every other step
+through :func:`open_study` (an :class:`AblationStudy`: model, images, predictors, classifier, run folder;
+plan, measure, summarise). :func:`summarise_sweep` gives their ``summary.json`` as a typed, versioned
+:class:`tclab.sweep_summary.SweepSummary`; :func:`sweep_report` turns one into the report's first screen.
 """
 
 from __future__ import annotations
@@ -29,18 +32,21 @@ import math
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .cache import TokenCacheConfig, apply_token_cache, remove_token_cache
+from .cache import TokenCacheConfig, apply_caching
 from .cache.config import fora_config
-from .evaluate import balanced_labels
+from .cache.methods import method_config
+from .cache.peers import PEERS
+from .labels import balanced_labels
 from .metrics import count_flops, distribution_quality, mse, psnr, ssim
 from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, format_number, key_numbers_from
 from .sampling import SampleConfig, sample
+from .sweep_summary import CostView, SweepIdentity, SweepSettingsRecord, SweepSummary
 
 FAMILIES = ("reference", "ablation", "baseline", "peer")
 FULL_COMPUTE = "full compute"
@@ -52,7 +58,7 @@ COST_LABELS = {"flop_ratio": "FLOPs / full compute (counted)", "time_ratio": "wa
 QUALITY_LABELS = {"psnr": "PSNR vs full compute (dB)", "ssim": "SSIM vs full compute", "mse": "MSE vs full compute",
                   "lpips": "LPIPS vs full compute", "class_consistency": "class-consistency",
                   "fid": "FID (see extractor note)", "kid": "KID"}
-DEFAULT_PEERS = ("fbcache", "taylorseer", "pab", "dbcache")
+DEFAULT_PEERS = PEERS.keys()  # every registered peer, a live view (tclab.cache.peers.register_peer)
 
 
 # ---- what a point is --------------------------------------------------------------------------------
@@ -92,16 +98,21 @@ class Variant:
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"variant {self.name!r}: num_steps must be >= 1, got {self.num_steps}")
 
+    def caching_config(self):
+        """The config ``tclab.cache.apply_caching`` takes for this variant (a ``TokenCacheConfig`` or a
+        peer's config), or None for plain sampling."""
+        if self.cache is not None:
+            return TokenCacheConfig.from_dict(self.cache)
+        if self.peer is not None:
+            return method_config(self.peer, **self.peer_options)
+        return None
+
     def attach(self, model) -> Callable[[], None]:
         """Attach this variant's caching to ``model`` (a ``LoadedDiT``); returns the undo callable."""
-        if self.cache is not None:
-            apply_token_cache(model.transformer, TokenCacheConfig.from_dict(self.cache))
-            return lambda: remove_token_cache(model.transformer)
-        if self.peer is not None:
-            from .cache.peers import apply_peer
-
-            return apply_peer(self.peer, model, **self.peer_options).remove
-        return lambda: None
+        config = self.caching_config()
+        if config is None:
+            return lambda: None
+        return apply_caching(model, config).remove
 
     def describe(self) -> dict:
         """Plain values for tables and ``summary.json``."""
@@ -645,50 +656,35 @@ def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_rati
 
 
 def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequence[float] = (2, 3),
-                    model=None, image_set=None) -> dict:
-    """Everything ``summary.json`` of an ablation run holds, as plain values.
+                    model=None, image_set=None, labels: Mapping[str, Any] | None = None) -> SweepSummary:
+    """Everything ``summary.json`` of an ablation run holds, as a :class:`tclab.sweep_summary.SweepSummary`
+    (the run writes its ``to_dict()``).
 
-    ``headline`` (flat, for ``reports/index.html``): per reduction r the winning curve, its PSNR and
+    ``flops`` / ``wall_clock``: the full :func:`headline` against each cost; ``headline`` (flat, for
+    ``reports/index.html``, derived from them): per reduction r the winning curve, its PSNR and
     class-consistency and its PSNR margin over the runner-up (FLOPs), and the best point under
-    ``budget`` (its name, FLOP and time ratios, PSNR). ``flops`` / ``wall_clock``: the full
-    :func:`headline` against each cost. ``best_under_budget``: the recommended configuration (its
-    ``config.cache`` is a ``TokenCacheConfig`` dict: what ``05_inhouse_report`` reads).
+    ``budget`` (its name, FLOP and time ratios, PSNR). ``best_under_budget``: the recommended
+    configuration (its ``cache`` is a ``TokenCacheConfig`` dict: what ``05_inhouse_report`` reads).
     ``points``: every row of the sweep. ``identity``: the model's weights hash when ``model`` is given,
-    the manifest hash of the image set whose classes were sampled when ``image_set`` is. ``report``:
-    the report's first screen (:func:`sweep_report`).
+    the manifest hash of the image set whose classes were sampled when ``image_set`` is. ``labels``: how
+    the image folders map onto the model's classes (``LabelMap.to_dict()``). ``report``: the report's
+    first screen (:func:`sweep_report`).
     """
     frame = result.frame
-    flops = headline(frame, reductions, budget, "flop_ratio", "psnr")
-    clock = headline(frame, reductions, budget, "time_ratio", "psnr")
-    flat: dict[str, Any] = {}
-    for r in reductions:
-        d = flops[f"at_{r:g}x"]
-        tag = f"{r:g}x"
-        flat[f"winner_at_{tag}_flops"] = d.get("winner")
-        flat[f"psnr_at_{tag}"] = d.get("psnr")
-        flat[f"psnr_margin_at_{tag}"] = d.get("psnr_margin")
-        flat[f"class_consistency_at_{tag}"] = d.get("class_consistency")
-        flat[f"winner_at_{tag}_wall_clock"] = clock[f"at_{r:g}x"].get("winner")
-        ref = d.get("best_reference") or {}
-        flat[f"best_reference_at_{tag}"] = ref.get("name")
-        flat[f"psnr_best_reference_at_{tag}"] = finite_or_none(ref.get("psnr"))
-    best = flops["best_under_budget"]
-    flat["budget_flop_ratio"] = budget
-    flat["best_under_budget"] = best["name"] if best else None
-    for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency"):
-        flat[f"best_{k}"] = best.get(k) if best else None
-    flat["full_compute_class_consistency"] = flops["full_compute_class_consistency"]
-    flat["points"] = int(len(frame))
-    flat["failed_points"] = int((frame["error"].fillna("") != "").sum())
-    points = [_plain_row(r) for _, r in frame.iterrows()]
-    out = {"headline": flat, "flops": flops, "wall_clock": clock, "best_under_budget": best,
-           "settings": asdict(result.settings), "points": points}
-    if model is not None:
-        out["identity"] = {"model": model.name, "model_weights_sha256": model.identity()["weights_sha256"]}
-    if image_set is not None:
-        out.setdefault("identity", {})["images_manifest_sha256"] = image_set.manifest_hash()
-    out["report"] = sweep_report(out, reductions).to_dict()
-    return out
+    identity = None
+    if model is not None or image_set is not None:
+        identity = SweepIdentity(model=model.name if model is not None else None,
+                                 model_weights_sha256=model.identity()["weights_sha256"] if model is not None else None,
+                                 images_manifest_sha256=image_set.manifest_hash() if image_set is not None else None)
+    # a hand-made frame may lack columns a sweep always has (ssim, ...): read as absent, written as null
+    views = {key: CostView.from_dict(headline(frame, reductions, budget, cost, "psnr"), key, cost, complete=False)
+             for key, cost in (("flops", "flop_ratio"), ("wall_clock", "time_ratio"))}
+    summary = SweepSummary(
+        **views,
+        settings=SweepSettingsRecord.from_dict(asdict(result.settings)),
+        points=tuple(_plain_row(r) for _, r in frame.iterrows()), identity=identity,
+        labels=dict(labels) if labels is not None else None)
+    return replace(summary, report=sweep_report(summary, reductions))
 
 
 def is_tokencache_curve(curve: str) -> bool:
@@ -701,62 +697,61 @@ def _db(v) -> str:
     return "-" if v is None else f"{format_number(v, 'dB')} dB"
 
 
-def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
+def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence[float] = (2, 3)):
     """The first screen of an ablation report (:class:`tclab.report.ReportSummary`) from
-    :func:`summarise_sweep`'s summary. Per cost reduction r: does TokenCache's own choice on this axis
-    (:func:`is_tokencache_curve`) win among the ablated variants, and does the best ablated point beat
-    the best rival (fewer steps, FORA, peers) at the same FLOPs; within the budget: the recommended
-    point, and whether its FLOP saving shows up in wall-clock."""
-    flops, head = summary["flops"], summary["headline"]
+    :func:`summarise_sweep`'s summary (or its JSON form). Per cost reduction r: does TokenCache's own
+    choice on this axis (:func:`is_tokencache_curve`) win among the ablated variants, and does the best
+    ablated point beat the best rival (fewer steps, FORA, peers) at the same FLOPs; within the budget:
+    the recommended point, and whether its FLOP saving shows up in wall-clock."""
+    if not isinstance(summary, SweepSummary):
+        summary = SweepSummary.from_dict(summary)
     findings = []
     for r in reductions:
-        d = flops.get(f"at_{r:g}x") or {}
+        d = summary.flops.at(r)
         within = f"at most 1/{r:g} of full compute's FLOPs"
-        if not d.get("winner"):
+        if d is None or not d.winner:
             findings.append(Finding(f"No ablated variant reached {r:g}x fewer FLOPs.", NOT_MEASURED,
                                     f"a measured point {within}", f"at {r:g}x fewer FLOPs"))
             continue
-        winners = [d["winner"], *d.get("tied_with", [])]
-        ours = any(is_tokencache_curve(c) for c in winners)
-        runner = (f", {d['psnr_margin']:.2f} dB ahead of {d['runner_up']}" if d.get("runner_up") and
-                  d.get("psnr_margin") is not None else "")
-        cc = d.get("class_consistency")
+        ours = any(is_tokencache_curve(c) for c in (d.winner, *d.tied_with))
+        runner = (f", {d.psnr_margin:.2f} dB ahead of {d.runner_up}" if d.runner_up and d.psnr_margin is not None
+                  else "")
+        cc = d.class_consistency
         findings.append(Finding(
-            f"The best ablated variant is {d['winner']} ({d['point']}: {_db(d.get('psnr'))}"
+            f"The best ablated variant is {d.winner} ({d.point}: {_db(d.psnr)}"
             + (f", class-consistency {cc:.0%}" if cc is not None else "") + f"){runner}.",
             HOLDS if ours else DOES_NOT_HOLD,
             f"TokenCache's own choice (learned predictor / adaptive blocks / TPRR) has the highest PSNR vs full "
             f"compute among the ablated variants {within}", f"at {r:g}x fewer FLOPs"))
-        ref = d.get("best_reference")
-        if ref and ref.get("psnr") is not None and d.get("psnr") is not None:
-            beats = d["psnr"] > ref["psnr"]
+        ref = d.best_reference
+        if ref and ref.psnr is not None and d.psnr is not None:
+            beats = d.psnr > ref.psnr
             findings.append(Finding(
-                f"The best rival at the same cost is {ref['name']} at {_db(ref['psnr'])}: the best ablated "
-                f"variant is {abs(d['psnr'] - ref['psnr']):.1f} dB {'above' if beats else 'below'} it.",
+                f"The best rival at the same cost is {ref.name} at {_db(ref.psnr)}: the best ablated "
+                f"variant is {abs(d.psnr - ref.psnr):.1f} dB {'above' if beats else 'below'} it.",
                 HOLDS if beats else DOES_NOT_HOLD,
                 f"the best ablated variant beats every baseline and peer (fewer steps, FORA, external caches) {within}",
                 f"at {r:g}x fewer FLOPs"))
         else:
             findings.append(Finding("No baseline or peer was measured at this cost.", NOT_MEASURED,
                                     f"a baseline or peer {within}", f"at {r:g}x fewer FLOPs"))
-    best = summary.get("best_under_budget")
-    budget = head.get("budget_flop_ratio")
+    best, budget = summary.best_under_budget, summary.flops.budget
     group = f"within the budget ({budget:g} of full compute's FLOPs)" if budget is not None else "within the budget"
     if best:
-        tr = best.get("time_ratio")
+        tr = best.time_ratio
         findings.append(Finding(
-            f"The recommended setting is {best['name']}: {best['flop_ratio']:.2f}x the FLOPs and "
+            f"The recommended setting is {best.name}: {best.flop_ratio:.2f}x the FLOPs and "
             + (f"{tr:.2f}x the wall-clock of full compute" if tr is not None else "wall-clock not measured")
-            + f", {_db(best.get('psnr'))}.",
+            + f", {_db(best.psnr)}.",
             NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
             "its FLOP saving shows in wall-clock: time ratio below 1 (median of interleaved runs against full "
             "compute, this machine)", group))
     else:
         findings.append(Finding("No ablated variant fits the budget.", NOT_MEASURED,
                                 "a measured point within the FLOP budget", group))
-    if head.get("failed_points"):
-        findings.append(Finding(f"{head['failed_points']} of {head['points']} points failed; their errors are in the "
-                                "sweep table.", DOES_NOT_HOLD, "every point of the sweep ran", "the sweep"))
+    if summary.failed_points:
+        findings.append(Finding(f"{summary.failed_points} of {len(summary.points)} points failed; their errors are in "
+                                "the sweep table.", DOES_NOT_HOLD, "every point of the sweep ran", "the sweep"))
     spec = [("best_under_budget", "recommended setting (within the budget)", ""),
             ("best_flop_ratio", "its FLOPs (of full compute)", "x"),
             ("best_time_ratio", "its wall-clock (of full compute)", "x"),
@@ -769,7 +764,7 @@ def sweep_report(summary: dict, reductions: Sequence[float] = (2, 3)):
                  (f"psnr_at_{t}", "its PSNR", "dB"),
                  (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
     spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
-    numbers = [k for k in key_numbers_from(head, spec) if k.value is not None]
+    numbers = [k for k in key_numbers_from(summary.headline, spec) if k.value is not None]
     index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
     index = index or [n.key for n in numbers[:3]]       # nothing within the budget: the first numbers there are
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=index)
@@ -787,3 +782,94 @@ def images_of_winners(result: SweepResult, budget: float, cost: str = "flop_rati
             label = f"{best['name']} ({best[quality]:.1f} dB)" if quality == "psnr" else best["name"]
             out[label] = result.images[best["name"]]
     return out
+
+
+# ---- the ablation notebooks (02-04) ----------------------------------------------------------------------
+
+@dataclass
+class AblationStudy:
+    """One run of an ablation notebook (02-04), one step per call, so the notebook keeps only what is its
+    own (its parameters, its variants, the cells that show the results).
+
+    :func:`open_study` makes it: ``model`` (a ``LoadedDiT``), ``prepared`` (the image folder and its label
+    map, ``tclab.prepare.PreparedImages``), ``settings`` (sampling the classes the folders map to),
+    ``classifier`` (None: class-consistency not measured), ``predictors`` (``{kind: file}`` of the learned
+    scorers) and ``run`` (the run folder, ``tclab.runs.RunContext``). Then :meth:`plan` (the notebook's
+    variants and the reference points), :meth:`measure` (``result``, also ``sweep.csv``),
+    :meth:`summarise` (``summary``) and :meth:`write_summary`.
+    """
+
+    model: Any
+    prepared: Any
+    settings: SweepSettings
+    classifier: Any
+    predictors: dict
+    run: Any
+    variants: list[Variant] = field(default_factory=list)
+    result: SweepResult | None = None
+    summary: SweepSummary | None = None
+
+    def plan(self, variants: Sequence[Variant], fora_intervals: Sequence[int] = (2, 3),
+             fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] = DEFAULT_PEERS) -> None:
+        """The points to measure: ``variants`` (the ablation's own) and the :func:`reference_variants`
+        every plot shows, each learned scorer pointed at the predictor file :func:`open_study` checked.
+        Prints the run folder, the model's identity and what will be measured."""
+        from .prepare import with_predictor_paths
+
+        planned = [*variants, *reference_variants(self.settings.num_steps, fora_intervals, fewer_steps, peers)]
+        self.variants = with_predictor_paths(planned, self.predictors)
+        print(self.run.dir)
+        print(self.model.identity())
+        print(f"{len(self.variants)} points; settings {self.settings}")
+
+    def measure(self):
+        """Run the planned points in one harness (:func:`run_sweep`) and save the table as ``sweep.csv``.
+        Returns the points that failed (``name``, ``error``; empty when every point ran)."""
+        if not self.variants:
+            raise RuntimeError("nothing to measure: call plan(variants) first")
+        self.result = run_sweep(self.model, self.variants, self.settings, classifier=self.classifier)
+        frame = self.result.frame
+        frame.to_csv(self.run.path("sweep.csv"), index=False)
+        return frame[frame["error"] != ""][["name", "error"]]
+
+    def summarise(self, budget: float = 0.5, reductions: Sequence[float] = (2, 3)) -> dict:
+        """The run's :class:`tclab.sweep_summary.SweepSummary` (:func:`summarise_sweep`, with the model,
+        the image set and the label map), kept in ``summary``. Prints the best point within ``budget``
+        (ablated variants only, then over every method) and returns the flat headline."""
+        if self.result is None:
+            raise RuntimeError("nothing measured yet: call measure() first")
+        self.summary = summarise_sweep(self.result, budget, reductions, model=self.model,
+                                       image_set=self.prepared.image_set, labels=self.prepared.label_map.to_dict())
+        for best in (self.summary.best_under_budget, self.summary.flops.best_under_budget_any_method):
+            print(best.to_dict() if best is not None else None)
+        return self.summary.headline
+
+    def write_summary(self):
+        """Write ``summary.json`` (the summary's ``to_dict()``) into the run folder; returns its path."""
+        if self.summary is None:
+            raise RuntimeError("no summary yet: call summarise(budget, reductions) first")
+        return self.run.write_summary(self.summary.to_dict())
+
+
+def open_study(notebook: str, run_dir: str | None, model, images, labels, settings: SweepSettings,
+               scorers: Sequence[str] = (), classifier: str | None = None, predictor: Any = "auto",
+               train_missing: bool = True) -> AblationStudy:
+    """Everything an ablation notebook needs before it measures, in this order: load ``model`` (a
+    ``load_dit`` spec, or a ``LoadedDiT``), load ``images`` and map its folders onto the model's
+    classes (``labels``, :func:`tclab.prepare.load_images`), sample those classes (``settings.classes``,
+    unless set), find (or, with ``train_missing``, train) the predictor of each learned scorer among
+    ``scorers`` and the class-consistency ``classifier`` (:mod:`tclab.prepare`), and open the run folder
+    ``run_dir`` (None: a new one under reports/) for ``notebook``."""
+    from . import prepare, runs
+    from .models import LoadedDiT, load_dit
+
+    dit = model if isinstance(model, LoadedDiT) else load_dit(model)
+    prepared = prepare.load_images(images, dit, labels)
+    if settings.classes is None:
+        settings = replace(settings, classes=prepared.label_map.sample_classes)
+    predictors = prepare.ensure_predictors(dit, prepare.learned_kinds(scorers), predictor, train_missing,
+                                           num_steps=settings.num_steps, scheduler=settings.scheduler,
+                                           guidance_scale=settings.guidance_scale, images=images, labels=labels)
+    clf = prepare.classifier_for(dit, classifier, prepared.image_set, prepared.label_map, train_missing)
+    run = runs.open_run(run_dir, notebook=notebook)
+    return AblationStudy(dit, prepared, settings, clf, predictors, run)

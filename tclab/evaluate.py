@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .labels import balanced_labels
 from .models import load_dit
 from .sampling import SampleConfig, sample, save_grid
 
@@ -54,11 +55,6 @@ def _run_into_new_folder(out: str | Path, model_name: str, build) -> dict:
         raise
     result["out"] = str(_finish(stage, final))
     return result
-
-
-def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: an equal share of every class."""
-    return torch.arange(num_samples) % num_classes
 
 
 def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path) -> Path:

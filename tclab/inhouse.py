@@ -5,7 +5,7 @@
 1. **Is the image set usable?** Every file checked (:func:`tclab.data.load_image_folder`), per-class
    counts, every skipped file with its reason (:func:`bad_images_table`), the manifest hash; then a
    class-balanced subset whose folders are mapped onto the model's classes by the one label rule of
-   :mod:`tclab.labels` (:func:`select_images`, :func:`class_table`).
+   :mod:`tclab.labels` (:func:`tclab.prepare.select_images`, :func:`class_table`).
 2. **Is there redundancy to exploit on these images?** The token-change recorder around an SDEdit
    run of the subset, tested with :func:`tclab.analysis.summarise_redundancy` (TokenCache's three
    observations, ``shared/docs/tokencache.md`` section 1).
@@ -42,11 +42,13 @@ import torch
 from . import runs
 from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, check_budget,
                        finite_or_none, run_sweep)
-from .analysis import choose_balanced_images, observation_findings, to_plain
+from .analysis import observation_findings, to_plain
 from .cache import TokenCacheConfig
 from .metrics import FID_FLOOR_RULE
+from .prepare import select_images  # noqa: F401 (re-exported: its home was here; tests call it)
 from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, KeyNumber, ReportSummary, key_numbers_from,
                      verdict_of)
+from .sweep_summary import SweepSummary, SweepSummaryError
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
 ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
@@ -95,20 +97,6 @@ def describe_image_set(image_set) -> str:
         lines.append("flat folder: no class sub-folders, so no labels")
     lines.append(f"manifest sha256 {info['manifest_sha256']}")
     return "\n".join(lines)
-
-
-def select_images(image_set, model, count: int, labels: Any = "auto", label_map=None):
-    """A class-balanced subset of ``count`` images (round robin over the folders, file order within a
-    folder: :func:`tclab.analysis.choose_balanced_images`), as a new ImageSet whose ``labels`` are the
-    model's (class id, or the null class for a folder sampled unconditionally: :mod:`tclab.labels`,
-    ``labels`` or a ready ``label_map``) and whose ``manifest_hash()`` names exactly the images used."""
-    from .labels import resolve_labels
-
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"num_images must be an integer >= 1 (images to run through the model), got {count!r}")
-    label_map = label_map if label_map is not None else resolve_labels(image_set, model, labels)
-    subset = choose_balanced_images(image_set, count)
-    return dataclasses.replace(subset, labels=label_map.labels_for(subset))
 
 
 def class_table(image_set, used, label_map):
@@ -295,15 +283,18 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
     notebook, only the **most recent successful** run of this model at this report's ``num_steps``
     counts (runs at another step count are ignored; ``provenance.json``
     status ``ok`` and ``summary.json`` ``identity.model_weights_sha256 == weights_sha256``): older runs
-    are superseded, since code and settings move on. Each such run's ``best_under_budget`` (written
-    by ``tclab.ablation.summarise_sweep``) is eligible when its ``config.cache`` is a TokenCache
-    setting (not null: not a baseline or peer) that still validates, its ``flop_ratio <= budget`` and
-    it has a PSNR; a ``percentile`` schedule must also have been measured for ``num_steps`` steps.
-    Among eligible points the highest PSNR wins (ties: the lower FLOP ratio).
+    are superseded, since code and settings move on. Each summary is read as a
+    :class:`tclab.sweep_summary.SweepSummary` (written by ``tclab.ablation.summarise_sweep``; one it
+    cannot read is ignored, the reason in its verdict). Its ``best_under_budget`` is eligible when its
+    ``config.cache`` is a TokenCache setting (not null: not a baseline or peer) that still validates,
+    its ``flop_ratio <= budget`` and it has a PSNR; a ``percentile`` schedule must also have been
+    measured for ``num_steps`` steps. Among eligible points the highest PSNR wins (ties: the lower FLOP
+    ratio).
 
     Returns ``(best, considered)``: ``best`` is ``{"run", "notebook", "name", "cache", "flop_ratio",
-    "time_ratio", "psnr", "class_consistency", "settings"}`` or None, and ``considered`` one dict per
-    run looked at (``run``, ``notebook``, ``status``, ``name``, ``flop_ratio``, ``psnr``, ``verdict``).
+    "time_ratio", "psnr", "class_consistency", "settings"}`` (``settings``: the run's
+    ``SweepSettingsRecord``, or None) or None, and ``considered`` one dict per run looked at (``run``,
+    ``notebook``, ``status``, ``name``, ``flop_ratio``, ``psnr``, ``verdict``).
     """
     check_budget(budget, "FLOP ratio")
     considered: list[dict] = []
@@ -312,17 +303,23 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
     for info in runs.list_runs(reports_dir):  # newest first
         if info.notebook not in notebooks:
             continue
-        summary = runs.read_json(info.path / "summary.json")
-        best = summary.get("best_under_budget") if isinstance(summary.get("best_under_budget"), dict) else None
+        path = info.path / "summary.json"
+        try:
+            summary, unreadable = SweepSummary.from_dict(runs.read_json(path), source=path), None
+        except SweepSummaryError as e:
+            summary, unreadable = SweepSummary.from_dict({}), str(e)
+        best = summary.best_under_budget
         row = {"run": info.path.name, "notebook": info.notebook, "status": info.status,
-               "name": best.get("name") if best else None,
-               "flop_ratio": finite_or_none(best.get("flop_ratio")) if best else None,
-               "psnr": finite_or_none(best.get("psnr")) if best else None}
+               "name": best.name if best else None,
+               "flop_ratio": finite_or_none(best.flop_ratio) if best else None,
+               "psnr": finite_or_none(best.psnr) if best else None}
         considered.append(row)
-        identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
-        sha = identity.get("model_weights_sha256")
+        sha = summary.identity.model_weights_sha256 if summary.identity else None
         if info.status != "ok":
             row["verdict"] = f"ignored: run status {info.status!r}, not 'ok'"
+            continue
+        if unreadable:
+            row["verdict"] = f"ignored: {unreadable}"
             continue
         if weights_sha256 is None:
             row["verdict"] = "ignored: this model has no weights hash (an untrained preset), so no run can be matched"
@@ -333,7 +330,7 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
         if sha != weights_sha256:
             row["verdict"] = f"ignored: another model (weights {_short(sha)}, this model {_short(weights_sha256)})"
             continue
-        run_steps = (summary.get("settings") or {}).get("num_steps") if isinstance(summary.get("settings"), dict) else None
+        run_steps = summary.settings.num_steps if summary.settings else None
         if num_steps is not None and run_steps is not None and run_steps != num_steps:
             # a setting's cost and quality depend on the step count: a quick run at other settings
             # (a smoke preset, the test suite) must neither be chosen nor hide a matching older run
@@ -343,11 +340,10 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
             row["verdict"] = f"ignored: superseded by the newer run {newest[info.notebook]} of the same notebook"
             continue
         newest[info.notebook] = info.path.name
-        config = (best or {}).get("config")
-        cache = config.get("cache") if isinstance(config, dict) else None
+        cache = best.cache if best else None
         if best is None:
             row["verdict"] = "not eligible: its sweep had no TokenCache point within its own budget"
-        elif not isinstance(cache, dict):
+        elif cache is None:
             row["verdict"] = "not eligible: its best point is not a TokenCache setting (config.cache is null)"
         elif row["flop_ratio"] is None or row["flop_ratio"] > budget:
             row["verdict"] = f"not eligible: FLOP ratio {row['flop_ratio']} exceeds the budget {budget:g}"
@@ -355,20 +351,19 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
             row["verdict"] = "not eligible: no PSNR measured"
         else:
             try:
-                TokenCacheConfig.from_dict(cache)
-                if cache.get("schedule") == "percentile" and num_steps is not None \
-                        and len(cache.get("step_importance") or []) != num_steps:
-                    raise ValueError(f"percentile schedule measured for {len(cache.get('step_importance') or [])} "
+                cfg = TokenCacheConfig.from_dict(cache)
+                if cfg.schedule == "percentile" and num_steps is not None \
+                        and len(cfg.step_importance or []) != num_steps:
+                    raise ValueError(f"percentile schedule measured for {len(cfg.step_importance or [])} "
                                      f"steps, this report samples {num_steps}")
             except (TypeError, ValueError) as e:
                 row["verdict"] = f"not eligible: {e}"
                 continue
             row["verdict"] = "eligible"
-            eligible.append({"run": info.path.name, "notebook": info.notebook, "name": best.get("name"),
-                             "cache": dict(cache), "flop_ratio": row["flop_ratio"],
-                             "time_ratio": finite_or_none(best.get("time_ratio")), "psnr": row["psnr"],
-                             "class_consistency": finite_or_none(best.get("class_consistency")),
-                             "settings": summary.get("settings") if isinstance(summary.get("settings"), dict) else {}})
+            eligible.append({"run": info.path.name, "notebook": info.notebook, "name": best.name, "cache": cache,
+                             "flop_ratio": row["flop_ratio"], "time_ratio": finite_or_none(best.time_ratio),
+                             "psnr": row["psnr"], "class_consistency": finite_or_none(best.class_consistency),
+                             "settings": summary.settings})
     if not eligible:
         return None, considered
     chosen = sorted(eligible, key=lambda e: (-e["psnr"], e["flop_ratio"]))[0]
@@ -449,9 +444,9 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
     best, considered = find_ablation_recommendation(reports_dir, sha, budget, settings.num_steps)
     if best is not None:
         notes = []
-        src = best["settings"]
-        differs = {k: (src.get(k), getattr(settings, k)) for k in ("num_steps", "scheduler", "guidance_scale")
-                   if k in src and src.get(k) != getattr(settings, k)}
+        src = best["settings"]   # the source run's SweepSettingsRecord (None in a summary without settings)
+        differs = {k: (getattr(src, k), getattr(settings, k)) for k in ("num_steps", "scheduler", "guidance_scale")
+                   if src is not None and getattr(src, k) is not None and getattr(src, k) != getattr(settings, k)}
         if differs:
             notes.append("the source run sampled with other settings ("
                          + ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in differs.items())
@@ -642,7 +637,7 @@ class InhouseMeasurement:
 def measure_on_images(model, rec: Recommendation, settings: SweepSettings, images, classifier=None,
                       extractor=None, reference_images: torch.Tensor | None = None,
                       progress: bool = True) -> InhouseMeasurement:
-    """SDEdit every image of ``images`` (an ImageSet from :func:`select_images`) with full compute and with
+    """SDEdit every image of ``images`` (an ImageSet from :func:`tclab.prepare.select_images`) with full compute and with
     the recommendation, in one ``tclab.ablation.run_sweep`` harness: FLOPs counted on what ran,
     wall-clock of ``settings.timing_batch`` images (median of ``settings.timing_repeats`` interleaved
     pairs, baseline re-run in this process), paired PSNR/SSIM/MSE, class-consistency (``classifier``),

@@ -185,6 +185,11 @@ def model_num_classes(model) -> int:
     return int(getattr(model.transformer.config, "num_embeds_ada_norm", None) or NULL_CLASS)
 
 
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., C-1, 0, 1, ...: an equal share of every class (the labels of samples drawn from noise)."""
+    return torch.arange(num_samples) % num_classes
+
+
 def _class_index(names: list[str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     full: dict[str, list[int]] = {}
     alias: dict[str, list[int]] = {}

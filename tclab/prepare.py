@@ -5,6 +5,7 @@ are the same everywhere:
 
 - :func:`load_images`: the image folder as the user typed it (``tclab.paths``), validated
   (``tclab.data``), with its label map onto the model's classes (``tclab.labels``), printed;
+  :func:`select_images`: a class-balanced subset of it, labelled with the model's classes;
 - :func:`ensure_predictors`: the Cache Predictor of *this* model's weights for each learned scorer,
   found in the artefact store (``tclab.artefacts``) or, with ``train_missing``, trained now at a
   smoke size (with a progress bar) and kept there, so the first run on a new model just works;
@@ -38,9 +39,7 @@ class PreparedImages:
 
     def balanced(self, count: int):
         """A class-balanced subset of ``count`` images (round robin over the folders) whose ``labels`` are
-        the model's: what is sampled (:func:`tclab.inhouse.select_images`)."""
-        from .inhouse import select_images
-
+        the model's: what is sampled (:func:`select_images`)."""
         return select_images(self.image_set, None, count, label_map=self.label_map)
 
     def summary(self) -> dict:
@@ -59,6 +58,23 @@ def load_images(images: str | Path, model, labels: Any = "auto", limit: int | No
     label_map = resolve_labels(image_set, model, labels)
     print(label_map.describe())
     return PreparedImages(image_set, label_map)
+
+
+def select_images(image_set, model, count: int, labels: Any = "auto", label_map=None):
+    """A class-balanced subset of ``count`` images (round robin over the folders, file order within a
+    folder: :func:`tclab.analysis.choose_balanced_images`), as a new ImageSet whose ``labels`` are the
+    model's (class id, or the null class for a folder sampled unconditionally: :mod:`tclab.labels`,
+    ``labels`` or a ready ``label_map``) and whose ``manifest_hash()`` names exactly the images used."""
+    import dataclasses
+
+    from .analysis import choose_balanced_images
+    from .labels import resolve_labels
+
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"num_images must be an integer >= 1 (images to run through the model), got {count!r}")
+    label_map = label_map if label_map is not None else resolve_labels(image_set, model, labels)
+    subset = choose_balanced_images(image_set, count)
+    return dataclasses.replace(subset, labels=label_map.labels_for(subset))
 
 
 # ---- Cache Predictors ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""tclab.ablation: variant builders, the sweep harness on a tiny DiT, and the readers of a sweep
-(Pareto front, best under budget, winners at a reduction) on hand-made tables with known answers."""
+"""tclab.ablation: variant builders, the sweep harness on a tiny DiT, the readers of a sweep (Pareto
+front, best under budget, winners at a reduction) on hand-made tables with known answers, the typed
+summary.json (tclab.sweep_summary) and the steps the ablation notebooks share (open_study)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from tclab import ablation as A
 from tclab.cache import TokenCacheConfig
+from tclab.sweep_summary import SCHEMA_VERSION, SweepSummary, SweepSummaryError
 
 
 def frame(rows):
@@ -205,18 +207,148 @@ def test_per_image_error_matches_the_table(sweep):
     assert float(np.mean(e["psnr"])) == pytest.approx(res.frame.set_index("name").loc["random rho=0.25", "psnr"])
 
 
-def test_summary_is_plain_json(sweep):
+@pytest.fixture(scope="module")
+def summary(sweep):
     model, res = sweep
     budget = float(res.frame.set_index("name").loc["random rho=0.25", "flop_ratio"]) + 1e-9
-    s = A.summarise_sweep(res, budget=budget, reductions=(1.5, 2), model=model)
-    text = json.dumps(s)  # plain values only
+    return A.summarise_sweep(res, budget=budget, reductions=(1.4, 2), model=model, labels={"spec": "auto"})
+
+
+def test_summary_is_plain_json(sweep, summary):
+    model, res = sweep
+    text = json.dumps(summary.to_dict())  # plain values only
     assert "NaN" not in text
-    assert s["headline"]["points"] == 7 and s["headline"]["failed_points"] == 1
-    assert s["best_under_budget"]["name"] == "random rho=0.25"
-    assert s["best_under_budget"]["config"]["cache"]["rho"] == 0.25
-    assert s["identity"]["model_weights_sha256"] == model.identity()["weights_sha256"]
-    grids = A.images_of_winners(res, budget)
+    assert summary.headline["points"] == 7 and summary.headline["failed_points"] == 1
+    assert summary.best_under_budget.name == "random rho=0.25"
+    assert summary.best_under_budget.cache["rho"] == 0.25
+    assert summary.identity.model_weights_sha256 == model.identity()["weights_sha256"]
+    assert summary.settings.num_steps == SETTINGS.num_steps and summary.labels == {"spec": "auto"}
+    assert summary.report == A.sweep_report(summary, (1.4, 2)) == A.sweep_report(summary.to_dict(), (1.4, 2))
+    grids = A.images_of_winners(res, summary.flops.budget)
     assert list(grids)[0] == "full compute" and len(grids) == 2
+
+
+# ---- summary.json: the typed, versioned SweepSummary ---------------------------------------------------
+
+def test_sweep_summary_round_trips_through_its_file(summary, tmp_path):
+    d = summary.to_dict()
+    assert d["version"] == SCHEMA_VERSION and list(d) == [
+        "version", "headline", "flops", "wall_clock", "best_under_budget", "settings", "points", "identity",
+        "report", "labels"]   # the order summary.json has always had, the version first
+    assert d["best_under_budget"] == d["flops"]["best_under_budget"] and d["headline"] == summary.headline
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(d, indent=2))
+    back = SweepSummary.read(path)
+    assert back == summary and json.dumps(back.to_dict()) == json.dumps(d)   # same values, same key order
+    at = back.flops.at(1.4)
+    assert at.winner == "random" == d["flops"]["at_1.4x"]["winner"]
+    assert at.best_reference.name == d["flops"]["at_1.4x"]["best_reference"]["name"] == d["headline"][
+        "best_reference_at_1.4x"]
+    assert back.flops.at(2).winner is None and "no ablated variant" in back.flops.at(2).note
+    # the hand-made table has a runner-up and ties to carry as well
+    hand = A.summarise_sweep(A.SweepResult(HAND, {}, torch.zeros(0), A.SweepSettings(), []), 0.5, (2, 3))
+    at2 = hand.flops.at(2)
+    assert (at2.winner, at2.runner_up, at2.psnr_margin, at2.best_reference.name) == ("b", "c", 1.0, "FORA")
+    assert hand.headline["winner_at_2x_flops"] == "b" and hand.headline["failed_points"] == 1
+    assert SweepSummary.from_dict(json.loads(json.dumps(hand.to_dict()))) == hand
+    # keys a notebook adds itself (and the figures RunContext.write_summary adds) come back as they were
+    more = {**d, "figures": ["pareto.png"], "notes": {"by": "hand"}}
+    assert SweepSummary.from_dict(more).to_dict() == more
+
+
+def test_an_unversioned_summary_from_before_is_read(summary):
+    old = {k: v for k, v in summary.to_dict().items() if k != "version"}  # what summarise_sweep wrote before
+    back = SweepSummary.from_dict(old)
+    assert back == summary and back.to_dict() == {"version": SCHEMA_VERSION, **old}
+    # an older, sparser one (as the in-house tests write): what it lacks is read as absent
+    sparse = SweepSummary.from_dict({"headline": {}, "best_under_budget": {
+        "name": "x", "flop_ratio": 0.4, "psnr": 30.0, "config": {"name": "x", "cache": {"rho": 0.1}}},
+        "identity": {"model": "m", "model_weights_sha256": "a" * 64}})
+    assert sparse.best_under_budget.name == "x" and sparse.best_under_budget.cache == {"rho": 0.1}
+    assert sparse.identity.model_weights_sha256 == "a" * 64
+    assert sparse.settings is None and sparse.points == () and sparse.flops.at(2) is None
+    assert SweepSummary.from_dict({}).best_under_budget is None   # a run that wrote no summary
+
+
+def test_a_summary_of_another_version_or_malformed_names_the_file_and_field(summary, tmp_path):
+    import copy
+    import re
+
+    d = summary.to_dict()
+    path = tmp_path / "run" / "summary.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**d, "version": 2}))
+    with pytest.raises(SweepSummaryError, match=re.escape(f"{path}: version is 2; this tclab reads sweep summaries "
+                                                          f"of layout version {SCHEMA_VERSION}")):
+        SweepSummary.read(path)
+
+    def refused(edit, match):
+        bad = copy.deepcopy(d)
+        edit(bad)
+        with pytest.raises(SweepSummaryError, match=match):
+            SweepSummary.from_dict(bad, source=path)
+
+    at = f"summary.json: flops.best_under_budget.psnr must be a number or null, got 'high'"
+    refused(lambda b: b["flops"]["best_under_budget"].update(psnr="high"), re.escape(at))
+    refused(lambda b: b["best_under_budget"].update(psnr=1.0), r"best_under_budget differs from flops")
+    refused(lambda b: b.pop("settings"), r"summary.json: settings is missing")
+    refused(lambda b: b["settings"].update(num_steps="ten"), r"settings.num_steps must be an integer, got 'ten'")
+    refused(lambda b: b["settings"].update(steps=10), r"settings has unknown key\(s\) \['steps'\]")
+    refused(lambda b: b["wall_clock"].update(cost="flop_ratio"), r"wall_clock.cost ranks cost by 'flop_ratio'")
+    refused(lambda b: b["headline"].update(points=99), r"headline disagrees with .* at \['points'\]")
+    refused(lambda b: b.update(points="all"), r"points must be a list of JSON objects")
+    refused(lambda b: b["report"].update(version=9), r"report cannot be read: .*layout version 9")
+    with pytest.raises(SweepSummaryError, match="is a JSON object, got list"):
+        SweepSummary.from_dict([], source=path)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(SweepSummaryError, match="broken.json: cannot read a sweep summary"):
+        SweepSummary.read(tmp_path / "broken.json")
+
+
+def test_the_summary_records_every_sweep_setting():
+    from dataclasses import fields
+
+    from tclab.sweep_summary import SweepSettingsRecord
+
+    assert [f.name for f in fields(SweepSettingsRecord)] == [f.name for f in fields(A.SweepSettings)]
+
+
+# ---- the ablation notebooks' steps --------------------------------------------------------------------
+
+def test_a_study_runs_an_ablation_notebook_step_by_step(sweep, tmp_path, capsys):
+    from PIL import Image
+
+    model, _ = sweep
+    for c in ("a", "b"):
+        (tmp_path / "set" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 60 * i + (0 if c == "a" else 120), np.uint8)).save(
+                tmp_path / "set" / c / f"{i}.png")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    settings = A.SweepSettings(num_steps=4, quality_samples=2, timing_batch=1, timing_repeats=1)
+    study = A.open_study("02_ablation_predictor.ipynb", str(run_dir), model, str(tmp_path / "set"), "auto", settings,
+                         ["random"], train_missing=False)
+    assert study.model is model and study.settings.classes == [0, 1]   # the classes the folders map to
+    with pytest.raises(RuntimeError, match="call plan"):
+        study.measure()
+    study.plan(A.predictor_variants(["random"], [0.25], {"schedule": "round-robin", "interval": 2}),
+               fora_intervals=[2], fewer_steps=[2], peers=[])
+    printed = capsys.readouterr().out
+    assert str(run_dir) in printed and "4 points; settings" in printed
+    assert [v.name for v in study.variants] == ["random rho=0.25", "full compute", "fewer steps (2)",
+                                                "FORA (interval 2)"]
+    failed = study.measure()
+    assert list(failed.columns) == ["name", "error"] and failed.empty
+    assert pd.read_csv(run_dir / "sweep.csv")["name"].tolist() == study.result.frame["name"].tolist()
+    head = study.summarise(budget=0.9, reductions=(1.5,))
+    assert head == study.summary.headline and head["points"] == 4
+    best = study.summary.best_under_budget
+    assert capsys.readouterr().out.splitlines()[-2] == str(best.to_dict() if best else None)
+    assert study.summary.labels == study.prepared.label_map.to_dict()
+    assert study.summary.identity.images_manifest_sha256 == study.prepared.image_set.manifest_hash()
+    path = study.write_summary()
+    assert json.loads(path.read_text()) == study.summary.to_dict() and SweepSummary.read(path) == study.summary
 
 
 def test_sweep_refuses_a_classifier_of_other_classes(sweep):

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -43,17 +44,19 @@ def best_point(name="learned-static rho=0.1", flop_ratio=0.45, psnr=30.0, cache=
 
 
 def write_run(reports: Path, start: str, notebook: str, status: str = "ok", sha: str | None = SHA,
-              best: dict | None = None, num_steps: int = 4, tag: str = "smoke") -> str:
-    """A run folder as ``tclab run`` leaves it; ``start`` like '20260101T000000Z'. Returns its name."""
+              best: dict | None = None, num_steps: int = 4, tag: str = "smoke", summary: dict | None = None) -> str:
+    """A run folder as ``tclab run`` leaves it; ``start`` like '20260101T000000Z'. Returns its name. Its
+    summary.json is ``summary``, else an unversioned one from before (only the parts the recommendation reads)."""
     name = f"{start}_{notebook}_{tag}" + (runs.FAILED_SUFFIX if status == "failed" else "")
     d = reports / name
     d.mkdir(parents=True)
     iso = f"{start[:4]}-{start[4:6]}-{start[6:8]}T{start[9:11]}:{start[11:13]}:{start[13:15]}Z"
     (d / "provenance.json").write_text(json.dumps({"status": status, "notebook": f"/x/notebooks/{notebook}.ipynb",
                                                    "tag": tag, "start_utc": iso}))
-    summary = {"headline": {}, "best_under_budget": best if best is not None else best_point(),
-               "settings": {"num_steps": num_steps, "scheduler": "ddim", "guidance_scale": 4.0},
-               "identity": {"model": "m", "model_weights_sha256": sha}}
+    if summary is None:
+        summary = {"headline": {}, "best_under_budget": best if best is not None else best_point(),
+                   "settings": {"num_steps": num_steps, "scheduler": "ddim", "guidance_scale": 4.0},
+                   "identity": {"model": "m", "model_weights_sha256": sha}}
     (d / "summary.json").write_text(json.dumps(summary))
     return name
 
@@ -134,6 +137,43 @@ def test_reports_folder_of_a_staged_and_an_interactive_run(tmp_path):
     assert inhouse.reports_folder(runs.RunContext(dir=tmp_path / "r", managed=True)) == tmp_path.resolve()
     ctx = runs.RunContext(dir=tmp_path / "r", managed=False, reports_dir=tmp_path / "elsewhere")
     assert inhouse.reports_folder(ctx) == tmp_path / "elsewhere"
+
+
+def test_reads_the_summary_summarise_sweep_writes(tmp_path):
+    from tclab import ablation
+
+    class Model:
+        name = "m"
+
+        def identity(self):
+            return {"weights_sha256": SHA}
+
+    rows = [("full compute", "full compute", "reference", 1.0, 1.0, 100.0, None),
+            ("learned-static rho=0.1", "learned-static", "ablation", 0.45, 0.5, 31.0, STATIC),
+            ("FORA (interval 3)", "FORA", "baseline", 0.4, 0.45, 33.0, None)]
+    frame = pd.DataFrame([{"name": n, "curve": c, "family": f, "flop_ratio": fr, "time_ratio": tr, "psnr": q,
+                           "ssim": 0.9, "class_consistency": 0.8, "error": "",
+                           "config": json.dumps({"name": n, "cache": cache})} for n, c, f, fr, tr, q, cache in rows])
+    sweep = ablation.SweepResult(frame, {}, torch.zeros(0), SweepSettings(**TINY_SETTINGS), [])
+    summary = ablation.summarise_sweep(sweep, 0.5, (2,), model=Model()).to_dict()
+    assert summary["version"] == 1
+    run = write_run(tmp_path, "20260101T000000Z", "03_ablation_block_selection", summary=summary)
+    best, considered = inhouse.find_ablation_recommendation(tmp_path, SHA, budget=0.5, num_steps=4)
+    assert best["run"] == run and best["name"] == "learned-static rho=0.1" and best["cache"] == STATIC
+    assert best["settings"].num_steps == 4 and best["time_ratio"] == 0.5
+
+
+def test_a_summary_it_cannot_read_is_ignored_with_the_file_and_field(tmp_path):
+    other = write_run(tmp_path, "20260103T000000Z", "02_ablation_predictor",
+                      summary={"version": 99, "best_under_budget": best_point("v99", 0.3, 40)})
+    typo = write_run(tmp_path, "20260102T000000Z", "03_ablation_block_selection",
+                     summary={"best_under_budget": {**best_point("t", 0.3, 40), "psnr": "40 dB"}})
+    good = write_run(tmp_path, "20260101T000000Z", "04_ablation_tprr")
+    best, considered = inhouse.find_ablation_recommendation(tmp_path, SHA, budget=0.5)
+    assert best["run"] == good
+    v = verdicts(considered)
+    assert v[other].startswith(f"ignored: {tmp_path / other / 'summary.json'}: version is 99")
+    assert v[typo].startswith("ignored: ") and "best_under_budget.psnr must be a number or null, got '40 dB'" in v[typo]
 
 
 # ---- recommend() ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tclab import ablation, runs
+from tclab.cache.peers import PEERS
 from tclab.models import load_dit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def test_sweep_has_every_curve_and_reference_point(executed):
     assert set(f.loc[f["family"] == "ablation", "curve"]) == CURVES[name]
     names = set(f["name"])
     assert {"full compute", "fewer steps (2)", "FORA (interval 2)"} <= names
-    assert {f"peer {p}" for p in ("fbcache", "taylorseer", "pab", "dbcache")} <= names  # reported even if not installed
+    assert {f"peer {p}" for p in PEERS} <= names  # every registered peer, reported even if not installed
     ok = f[f["error"] == ""]
     try:
         import cache_dit  # noqa: F401
