@@ -59,6 +59,7 @@ QUALITY_LABELS = {"psnr": "PSNR vs full compute (dB)", "ssim": "SSIM vs full com
                   "lpips": "LPIPS vs full compute", "class_consistency": "class-consistency",
                   "fid": "FID (see extractor note)", "kid": "KID"}
 DEFAULT_PEERS = PEERS.keys()  # every registered peer, a live view (tclab.cache.peers.register_peer)
+REGISTERED = "registered"  # as a notebook's `peers` parameter: every registered peer
 
 
 # ---- what a point is --------------------------------------------------------------------------------
@@ -140,11 +141,17 @@ def _budget_label(rho: float) -> str:
 # ---- the variants of each ablation --------------------------------------------------------------------
 
 def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), fewer_steps: Sequence[int] = (25, 17),
-                       peers: Sequence[str] = DEFAULT_PEERS) -> list[Variant]:
+                       peers: Sequence[str] | str = DEFAULT_PEERS) -> list[Variant]:
     """Full compute and the reference points every ablation plot shows: fewer sampling steps (the
     cheapest rival: same FLOPs per step, fewer steps), FORA (block-level caching, round-robin) and the
-    external peers (diffusers' cache hooks, cache-dit). ``fewer_steps`` values >= ``num_steps`` are
+    external peers (diffusers' cache hooks, cache-dit): ``peers="registered"`` (the notebooks' default)
+    is every registered peer, a team's own included. ``fewer_steps`` values >= ``num_steps`` are
     dropped (they would not save anything)."""
+    if isinstance(peers, str):
+        if peers != REGISTERED:
+            raise ValueError(f"peers must be a list of peer names or {REGISTERED!r} (every registered peer: "
+                             f"{list(PEERS)}), got {peers!r}")
+        peers = list(PEERS)
     out = [full_compute()]
     dropped = [int(n) for n in fewer_steps if int(n) >= num_steps]
     if dropped:
@@ -810,7 +817,7 @@ class AblationStudy:
     summary: SweepSummary | None = None
 
     def plan(self, variants: Sequence[Variant], fora_intervals: Sequence[int] = (2, 3),
-             fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] = DEFAULT_PEERS) -> None:
+             fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] | str = DEFAULT_PEERS) -> None:
         """The points to measure: ``variants`` (the ablation's own) and the :func:`reference_variants`
         every plot shows, each learned scorer pointed at the predictor file :func:`open_study` checked.
         Prints the run folder, the model's identity and what will be measured."""

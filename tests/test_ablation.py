@@ -362,3 +362,13 @@ def test_sweep_refuses_a_classifier_of_other_classes(sweep):
         A.run_sweep(model, [], SETTINGS, classifier=Clf(), progress=False)
     with pytest.raises(ValueError, match="extractor and reference_images"):
         A.run_sweep(model, [], SETTINGS, extractor=object(), progress=False)
+
+
+def test_reference_points_take_every_registered_peer_by_default():
+    from tclab.cache.peers import PEERS
+
+    names = {v.peer for v in A.reference_variants(10, peers="registered") if v.peer}
+    assert names == set(PEERS)
+    assert [v.peer for v in A.reference_variants(10, peers=["pab"]) if v.peer] == ["pab"]
+    with pytest.raises(ValueError, match="'registered'"):
+        A.reference_variants(10, peers="all of them")
