@@ -41,7 +41,7 @@ import torch
 from .cache import TokenCacheConfig, apply_caching
 from .cache.config import fora_config
 from .cache.methods import method_config
-from .cache.peers import PEERS
+from .cache.peers import PEERS, peer_names
 from .labels import balanced_labels
 from .metrics import count_flops, distribution_quality, mse, psnr, ssim
 from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, format_number, key_numbers_from
@@ -151,7 +151,7 @@ def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), f
         if peers != REGISTERED:
             raise ValueError(f"peers must be a list of peer names or {REGISTERED!r} (every registered peer: "
                              f"{list(PEERS)}), got {peers!r}")
-        peers = list(PEERS)
+        peers = peer_names()
     out = [full_compute()]
     dropped = [int(n) for n in fewer_steps if int(n) >= num_steps]
     if dropped:

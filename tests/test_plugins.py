@@ -39,6 +39,28 @@ class CentreScorer(TokenScorer):
 register_scorer("team-centre", lambda config, **options: CentreScorer())
 '''
 
+PEER_PY = '''
+from dataclasses import dataclass
+
+from tclab.cache.peers import DiffusersPeer, register_peer
+
+
+@dataclass
+class NothingConfig:
+    """A peer that hooks nothing (a test of discovery)."""
+
+
+class NothingPeer(DiffusersPeer):
+    def __init__(self, model, config):
+        super().__init__("team-nothing", model, config)
+
+    def _install(self):
+        pass
+
+
+register_peer("team-nothing", NothingConfig, NothingPeer)
+'''
+
 METHODS_PY = '''
 from dataclasses import dataclass
 
@@ -95,6 +117,7 @@ def team_package(tmp_path, monkeypatch):
     (root / "team_ext" / "__init__.py").write_text("")
     (root / "team_ext" / "scorers.py").write_text(SCORERS_PY)
     (root / "team_ext" / "methods.py").write_text(METHODS_PY)
+    (root / "team_ext" / "peer.py").write_text(PEER_PY)
     info = root / "team_ext-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: team-ext\nVersion: 0.1\n")
@@ -104,6 +127,7 @@ def team_package(tmp_path, monkeypatch):
 
         [tclab.methods]
         team-half-last = team_ext.methods
+        team-nothing = team_ext.peer
         """))
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("PYTHONPATH", str(root))
@@ -113,6 +137,10 @@ def team_package(tmp_path, monkeypatch):
 
     SCORERS._factories.pop("team-centre", None)
     METHODS.unregister("team-half-last")
+    from tclab.cache.peers import PEERS, unregister_peer
+
+    if "team-nothing" in PEERS:
+        unregister_peer("team-nothing")
     for name in [m for m in sys.modules if m == "team_ext" or m.startswith("team_ext.")]:
         del sys.modules[name]
 
@@ -124,6 +152,15 @@ def test_entry_points_make_names_known_before_import(team_package):
     assert "team-centre" in available_scorers() and "team-half-last" in available_methods()
     TokenCacheConfig(scorer="team-centre")  # validates by name, nothing imported yet
     assert "team_ext.scorers" not in sys.modules
+
+
+def test_a_team_peer_joins_the_registered_peers(team_package):
+    from tclab.ablation import reference_variants
+    from tclab.cache.peers import PEERS, peer_names
+
+    assert "team-nothing" not in PEERS  # not imported yet
+    assert peer_names()[-1] == "team-nothing"  # the entry point was imported and registered it
+    assert "peer team-nothing" in {v.name for v in reference_variants(10, peers="registered")}
 
 
 def test_a_team_scorer_and_method_run_by_name(team_package, pixel_dit):

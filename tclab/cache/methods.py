@@ -142,6 +142,10 @@ class MethodRegistry:
         for name in self.providers:
             self._load(name)
 
+    def registered(self) -> dict[str, type]:
+        """The methods loaded now: name -> config class."""
+        return {name: cls for name, (cls, _) in self._by_name.items()}
+
     def names(self) -> list[str]:
         """Every method name: registered ones and built-ins not loaded yet."""
         return sorted(set(self._by_name) | set(self.providers))

@@ -22,7 +22,7 @@ import torch
 from ...models import LoadedDiT
 from ...steps import StepTracker, bind_model_call, dit_blocks
 from ..methods import (BUILTIN_METHODS, METHODS, PEER_CONTEXT_HOOK, TOKEN_CACHE_MODEL_HOOK, CachingHandle,
-                       available_methods, common_stats, drop_plain_forward, register_method)
+                       common_stats, drop_plain_forward, register_method)
 
 
 class PeerUnavailableError(RuntimeError):
@@ -371,7 +371,9 @@ def register_peer(name: str, config_class: type, handle_class: type,
     if old is not None and (old.config_class, old.handle_class) != (config_class, handle_class):
         raise ValueError(f"a peer named {name!r} is already registered ({old.config_class.__name__}); "
                          "pick another name or unregister_peer it first")
-    if old is None and name in available_methods() and BUILTIN_METHODS.get(name) != config_class.__module__:
+    taken = METHODS.registered().get(name, config_class) is not config_class or \
+        BUILTIN_METHODS.get(name, config_class.__module__) != config_class.__module__
+    if old is None and taken:
         raise ValueError(f"{name!r} is already the name of a caching method; pick another name for the peer")
 
     def apply(model, **options) -> PeerHandle:
@@ -399,7 +401,9 @@ def unregister_peer(name: str) -> None:
 
 
 def peer_names() -> list[str]:
-    """The registered peers' names, in ``PEERS`` order."""
+    """The registered peers' names, in ``PEERS`` order, installed packages' own (entry points of
+    ``tclab.methods``) included: they are imported here, so they register."""
+    METHODS.load_builtins()
     return list(PEERS)
 
 
