@@ -14,13 +14,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "tclab"
 
 #: Modules that import nothing from tclab (torch, diffusers and the standard library only).
-LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "tclab.anatomy")
+LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "tclab.anatomy", "tclab.stats")
 
 #: The layers of docs/architecture.md, lowest first. A module imports only from its layer or lower ones;
 #: a new module must be placed here (the test says so), which is the moment to decide where it belongs.
 LAYERS = [
     ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
-                "tclab.cache.schedule", "tclab.cache.select"]),
+                "tclab.cache.schedule", "tclab.cache.select", "tclab.stats"]),
     ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data"]),
     ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
     ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",
