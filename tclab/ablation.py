@@ -58,8 +58,8 @@ COST_LABELS = {"flop_ratio": "FLOPs / full compute (counted)", "time_ratio": "wa
 QUALITY_LABELS = {"psnr": "PSNR vs full compute (dB)", "ssim": "SSIM vs full compute", "mse": "MSE vs full compute",
                   "lpips": "LPIPS vs full compute", "class_consistency": "class-consistency",
                   "fid": "FID (see extractor note)", "kid": "KID"}
-DEFAULT_PEERS = PEERS.keys()  # every registered peer, a live view (tclab.cache.peers.register_peer)
-REGISTERED = "registered"  # as a notebook's `peers` parameter: every registered peer
+REGISTERED = "registered"  # as `peers`: every registered peer, installed packages' included (peer_names())
+DEFAULT_PEERS = REGISTERED
 
 
 # ---- what a point is --------------------------------------------------------------------------------

@@ -51,11 +51,8 @@ class NothingConfig:
 
 
 class NothingPeer(DiffusersPeer):
-    def __init__(self, model, config):
-        super().__init__("team-nothing", model, config)
-
     def _install(self):
-        pass
+        pass  # hooks nothing: the outputs stay exact
 
 
 register_peer("team-nothing", NothingConfig, NothingPeer)
@@ -161,6 +158,30 @@ def test_a_team_peer_joins_the_registered_peers(team_package):
     assert "team-nothing" not in PEERS  # not imported yet
     assert peer_names()[-1] == "team-nothing"  # the entry point was imported and registered it
     assert "peer team-nothing" in {v.name for v in reference_variants(10, peers="registered")}
+
+
+def test_a_team_peer_runs_in_a_sweep(team_package, pixel_dit):
+    from tclab.ablation import SweepSettings, reference_variants, run_sweep
+
+    points = [v for v in reference_variants(4, fora_intervals=(), fewer_steps=(), peers="registered")
+              if v.name in ("full compute", "peer team-nothing")]
+    result = run_sweep(pixel_dit, points, SweepSettings(num_steps=4, quality_samples=2, timing_batch=1,
+                                                        timing_repeats=1), progress=False)
+    row = result.frame.set_index("name").loc["peer team-nothing"]
+    assert row["error"] == "" and row["flop_ratio"] == 1.0  # it ran, and (hooking nothing) saved nothing
+    assert torch.equal(result.images["peer team-nothing"], result.images["full compute"])
+
+
+def test_a_broken_plugin_is_skipped_with_a_warning_not_fatal(team_package, pixel_dit):
+    from tclab.cache import TokenCacheConfig, apply_caching
+    from tclab.cache.methods import METHODS
+
+    info = team_package / "team_ext-0.1.dist-info" / "entry_points.txt"
+    info.write_text(info.read_text() + "team-broken = team_ext_not_installed.sub\n")
+    with pytest.warns(UserWarning, match="team-broken.*could not be imported"):
+        METHODS.load_builtins()
+    with apply_caching(pixel_dit.transformer, TokenCacheConfig(rho=0.3)) as handle:  # everything else works
+        assert handle.method == "tokencache"
 
 
 def test_a_team_scorer_and_method_run_by_name(team_package, pixel_dit):

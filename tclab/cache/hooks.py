@@ -106,7 +106,8 @@ class StepRecord:
 @dataclass
 class TokenCacheState:
     """The cache of one transformer, returned by ``apply_token_cache``. ``reset_state()`` forgets every
-    cached tensor and the run bookkeeping (it happens by itself when a new run starts); ``history``
+    cached tensor and makes the next call start a new run (the cache is also cleared by itself when a
+    new run starts); ``history``
     (one ``StepRecord`` per transformer call) is kept across runs until ``clear_history()``."""
 
     config: TokenCacheConfig
@@ -221,8 +222,8 @@ class TokenCacheModelHook(ModelHook):
         rows, grid = x.shape[0], (x.shape[-2] // p, x.shape[-1] // p)
         if st.step is not None and (rows, grid) != (st.rows, st.grid):
             raise RuntimeError(f"token cache: the batch changed from {st.rows} rows / grid {st.grid} to {rows} rows / "
-                               f"grid {grid} within one run (step {ctx.step}); call state.reset_state() before a new "
-                               "run, or set TokenCacheConfig.num_steps so pipeline runs are delimited")
+                               f"grid {grid} within one sampling step run (step {ctx.step} of run {ctx.run_id}); "
+                               "is something else calling the transformer inside the sampler's step?")
         st.step, st.rows, st.grid, st.num_tokens = ctx, rows, grid, grid[0] * grid[1]
         full = ctx.step == 0 or st.full_steps_done == 0
         if not full and ctx.num_steps:
@@ -398,15 +399,16 @@ def apply_token_cache(transformer, config: TokenCacheConfig | dict | None = None
     elif not isinstance(config, TokenCacheConfig):
         raise TypeError(f"config must be a TokenCacheConfig or a dict, got {type(config).__name__}")
     blocks = _blocks_of(transformer)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
-        raise RuntimeError("a token cache is already applied to this transformer; call "
-                           "tclab.cache.remove_token_cache(transformer) first")
-    if registry.get_hook(PEER_CONTEXT_HOOK) is not None:
+    existing = getattr(transformer, "_diffusers_hook", None)  # looked at, not created: a disabled cache adds nothing
+    if existing is not None and existing.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
+        raise RuntimeError("a token cache is already applied to this transformer; call its handle's remove() "
+                           "(or tclab.cache.remove_token_cache(transformer)) first")
+    if existing is not None and existing.get_hook(PEER_CONTEXT_HOOK) is not None:
         raise RuntimeError("an external caching peer (tclab.cache.peers) is applied to this transformer; "
                            "call its handle's remove() before applying a token cache")
     if not config.enabled:
         return TokenCacheState(config=config, num_blocks=len(blocks), scorer=None)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
     forced = min(len(blocks), config.full_first_blocks + config.full_last_blocks)
     if forced and config.rho < forced / len(blocks):
         warnings.warn(f"token cache: rho={config.rho:g} is below the share of the forced-full blocks ({forced} of "
@@ -464,6 +466,8 @@ class TokenCacheHandle(CachingHandle):
         self.state = apply_token_cache(transformer, config)
 
     def reset(self) -> None:
+        if self.removed:
+            raise RuntimeError("this token cache was removed; apply it again with tclab.cache.apply_caching")
         self.state.reset_state()
 
     def stats(self) -> dict:
@@ -476,6 +480,8 @@ class TokenCacheHandle(CachingHandle):
     def remove(self) -> None:
         if not self.removed and get_token_cache_state(self.transformer) is self.state:
             remove_token_cache(self.transformer)
+        if not self.removed:
+            self.state.reset_state()  # drop the cached tensors; the history stays for stats()
         self.removed = True
 
 

@@ -27,13 +27,15 @@ Every handle (:class:`CachingHandle`) has ``method``, ``config``, ``transformer`
 each None where a method cannot say it (e.g. TaylorSeer's hooks do not report which calls they
 forecast); the FLOP counter (``tclab.metrics.count_flops``) measures every method alike.
 
-This module is the leaf of ``tclab.cache``'s hook plumbing: the hook names every method registers,
-the check that a transformer carries no other caching, and the removal helper all of them share.
+This module is also the bottom of ``tclab.cache``'s hook plumbing: the hook names the built-in
+methods register (each refuses to go on a transformer that carries another's) and the removal
+helper all of them share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -107,16 +109,18 @@ class MethodRegistry:
         self.builtin = dict(providers)
         self.group = group
         self._by_name: dict[str, tuple[type, Callable[..., CachingHandle]]] = {}
+        self._takes_model: set[str] = set()
 
     @property
     def providers(self) -> dict[str, str]:
         found = entry_point_providers(self.group) if self.group else {}
         return {**found, **self.builtin}
 
-    def register(self, name: str, config_class: type, apply: Callable[..., CachingHandle]) -> None:
+    def register(self, name: str, config_class: type, apply: Callable[..., CachingHandle], *,
+                 takes_model: bool = False) -> None:
         """``apply(transformer, config) -> CachingHandle`` is what :func:`apply_caching` calls for a
-        ``config_class`` instance; ``transformer`` is what the caller gave (a ``DiTTransformer2DModel``
-        or a ``LoadedDiT``, whose ``.transformer`` it is)."""
+        ``config_class`` instance, with the bare ``DiTTransformer2DModel`` (``takes_model=True``: with
+        what the caller gave, a ``LoadedDiT`` or a transformer, e.g. to name the model in messages)."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"a method name must be a non-empty string, got {name!r}")
         if not isinstance(config_class, type) or not callable(apply):
@@ -125,13 +129,25 @@ class MethodRegistry:
         for other, (cls, _) in self._by_name.items():
             if cls is config_class and other != name:
                 raise ValueError(f"{config_class.__name__} is already the config of method {other!r}")
+        old = self._by_name.get(name)
+        if old is not None and old[0] is not config_class:
+            raise ValueError(f"{name!r} is already the caching method of {old[0].__name__}; pick another name "
+                             "(or unregister it first)")
+        if name in self.builtin and self.builtin[name] not in (config_class.__module__,
+                                                               getattr(apply, "__module__", None)):
+            raise ValueError(f"{name!r} is a built-in caching method (from {self.builtin[name]}); pick another name")
         self._by_name[name] = (config_class, apply)
+        if takes_model:
+            self._takes_model.add(name)
+        else:
+            self._takes_model.discard(name)
 
     def unregister(self, name: str) -> None:
         """Forget a registered method (a test's or a session's own); built-in names cannot be dropped."""
         if name in self.builtin:
             raise ValueError(f"{name!r} is a built-in caching method; it cannot be unregistered")
         self._by_name.pop(name, None)
+        self._takes_model.discard(name)
 
     def _load(self, name: str) -> None:
         module = None if name in self._by_name else self.providers.get(name)
@@ -139,8 +155,22 @@ class MethodRegistry:
             import_provider(module)
 
     def load_builtins(self) -> None:
-        for name in self.providers:
+        """Import the built-in methods' modules, then installed packages' entry points. A package whose
+        entry point fails to import is skipped with a warning naming it: one broken plugin must not
+        stop every other method."""
+        for name in self.builtin:
             self._load(name)
+        for name, target in self.providers.items():
+            if name in self._by_name or name in self.builtin:
+                continue
+            try:
+                import_provider(target)
+            except Exception as e:  # noqa: BLE001 (a third party's import error, reported not raised)
+                warnings.warn(f"caching method {name!r} (entry point {target!r} of group {self.group!r}) could not "
+                              f"be imported and is skipped: {type(e).__name__}: {e}", stacklevel=3)
+
+    def takes_model(self, name: str) -> bool:
+        return name in self._takes_model
 
     def registered(self) -> dict[str, type]:
         """The methods loaded now: name -> config class."""
@@ -157,14 +187,15 @@ class MethodRegistry:
         return self._by_name[name][0]
 
     def for_config(self, config: Any) -> tuple[str, Callable[..., CachingHandle]]:
-        """The (name, apply) of the method whose config class ``config`` is an instance of."""
-        self.load_builtins()
-        for name, (cls, apply) in self._by_name.items():
-            if type(config) is cls:
-                return name, apply
-        for name, (cls, apply) in self._by_name.items():
-            if isinstance(config, cls):
-                return name, apply
+        """The (name, apply) of the method whose config class ``config`` is an instance of: among the
+        methods loaded, then the built-ins, then installed packages' (imported only when needed)."""
+        for load in (None, self.load_builtins):
+            if load is not None:
+                load()
+            for exact in (True, False):
+                for name, (cls, apply) in self._by_name.items():
+                    if (type(config) is cls) if exact else isinstance(config, cls):
+                        return name, apply
         known = ", ".join(f"{n} ({c.__name__})" for n, (c, _) in sorted(self._by_name.items()))
         raise TypeError(f"{type(config).__name__} is not the config of a registered caching method; give one of: "
                         f"{known}, or register yours with tclab.cache.register_method(name, ConfigClass, apply)")
@@ -174,9 +205,11 @@ class MethodRegistry:
 METHODS = MethodRegistry(BUILTIN_METHODS, ENTRY_POINT_GROUP)
 
 
-def register_method(name: str, config_class: type, apply: Callable[..., CachingHandle]) -> None:
-    """Register a caching method (see the module docstring)."""
-    METHODS.register(name, config_class, apply)
+def register_method(name: str, config_class: type, apply: Callable[..., CachingHandle], *,
+                    takes_model: bool = False) -> None:
+    """Register a caching method (see the module docstring); ``apply(transformer, config)`` gets the
+    bare transformer unless ``takes_model`` (then whatever the caller gave, e.g. a ``LoadedDiT``)."""
+    METHODS.register(name, config_class, apply, takes_model=takes_model)
 
 
 def available_methods() -> list[str]:
@@ -202,30 +235,10 @@ def method_config(name: str, **options) -> Any:
 def apply_caching(transformer, config) -> CachingHandle:
     """Apply the caching method ``config`` belongs to (``TokenCacheConfig``, a peer's config, or a
     registered method's) to ``transformer`` (a ``DiTTransformer2DModel``, or a ``LoadedDiT``)."""
-    _, apply = METHODS.for_config(config)
-    return apply(transformer, config)  # as given: a peer names the LoadedDiT in its messages
-
-
-def caching_on(transformer) -> str | None:
-    """What tclab-known caching the transformer carries now ("a token cache", a peer, cache-dit), or None."""
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None:
-        if registry.get_hook(TOKEN_CACHE_MODEL_HOOK) is not None:
-            return "a tclab token cache"
-        peer = registry.get_hook(PEER_CONTEXT_HOOK)
-        if peer is not None:
-            return f"the external peer {peer.handle.method!r}"
-    if getattr(transformer, "_is_cached", False):
-        return "cache-dit's cache"
-    return None
-
-
-def check_no_caching(transformer, what: str) -> None:
-    """Refuse to apply ``what`` on a transformer that already carries caching (one method at a time)."""
-    present = caching_on(transformer)
-    if present is not None:
-        raise RuntimeError(f"{present} is already applied to this transformer; remove it (handle.remove(), or "
-                           f"tclab.cache.remove_token_cache(transformer)) before applying {what}")
+    name, apply = METHODS.for_config(config)
+    if METHODS.takes_model(name):  # e.g. the peers, which name the LoadedDiT in their messages
+        return apply(transformer, config)
+    return apply(getattr(transformer, "transformer", transformer), config)
 
 
 def drop_plain_forward(module: torch.nn.Module) -> None:

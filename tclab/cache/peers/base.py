@@ -384,7 +384,7 @@ def register_peer(name: str, config_class: type, handle_class: type,
     label = label or f"peer {name}"
     apply.__doc__ = (f"Apply the external peer {name!r} ({label}) to ``model`` (a LoadedDiT or a "
                      f"DiTTransformer2DModel); returns its handle. Options: ``{config_class.__name__}``.")
-    register_method(name, config_class, lambda transformer, config: _apply(name, transformer, config))
+    register_method(name, config_class, lambda target, config: _apply(name, target, config), takes_model=True)
     _SPECS[name] = PeerSpec(name, config_class, handle_class, requirement, model_requirement, label)
     PEERS[name] = apply
     return apply
