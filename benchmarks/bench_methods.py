@@ -30,11 +30,12 @@ from typing import Callable
 
 import torch
 
-from tclab.cache import TokenCacheConfig, apply_token_cache, remove_token_cache
+from tclab.cache import TokenCacheConfig, apply_caching
 from tclab.cache.config import fora_config
-from tclab.cache.peers import PEERS, apply_peer, peer_label
+from tclab.cache.methods import method_config
+from tclab.cache.peers import peer_label, peer_names
 from tclab.classifier import ShapesClassifier, class_consistency
-from tclab.evaluate import balanced_labels
+from tclab.labels import balanced_labels
 from tclab.metrics import count_flops, paired_quality
 from tclab.models import load_dit
 from tclab.sampling import SampleConfig, sample
@@ -51,20 +52,20 @@ class Method:
     note: str = ""
 
 
-def token_cache(config: TokenCacheConfig) -> Callable:
+def caching(config) -> Callable:
+    """Attach any caching method's config (TokenCache, FORA, a peer's) through the one interface."""
     def attach(model):
-        apply_token_cache(model.transformer, config)
-        return lambda: remove_token_cache(model.transformer)
+        return apply_caching(model, config).remove
 
     return attach
+
+
+def token_cache(config: TokenCacheConfig) -> Callable:
+    return caching(config)
 
 
 def peer(name: str, **options) -> Callable:
-    def attach(model):
-        handle = apply_peer(name, model, **options)
-        return handle.remove
-
-    return attach
+    return caching(method_config(name, **options))
 
 
 def build_methods(steps: int) -> list[Method]:
@@ -93,7 +94,7 @@ def build_methods(steps: int) -> list[Method]:
     for scorer in ("toca", "random", "oracle"):
         out.append(Method(f"scorer {scorer} rho=0.25", "heuristic",
                           token_cache(TokenCacheConfig(rho=0.25, scorer=scorer, **tc))))
-    out += [Method(peer_label(name), "peer", peer(name)) for name in PEERS]  # every registered peer
+    out += [Method(peer_label(name), "peer", peer(name)) for name in peer_names()]  # every registered peer
     return out
 
 
