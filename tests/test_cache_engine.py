@@ -102,7 +102,7 @@ def test_scorer_options_and_availability(dit3, monkeypatch):
         apply_token_cache(dit3.transformer, TokenCacheConfig(scorer="toca", scorer_options={"bogus": 1}))
     assert no_cache_hooks(dit3.transformer)
     # a named scorer whose provider module is absent: a clear error, nothing attached
-    monkeypatch.setattr(SCORERS, "_factories", {k: v for k, v in SCORERS._factories.items()
+    monkeypatch.setattr(SCORERS, "_entries", {k: v for k, v in SCORERS._entries.items()
                                                 if not k.startswith("learned")})
     monkeypatch.setitem(SCORERS.builtin, "learned-static", "tclab.cache.no_such_module")
     with pytest.raises(ValueError, match="'learned-static' is not available"):
@@ -465,7 +465,7 @@ def test_a_scorer_registered_by_name_is_usable_by_name_everywhere(dit3, monkeypa
             B, L, N = ctx.shape
             return torch.linspace(1, 0, N, device=ctx.device).expand(B, L, N)
 
-    monkeypatch.setattr(SCORERS, "_factories", dict(SCORERS._factories))   # the registration ends with the test
+    monkeypatch.setattr(SCORERS, "_entries", dict(SCORERS._entries))   # the registration ends with the test
     with pytest.raises(ValueError, match="'corner' is not a valid choice"):
         TokenCacheConfig(scorer="corner")
     register_scorer("corner", lambda config, **options: CornerScorer())

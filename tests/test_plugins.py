@@ -132,7 +132,7 @@ def team_package(tmp_path, monkeypatch):
     from tclab.cache.methods import METHODS
     from tclab.cache.registry import SCORERS
 
-    SCORERS._factories.pop("team-centre", None)
+    SCORERS._entries.pop("team-centre", None)
     METHODS.unregister("team-half-last")
     from tclab.cache.peers import PEERS, unregister_peer
 
@@ -179,7 +179,7 @@ def test_a_broken_plugin_is_skipped_with_a_warning_not_fatal(team_package, pixel
     info = team_package / "team_ext-0.1.dist-info" / "entry_points.txt"
     info.write_text(info.read_text() + "team-broken = team_ext_not_installed.sub\n")
     with pytest.warns(UserWarning, match="team-broken.*could not be imported"):
-        METHODS.load_builtins()
+        METHODS.load_all()
     with apply_caching(pixel_dit.transformer, TokenCacheConfig(rho=0.3)) as handle:  # everything else works
         assert handle.method == "tokencache"
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import entry_point_providers, import_provider
+from .registry import ProviderRegistry, import_provider
 
 #: The entry-point group a package declares its caching methods in, as scorers are declared in
 #: ``tclab.scorers`` (see ``tclab.cache.registry``): ``mine = "my_team.caching"``.
@@ -101,20 +101,13 @@ def common_stats(method: str, **values) -> dict:
     return out
 
 
-class MethodRegistry:
-    """Caching methods by name and by config type; ``providers`` maps built-in names (and installed
-    packages' entry points of ``group``) to the modules that register them."""
+class MethodRegistry(ProviderRegistry):
+    """Caching methods by name and by config type: ``(config class, apply)`` entries; ``providers``
+    maps built-in names (and installed packages' entry points of ``group``) to their modules."""
 
-    def __init__(self, providers: dict[str, str], group: str | None = None):
-        self.builtin = dict(providers)
-        self.group = group
-        self._by_name: dict[str, tuple[type, Callable[..., CachingHandle]]] = {}
+    def __init__(self, builtin: dict[str, str], group: str | None = None):
+        super().__init__(builtin, group)
         self._takes_model: set[str] = set()
-
-    @property
-    def providers(self) -> dict[str, str]:
-        found = entry_point_providers(self.group) if self.group else {}
-        return {**found, **self.builtin}
 
     def register(self, name: str, config_class: type, apply: Callable[..., CachingHandle], *,
                  takes_model: bool = False) -> None:
@@ -126,17 +119,18 @@ class MethodRegistry:
         if not isinstance(config_class, type) or not callable(apply):
             raise TypeError(f"register_method({name!r}, config_class, apply): config_class must be a class and "
                             f"apply a callable (transformer, config) -> CachingHandle")
-        for other, (cls, _) in self._by_name.items():
+        for other, (cls, _) in self._entries.items():
             if cls is config_class and other != name:
                 raise ValueError(f"{config_class.__name__} is already the config of method {other!r}")
-        old = self._by_name.get(name)
+        old = self._entries.get(name)
         if old is not None and old[0] is not config_class:
-            raise ValueError(f"{name!r} is already the caching method of {old[0].__name__}; pick another name "
-                             "(or unregister it first)")
+            raise ValueError(f"{name!r} is already the name of a caching method ({old[0].__name__}); pick another "
+                             "name (or unregister it first)")
         if name in self.builtin and self.builtin[name] not in (config_class.__module__,
                                                                getattr(apply, "__module__", None)):
-            raise ValueError(f"{name!r} is a built-in caching method (from {self.builtin[name]}); pick another name")
-        self._by_name[name] = (config_class, apply)
+            raise ValueError(f"{name!r} is already the name of a caching method (built in, from "
+                             f"{self.builtin[name]}); pick another name")
+        self._entries[name] = (config_class, apply)
         if takes_model:
             self._takes_model.add(name)
         else:
@@ -146,22 +140,17 @@ class MethodRegistry:
         """Forget a registered method (a test's or a session's own); built-in names cannot be dropped."""
         if name in self.builtin:
             raise ValueError(f"{name!r} is a built-in caching method; it cannot be unregistered")
-        self._by_name.pop(name, None)
+        self._entries.pop(name, None)
         self._takes_model.discard(name)
 
-    def _load(self, name: str) -> None:
-        module = None if name in self._by_name else self.providers.get(name)
-        if module:
-            import_provider(module)
-
-    def load_builtins(self) -> None:
+    def load_all(self) -> None:
         """Import the built-in methods' modules, then installed packages' entry points. A package whose
         entry point fails to import is skipped with a warning naming it: one broken plugin must not
         stop every other method."""
         for name in self.builtin:
             self._load(name)
         for name, target in self.providers.items():
-            if name in self._by_name or name in self.builtin:
+            if name in self._entries or name in self.builtin:
                 continue
             try:
                 import_provider(target)
@@ -174,31 +163,33 @@ class MethodRegistry:
 
     def registered(self) -> dict[str, type]:
         """The methods loaded now: name -> config class."""
-        return {name: cls for name, (cls, _) in self._by_name.items()}
-
-    def names(self) -> list[str]:
-        """Every method name: registered ones and built-ins not loaded yet."""
-        return sorted(set(self._by_name) | set(self.providers))
+        return {name: cls for name, (cls, _) in self._entries.items()}
 
     def config_class(self, name: str) -> type:
         self._load(name)
-        if name not in self._by_name:
+        if name not in self._entries:
             raise KeyError(f"unknown caching method {name!r}; methods are {self.names()}")
-        return self._by_name[name][0]
+        return self._entries[name][0]
 
     def for_config(self, config: Any) -> tuple[str, Callable[..., CachingHandle]]:
         """The (name, apply) of the method whose config class ``config`` is an instance of: among the
         methods loaded, then the built-ins, then installed packages' (imported only when needed)."""
-        for load in (None, self.load_builtins):
-            if load is not None:
-                load()
-            for exact in (True, False):
-                for name, (cls, apply) in self._by_name.items():
-                    if (type(config) is cls) if exact else isinstance(config, cls):
-                        return name, apply
-        known = ", ".join(f"{n} ({c.__name__})" for n, (c, _) in sorted(self._by_name.items()))
+        found = self._match(config)
+        if found is None:
+            self.load_all()
+            found = self._match(config)
+        if found is not None:
+            return found
+        known = ", ".join(f"{n} ({c.__name__})" for n, (c, _) in sorted(self._entries.items()))
         raise TypeError(f"{type(config).__name__} is not the config of a registered caching method; give one of: "
                         f"{known}, or register yours with tclab.cache.register_method(name, ConfigClass, apply)")
+
+
+    def _match(self, config: Any) -> tuple[str, Callable[..., CachingHandle]] | None:
+        """The loaded method whose config class is ``type(config)``, else one ``config`` is an instance of."""
+        exact = [(n, apply) for n, (cls, apply) in self._entries.items() if type(config) is cls]
+        inherited = [(n, apply) for n, (cls, apply) in self._entries.items() if isinstance(config, cls)]
+        return (exact or inherited or [None])[0]
 
 
 #: The method registry every part of tclab reads.

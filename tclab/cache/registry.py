@@ -61,19 +61,36 @@ BUILTIN_PROVIDERS = {
 }
 
 
-class ScorerRegistry:
-    """Scorer factories by name; ``providers`` maps a name to the module that registers it."""
+class ProviderRegistry:
+    """Entries by name, known before the modules that register them are imported: ``builtin`` maps
+    tclab's own names to their modules, and installed packages' entry points of ``group`` add theirs.
+    The scorer registry (here) and the caching-method registry (``tclab.cache.methods``) are both one."""
 
-    def __init__(self, providers: dict[str, str], group: str | None = None):
-        self._factories: dict[str, Callable[..., Any]] = {}
-        self.builtin = dict(providers)
+    def __init__(self, builtin: dict[str, str], group: str | None = None):
+        self.builtin = dict(builtin)
         self.group = group
+        self._entries: dict[str, Any] = {}
 
     @property
     def providers(self) -> dict[str, str]:
         """Built-in names and installed packages' entry points (built-ins win a clash) -> module."""
         found = entry_point_providers(self.group) if self.group else {}
         return {**found, **self.builtin}
+
+    def _load(self, name: str) -> str | None:
+        """Import the provider of ``name`` unless it is registered already; returns the provider (or None)."""
+        module = None if name in self._entries else self.providers.get(name)
+        if module:
+            import_provider(module)
+        return module
+
+    def names(self) -> list[str]:
+        """Every name: registered ones and those whose provider is not imported yet."""
+        return sorted(set(self._entries) | set(self.providers))
+
+
+class ScorerRegistry(ProviderRegistry):
+    """Scorer factories by name; ``providers`` maps a name to the module that registers it."""
 
     def register(self, name: str, factory: Callable[..., Any]) -> None:
         """Make ``TokenCacheConfig(scorer=name)`` build ``factory(config, **config.scorer_options)``."""
@@ -82,26 +99,20 @@ class ScorerRegistry:
         if not callable(factory):
             raise TypeError(f"the factory of scorer {name!r} must be callable (config, **options) -> TokenScorer, "
                             f"got {factory!r}")
-        self._factories[name] = factory
-
-    def names(self) -> list[str]:
-        """Every name a config may use: registered ones and built-ins not loaded yet."""
-        return sorted(set(self._factories) | set(self.providers))
+        self._entries[name] = factory
 
     def registered(self) -> list[str]:
         """The names whose factory is loaded now."""
-        return sorted(self._factories)
+        return sorted(self._entries)
 
     def factory(self, name: str) -> Callable[..., Any]:
         """The factory of ``name``, importing its provider module first when needed."""
-        module = None if name in self._factories else self.providers.get(name)
-        if module:
-            import_provider(module)
-        if name not in self._factories:
+        module = self._load(name)
+        if name not in self._entries:
             raise ValueError(f"scorer {name!r} is not available (registered: {self.registered()}); the learned "
                              f"predictors register themselves from {module or 'their module'}, or pass a "
                              "TokenScorer instance as TokenCacheConfig.scorer")
-        return self._factories[name]
+        return self._entries[name]
 
 
 #: The scorer registry every part of tclab reads.

@@ -371,10 +371,6 @@ def register_peer(name: str, config_class: type, handle_class: type,
     if old is not None and (old.config_class, old.handle_class) != (config_class, handle_class):
         raise ValueError(f"a peer named {name!r} is already registered ({old.config_class.__name__}); "
                          "pick another name or unregister_peer it first")
-    taken = METHODS.registered().get(name, config_class) is not config_class or \
-        BUILTIN_METHODS.get(name, config_class.__module__) != config_class.__module__
-    if old is None and taken:
-        raise ValueError(f"{name!r} is already the name of a caching method; pick another name for the peer")
 
     def apply(model, **options) -> PeerHandle:
         return _apply(name, model, _make_config(name, options))
@@ -403,7 +399,7 @@ def unregister_peer(name: str) -> None:
 def peer_names() -> list[str]:
     """The registered peers' names, in ``PEERS`` order, installed packages' own (entry points of
     ``tclab.methods``) included: they are imported here, so they register."""
-    METHODS.load_builtins()
+    METHODS.load_all()
     return list(PEERS)
 
 
