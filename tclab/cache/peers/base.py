@@ -307,6 +307,17 @@ class DiffusersPeer(PeerHandle):
     def _cache_bytes(self) -> int:
         return tensor_bytes(*self._state_objects())
 
+    def _work_stats(self) -> dict:
+        # full_steps / cached_steps / compute_fraction stay None unless a peer counts them (fbcache does):
+        # a diffusers hook decides inside itself whether it computes, forecasts or broadcasts, and reports
+        # nothing per call, and such a step still runs every block's norms, adaLN, gating and residual
+        # adds, so it is neither a full nor a skipped call. The FLOP counter (tclab.metrics.count_flops)
+        # measures what ran.
+        return {"cache_bytes": self._cache_bytes()}
+
+    def _extra_stats(self) -> dict:
+        return {"hooked_modules": len(self._hooks)}
+
     def _uninstall(self) -> None:
         pass  # the hooks in self._hooks are removed by name in remove()
 

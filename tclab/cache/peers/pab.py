@@ -29,7 +29,7 @@ class PyramidAttentionBroadcastPeerConfig:
             (100, 800) for a 1000-step schedule.
 
     Stats: ``cache_bytes`` sums the broadcast attention outputs; ``full_steps``, ``cached_steps`` and
-    ``compute_fraction`` are None (see ``PyramidAttentionBroadcastPeer._work_stats``).
+    ``compute_fraction`` are None (see ``DiffusersPeer._work_stats``).
     """
 
     block_skip_range: int = 2
@@ -68,16 +68,6 @@ class PyramidAttentionBroadcastPeer(DiffusersPeer):
         # PAB keeps its state on the hook itself (``hook.state``: iteration count and last output), not
         # in a StateManager.
         return [module._diffusers_hook.get_hook(name).state for module, name in self._hooks]
-
-    def _work_stats(self) -> dict:
-        # full_steps / cached_steps / compute_fraction stay None: each attention hook decides per call
-        # (timestep range, its own call count) and reports nothing, and a broadcast step still runs
-        # every block's MLP, norms and residual adds, so no call is full or skipped in blocks. The FLOP
-        # counter (tclab.metrics.count_flops) measures what ran.
-        return {"cache_bytes": self._cache_bytes()}
-
-    def _extra_stats(self) -> dict:
-        return {"hooked_modules": len(self._hooks)}
 
 
 apply_pab = register_peer(

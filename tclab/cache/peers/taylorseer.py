@@ -49,7 +49,7 @@ class TaylorSeerPeerConfig:
     would zero the hidden state: it cannot work on a DiT.
 
     Stats: ``cache_bytes`` sums the stored Taylor factors; ``full_steps``, ``cached_steps`` and
-    ``compute_fraction`` are None (see ``TaylorSeerPeer._work_stats``); the FLOP counter measures it.
+    ``compute_fraction`` are None (see ``DiffusersPeer._work_stats``); the FLOP counter measures it.
     """
 
     cache_interval: int = 5
@@ -95,16 +95,6 @@ class TaylorSeerPeer(DiffusersPeer):
             taylor_factors_dtype=c.taylor_factors_dtype or tr.dtype, cache_identifiers=patterns))
         self._created_registries.extend(fresh)
         self._adopt(targets, (_TAYLORSEER_CACHE_HOOK,))
-
-    def _work_stats(self) -> dict:
-        # full_steps / cached_steps / compute_fraction stay None: each hooked module decides inside its
-        # own hook whether it computes or forecasts and reports nothing per call, and a forecast step
-        # still runs every block (norms, adaLN, gating, residual adds), so it is neither a full nor a
-        # skipped call in blocks. The FLOP counter (tclab.metrics.count_flops) measures what ran.
-        return {"cache_bytes": self._cache_bytes()}
-
-    def _extra_stats(self) -> dict:
-        return {"hooked_modules": len(self._hooks)}
 
 
 apply_taylorseer = register_peer(
