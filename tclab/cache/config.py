@@ -12,13 +12,10 @@ import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from .registry import SCORERS
 from .schedule import SCHEDULES  # the one list of schedules (register_schedule adds to it)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .scorers import TokenScorer
 
 KV_MODES = ("all", "kept")
 REUSE_MODES = ("update", "output")

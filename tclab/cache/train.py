@@ -57,7 +57,6 @@ from ..models import NULL_CLASS, LoadedDiT, PixelSpaceVAE, default_scheduler_con
 from .predictor import (
     KINDS,
     CachePredictor,
-    load_predictor,
     make_predictor,
     model_signature,
     weights_fingerprint,
