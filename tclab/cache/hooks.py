@@ -461,8 +461,7 @@ class TokenCacheHandle(CachingHandle):
     method = "tokencache"
 
     def __init__(self, transformer, config: TokenCacheConfig):
-        transformer = getattr(transformer, "transformer", transformer)  # a LoadedDiT's transformer
-        super().__init__(transformer, config)
+        super().__init__(transformer, config)  # apply_caching gives the bare transformer
         self.state = apply_token_cache(transformer, config)
 
     def reset(self) -> None:
