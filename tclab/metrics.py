@@ -339,8 +339,62 @@ def kernel_inception_distance(feats_a, feats_b, subsets: int = 100, subset_size:
     return {"mean": float(values.mean()), "std": float(values.std()), "subsets": subsets, "subset_size": m}
 
 
+def _centred_interval(estimate: float, boot, lo: float, hi: float) -> list[float]:
+    """The bootstrap spread around ``estimate``: FID of a resample (duplicated images, less diversity) is
+    biased upwards, so its percentiles are shifted by the bootstrap median's offset from the estimate."""
+    q_lo, q_mid, q_hi = np.quantile(boot, [lo, 0.5, hi])
+    return [float(max(0.0, estimate - (q_mid - q_lo))), float(estimate + (q_hi - q_mid))]
+
+
+def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: float = 0.95, resamples: int = 200,
+                           seed: int = 0) -> dict:
+    """Bootstrap intervals of FID and KID over the **generated** images (the reference set is held fixed:
+    the question is how much the number would move with other seeds of the same sampler).
+
+    Each resample draws the generated features with replacement. FID is recomputed from the resample's
+    mean and covariance and its interval is the bootstrap spread centred on the estimate (a resample's
+    FID is biased upwards: duplicated images look less diverse; cheap at D = 128; ``resamples`` is capped at 50 above D = 512, where every
+    matrix square root costs seconds). KID is the unbiased MMD^2 of the whole resample against the whole
+    reference set, with pairs of the *same* drawn image left out of the within-set mean (duplicates
+    would bias it upwards). Returns ``fid_ci`` (None when ``fid`` is False: below its floor) and
+    ``kid_ci`` as ``[low, high]``, the KID estimate on the whole sets (``kid_whole``) and ``resamples``.
+    """
+    a, b = _as_features(feats, "distribution_intervals"), _as_features(ref_feats, "distribution_intervals")
+    n, m, d = len(a), len(b), a.shape[1]
+    rng = np.random.default_rng(seed)
+    if d > 512:
+        resamples = min(resamples, 50)
+    kaa = (a @ a.T / d + 1) ** 3
+    kbb = (b @ b.T / d + 1) ** 3
+    kab_rows = ((a @ b.T / d + 1) ** 3).mean(axis=1)            # each generated image's mean kernel to the reference
+    bb = (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+
+    def kid_of(idx: np.ndarray) -> float:
+        sub = kaa[np.ix_(idx, idx)]
+        distinct = idx[:, None] != idx[None, :]
+        return float(sub[distinct].mean() + bb - 2 * kab_rows[idx].mean())
+
+    mu_b, cov_b = feature_statistics(b) if fid else (None, None)
+    kids, fids = [], []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        if len(np.unique(idx)) < 2:
+            continue
+        kids.append(kid_of(idx))
+        if fid:
+            x = a[idx]
+            fids.append(frechet_distance_from_statistics(x.mean(axis=0), np.cov(x, rowvar=False), mu_b, cov_b))
+    lo, hi = 0.5 - confidence / 2, 0.5 + confidence / 2
+    kid_whole = kid_of(np.arange(n))
+    return {"kid_whole": kid_whole,
+            "kid_ci": [float(v) for v in np.quantile(kids, [lo, hi])] if len(kids) > 1 else [None, None],
+            "fid_ci": _centred_interval(frechet_distance(a, b), fids, lo, hi) if fid and len(fids) > 1 else None,
+            "resamples": len(kids), "confidence": confidence}
+
+
 def distribution_quality(images: torch.Tensor, reference_images, extractor, *, kid_subsets: int = 100,
-                         kid_subset_size: int = 1000, seed: int = 0) -> dict:
+                         kid_subset_size: int = 1000, seed: int = 0, confidence: float = 0.95,
+                         resamples: int = 200) -> dict:
     """FID and KID of ``images`` against a reference set, labelled with the feature space used.
 
     Args:
@@ -355,7 +409,8 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
     :func:`fid_min_images`: feature dimension + 1 per set), ``kid_mean``, ``kid_std`` (over the
     subsets), the KID subset settings, ``n_images``, ``n_reference``, ``feature_dim``, ``extractor``
     (its name), ``comparable_to_published`` (the extractor's flag: is this the feature space papers
-    use?), ``extractor_identity`` (weights and hash) and a ``note`` saying what the numbers can be
+    use?), ``fid_ci`` / ``kid_ci`` (``[low, high]``, :func:`distribution_intervals`: bootstrap over the
+    generated images at ``confidence``, ``resamples`` of them; ``fid_ci`` None where FID is), ``extractor_identity`` (weights and hash) and a ``note`` saying what the numbers can be
     compared with. Even in Inception space a paper's FID is FID-50k against its own reference
     batch: compare only at equal N and reference.
     """
@@ -379,7 +434,10 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
     dim = int(feats.shape[1])
     reason = fid_floor_reason(len(feats), len(ref_feats), dim)
     fid = None if reason is not None else frechet_distance(feats, ref_feats)
-    return {"fid": fid, "fid_reason": reason, "fid_min_images": fid_min_images(dim),
+    ci = (distribution_intervals(feats, ref_feats, fid=fid is not None, confidence=confidence, resamples=resamples,
+                                 seed=seed) if len(feats) >= 3 and len(ref_feats) >= 2 else {"fid_ci": None, "kid_ci": None})
+    return {"fid": fid, "fid_ci": ci["fid_ci"], "kid_ci": ci["kid_ci"], "ci_resamples": ci.get("resamples"),
+            "fid_reason": reason, "fid_min_images": fid_min_images(dim),
             "kid_mean": kid["mean"], "kid_std": kid["std"],
             "kid_subsets": kid["subsets"], "kid_subset_size": kid["subset_size"], "n_images": len(feats),
             "n_reference": len(ref_feats), "feature_dim": int(feats.shape[1]), "extractor": extractor.name,

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 #: Version of the ``summary["report"]`` layout below; bump it when a field changes meaning.
-REPORT_SUMMARY_VERSION = 1
+REPORT_SUMMARY_VERSION = 2
+#: Layouts :meth:`ReportSummary.from_dict` still reads (1: before the "within noise" verdict).
+READABLE_REPORT_VERSIONS = (1, 2)
 
-#: The three verdicts a finding can have.
-HOLDS, DOES_NOT_HOLD, NOT_MEASURED = "holds", "does not hold", "not measured"
-VERDICTS = (HOLDS, DOES_NOT_HOLD, NOT_MEASURED)
+#: The verdicts a finding can have. ``WITHIN_NOISE``: measured, but the difference the criterion turns
+#: on is not distinguishable from the measurement's noise (its interval holds both answers).
+HOLDS, DOES_NOT_HOLD, WITHIN_NOISE, NOT_MEASURED = "holds", "does not hold", "within noise", "not measured"
+VERDICTS = (HOLDS, DOES_NOT_HOLD, WITHIN_NOISE, NOT_MEASURED)
 
 
 def verdict_of(holds: bool | None) -> str:
@@ -98,9 +101,9 @@ class ReportSummary:
         if not isinstance(d, Mapping):
             raise ValueError(f"summary['report'] must be a dict, got {type(d).__name__}")
         version = d.get("version")
-        if version != REPORT_SUMMARY_VERSION:
+        if version not in READABLE_REPORT_VERSIONS:
             raise ValueError(f"summary['report'] has layout version {version!r}; this tclab reads "
-                             f"{REPORT_SUMMARY_VERSION}")
+                             f"{list(READABLE_REPORT_VERSIONS)}")
         try:
             return cls(findings=[Finding(**f) for f in d.get("findings", [])],
                        key_numbers=[KeyNumber(**k) for k in d.get("key_numbers", [])],
@@ -110,9 +113,23 @@ class ReportSummary:
             raise ValueError(f"summary['report'] is malformed: {e}") from e
 
 
-def key_numbers_from(headline: Mapping[str, Any], spec: Sequence[tuple[str, str, str]]) -> list[KeyNumber]:
-    """``KeyNumber``s for the ``(key, label, unit)`` rows of ``spec`` whose key is in ``headline``."""
-    return [KeyNumber(key, label, headline[key], unit) for key, label, unit in spec if key in headline]
+def key_numbers_from(headline: Mapping[str, Any], spec: Sequence[tuple[str, str, str]],
+                     confidence: float = 0.95) -> list[KeyNumber]:
+    """``KeyNumber``s for the ``(key, label, unit)`` rows of ``spec`` whose key is in ``headline``. Where the
+    headline has the number's interval (``<key>_ci_low`` / ``<key>_ci_high``, and ``<key>_n``), its note
+    says it: "95% CI 24.1 to 25.8 dB, N = 24"."""
+    out = []
+    for key, label, unit in spec:
+        if key not in headline:
+            continue
+        lo, hi, n = headline.get(f"{key}_ci_low"), headline.get(f"{key}_ci_high"), headline.get(f"{key}_n")
+        note = ""
+        if lo is not None and hi is not None:
+            note = f"{confidence:.0%} CI {format_number(lo, unit, key)} to {format_value(hi, unit, key)}"
+            if n is not None:
+                note += f", N = {n}"
+        out.append(KeyNumber(key, label, headline[key], unit, note))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +303,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
          letter-spacing: 0.02em; }
 .badge.holds { background: #dcf2e1; color: #145c28; } .badge.does-not-hold { background: #fbe0e3; color: #8c1424; }
 .badge.not-measured { background: #ececec; color: #555; }
+.badge.within-noise { background: #fdf2d0; color: #6b4e00; }
 dl.identity { display: flex; flex-wrap: wrap; gap: 0.15em 1.6em; margin: 0.3em 0 1.1em; font-size: 0.88em; }
 dl.identity div { display: flex; gap: 0.4em; min-width: 0; } dl.identity dt { color: var(--muted); }
 dl.identity dd { margin: 0; overflow-wrap: anywhere; }

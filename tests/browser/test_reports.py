@@ -67,7 +67,7 @@ def report_problems(page, run_dir: Path) -> list[str]:
     if not page.query_selector("#tclab-summary h1"):
         problems.append("no summary section (#tclab-summary with the title)")
     badges = page.eval_on_selector_all("#tclab-summary .badge", "els => els.map(e => e.textContent)")
-    if not badges or set(badges) - {"holds", "does not hold", "not measured"}:
+    if not badges or set(badges) - {"holds", "does not hold", "within noise", "not measured"}:
         problems.append(f"summary verdict badges missing or unknown: {badges}")
     if not page.query_selector("#tclab-summary table.key-numbers"):
         problems.append("no headline table in the summary")
