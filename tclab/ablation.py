@@ -44,9 +44,11 @@ from .cache.methods import method_config
 from .cache.peers import PEERS, peer_names
 from .labels import balanced_labels
 from .metrics import count_flops, distribution_quality, mse, psnr, ssim
-from .report import DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, ReportSummary, format_number, key_numbers_from
+from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, ReportSummary, format_number,
+                     key_numbers_from)
 from .sampling import SampleConfig, sample
-from .sweep_summary import CostView, SweepIdentity, SweepSettingsRecord, SweepSummary
+from .stats import Interval, bootstrap_ci, noise_floor, paired_difference, ratio_ci, samples_needed, wilson_interval
+from .sweep_summary import POINT_KEYS, CostView, SweepIdentity, SweepSettingsRecord, SweepSummary
 
 FAMILIES = ("reference", "ablation", "baseline", "peer")
 FULL_COMPUTE = "full compute"
@@ -254,11 +256,15 @@ class SweepSettings:
         quality_samples: class-balanced samples for the quality metrics and the FLOP count (more =
             tighter class-consistency, linearly slower).
         timing_batch, timing_repeats: images per timed run and how many interleaved (full, variant)
-            pairs are timed; the median of each is used.
+            pairs are timed; the time ratio is the median of the pairs' ratios.
+        noise_pairs: how many (full, full) pairs full compute's own row times (at least
+            ``timing_repeats``): the sweep's timing noise floor (:func:`timing_noise_floor`).
         quality_batch: images per forward in the quality run.
         sdedit_strength: with ``init_images`` in :func:`run_sweep`: how far the images are noised.
         classes: the model class ids the quality samples cycle over (e.g. the classes a team's folders
             map to, ``tclab.labels.LabelMap.class_ids``); None = ``0..K-1`` over the model's classes.
+        confidence, resamples: the level of every interval and paired test (0.95) and the bootstrap
+            resamples behind them (seeded with ``seed``; :mod:`tclab.stats`).
     """
 
     num_steps: int = 50
@@ -271,6 +277,9 @@ class SweepSettings:
     quality_batch: int = 64
     sdedit_strength: float = 0.6
     classes: list[int] | None = None
+    confidence: float = 0.95
+    resamples: int = 2000
+    noise_pairs: int = 6
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -279,7 +288,9 @@ class SweepSettings:
                 raise ValueError(f"classes must be a non-empty list of class ids (integers >= 0) or None, "
                                  f"got {self.classes!r}")
             self.classes = [int(c) for c in self.classes]
-        for name in ("quality_samples", "timing_batch", "timing_repeats", "quality_batch"):
+        if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float)) or not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be a fraction in (0, 1), e.g. 0.95; got {self.confidence!r}")
+        for name in ("quality_samples", "timing_batch", "timing_repeats", "quality_batch", "resamples", "noise_pairs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -301,13 +312,22 @@ class SweepSettings:
 class SweepResult:
     """What :func:`run_sweep` measured: ``frame`` (one row per variant, see :func:`run_sweep`), the
     quality images of every variant that ran (``images[name]``, (N, 3, H, W) in [-1, 1], full compute
-    under ``"full compute"``), their class ``labels``, and the settings."""
+    under ``"full compute"``), their class ``labels``, and the settings.
+
+    ``samples[name]``: the per-sample values behind each quality mean (``psnr``, ``ssim``, ``mse``,
+    ``lpips``, and ``class_hit``: 1 / 0 classed right or not, NaN for a class the classifier does not
+    know), one per quality sample, same seeds for every variant: what paired comparisons resample.
+    ``timings[name]``: ``{"full": [...], "variant": [...]}`` seconds of each timed pair.
+    ``noise_floor``: the full-vs-full time ratios of this sweep (:func:`timing_noise_floor`)."""
 
     frame: Any  # pandas.DataFrame
     images: dict[str, torch.Tensor]
     labels: torch.Tensor
     settings: SweepSettings
     variants: list[Variant]
+    samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    timings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    noise_floor: Interval | None = None
 
     @property
     def full_images(self) -> torch.Tensor:
@@ -333,8 +353,8 @@ def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, in
 
 
 def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.Tensor,
-               init_images=None) -> tuple[float, float]:
-    """Median seconds of (full compute, variant) on the timing batch.
+               init_images=None, repeats: int | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of (full compute, variant) on the timing batch, one pair per round.
 
     One untimed (full, variant) pair first (each variant's first call pays its own set-up: predictor
     load, buffers), then ``timing_repeats`` pairs whose order alternates (full, variant), (variant,
@@ -354,14 +374,54 @@ def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.T
 
     once(full_compute())
     once(variant)
-    for i in range(settings.timing_repeats):
+    for i in range(repeats or settings.timing_repeats):
         if i % 2 == 0:
             full.append(once(full_compute()))
             var.append(once(variant))
         else:
             var.append(once(variant))
             full.append(once(full_compute()))
-    return statistics.median(full), statistics.median(var)
+    return full, var
+
+
+def full_vs_full_ratios(timings: Mapping[str, Mapping[str, Sequence[float]]]) -> list[float]:
+    """The time ratios of full compute against itself that a sweep measured: full compute's own row,
+    timed by the same protocol as every variant (its "variant" is full compute again), one ratio per
+    pair (``SweepSettings.noise_pairs`` of them). Single-pair ratios, so the floor they give is wider
+    than the scatter of a median over ``timing_repeats`` pairs: a cautious floor."""
+    t = timings.get(FULL_COMPUTE)
+    if t is None:
+        return []
+    return [v / f for f, v in zip(t["full"], t["variant"]) if f > 0]
+
+
+def timing_noise_floor(timings: Mapping[str, Mapping[str, Sequence[float]]], confidence: float = 0.95) -> Interval | None:
+    """The sweep's timing noise floor (``tclab.stats.noise_floor`` of :func:`full_vs_full_ratios`):
+    a time ratio inside it is not a measured speed-up or slow-down. None without two ratios."""
+    ratios = full_vs_full_ratios(timings)
+    return noise_floor(ratios, confidence) if len(ratios) >= 2 else None
+
+
+def _ci_columns(name: str, interval: Interval) -> dict:
+    return {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high, f"{name}_n": interval.n}
+
+
+def quality_intervals(per_sample: Mapping[str, np.ndarray], settings: SweepSettings) -> dict:
+    """The interval columns of one sweep row from its per-sample values: ``<m>_ci_low``, ``<m>_ci_high``,
+    ``<m>_n`` for the mean of each of psnr / ssim / mse / lpips (seeded percentile bootstrap over the
+    samples) and for class-consistency (Wilson interval over the samples of known classes)."""
+    out = {}
+    for m in ("psnr", "ssim", "mse", "lpips"):
+        if m in per_sample:
+            out.update(_ci_columns(m, bootstrap_ci(per_sample[m], confidence=settings.confidence,
+                                                   resamples=settings.resamples, seed=settings.seed)))
+    hit = per_sample.get("class_hit")
+    if hit is not None:
+        known = hit[~np.isnan(hit)]
+        if known.size:
+            out.update(_ci_columns("class_consistency",
+                                   wilson_interval(int(known.sum()), int(known.size), settings.confidence)))
+    return out
 
 
 def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None = None, classifier=None,
@@ -385,10 +445,14 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     its ``error`` (never dropped); the others go on.
 
     Returns a :class:`SweepResult` whose ``frame`` has one row per variant: ``name, curve, family,
-    knob, flop_ratio, flop_speedup, gflops_per_image, time_ratio, time_speedup, t_full_s,
-    t_variant_s, realisation`` ((1 - time ratio) / (1 - FLOP ratio): the share of saved FLOPs that
-    became saved time), ``psnr, ssim, mse, lpips, class_consistency, fid, kid, error, config`` (JSON);
-    quality columns that were not measured are NaN.
+    knob, flop_ratio, flop_speedup, gflops_per_image, time_ratio`` (the median of the pairs' ratios),
+    ``time_speedup, time_within_noise`` (inside the sweep's full-vs-full noise floor, ``noise_floor_low``
+    / ``_high``: not a speed-up nor a slow-down), ``t_full_s, t_variant_s`` (medians), ``realisation``
+    ((1 - time ratio) / (1 - FLOP ratio): the share of saved FLOPs that became saved time), ``psnr,
+    ssim, mse, lpips, class_consistency, fid, kid, error, config`` (JSON); quality columns that were
+    not measured are NaN. Every measured figure ``m`` has ``m_ci_low``, ``m_ci_high`` (at
+    ``settings.confidence``) and, for per-sample means, ``m_n``; the per-sample values and the timings
+    are in :attr:`SweepResult.samples` / :attr:`SweepResult.timings`.
     """
     import pandas as pd
     from .progress import progress_bar
@@ -419,7 +483,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     sample(model, t_labels, settings.sample_config(num_steps=2, batch_size=settings.timing_batch),
            init_images=t_init, progress=False)
 
-    rows, images = [], {}
+    rows, images, samples, timings = [], {}, {}, {}
     full_flops = None
     bar = progress_bar(variants, desc="sweep", unit="variant", disable=not progress)
     for v in bar:
@@ -436,27 +500,42 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
             images[v.name] = imgs
             row["gflops_per_image"] = flops / len(labels) / 1e9
             row["flop_ratio"] = flops / full_flops
-            t_full, t_var = _time_pair(model, v, settings, t_labels, t_init)
-            row["t_full_s"], row["t_variant_s"] = t_full, t_var
-            row["time_ratio"] = t_var / t_full
+            # full compute against itself: the sweep's noise floor, so it gets noise_pairs pairs
+            pairs = max(settings.timing_repeats, settings.noise_pairs) if v.name == FULL_COMPUTE else None
+            t_full, t_var = _time_pair(model, v, settings, t_labels, t_init, repeats=pairs)
+            timings[v.name] = {"full": t_full, "variant": t_var}
+            row["t_full_s"], row["t_variant_s"] = statistics.median(t_full), statistics.median(t_var)
+            ratio = ratio_ci(t_var, t_full, settings.confidence, settings.resamples, settings.seed, paired=True)
+            row["time_ratio"] = ratio.estimate   # the median of the pairs' ratios
+            row.update(_ci_columns("time_ratio", ratio))
             full = images[FULL_COMPUTE]
-            row["psnr"] = float(psnr(imgs, full).mean())
-            row["ssim"] = float(ssim(imgs, full).mean())
-            row["mse"] = float(mse(imgs, full).mean())
+            per = {"psnr": psnr(imgs, full).numpy().astype(float), "ssim": ssim(imgs, full).numpy().astype(float),
+                   "mse": mse(imgs, full).numpy().astype(float)}
             if lpips_model is not None:
                 from .lpips import lpips_distance
 
-                row["lpips"] = float(lpips_distance(imgs, full, lpips_model).mean())
+                per["lpips"] = np.asarray(lpips_distance(imgs, full, lpips_model), dtype=float).reshape(-1)
             if classifier is not None and bool(known.any()):  # only samples of classes it knows
-                hit = classifier.predict_ids(imgs[known]) == labels[known]
-                row["class_consistency"] = float(hit.float().mean())
-                row["class_consistency_n"] = int(known.sum())
+                hit = np.full(len(labels), np.nan)
+                hit[known.numpy()] = (classifier.predict_ids(imgs[known]) == labels[known]).float().numpy()
+                per["class_hit"] = hit
+                row["class_consistency"] = float(np.nanmean(hit))
+            for m in ("psnr", "ssim", "mse", "lpips"):
+                if m in per:
+                    row[m] = float(per[m].mean())
+            row.update(quality_intervals(per, settings))
+            samples[v.name] = per
             if extractor is not None:
-                dq = distribution_quality(imgs, ref_feats, extractor, kid_subset_size=min(1000, len(imgs)))
+                dq = distribution_quality(imgs, ref_feats, extractor, kid_subset_size=min(1000, len(imgs)),
+                                          confidence=settings.confidence, seed=settings.seed)
                 # FID below its floor (feature dimension + 1 images per set) is NaN with the reason
                 row["fid"] = np.nan if dq["fid"] is None else dq["fid"]
                 row["fid_reason"] = dq["fid_reason"] or ""
                 row["kid"], row["kid_std"] = dq["kid_mean"], dq["kid_std"]
+                for m in ("fid", "kid"):
+                    lo, hi = dq[f"{m}_ci"] or (None, None)
+                    row[f"{m}_ci_low"] = np.nan if lo is None else lo
+                    row[f"{m}_ci_high"] = np.nan if hi is None else hi
                 row["kid_subsets"], row["kid_subset_size"] = dq["kid_subsets"], dq["kid_subset_size"]
                 row["fid_n"], row["fid_n_reference"] = dq["n_images"], dq["n_reference"]
                 row["fid_min_images"] = dq["fid_min_images"]
@@ -474,26 +553,95 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
             frame[col] = np.nan
     frame["flop_speedup"] = 1 / frame["flop_ratio"]
     frame["time_speedup"] = 1 / frame["time_ratio"]
-    saved = 1 - frame["flop_ratio"]
-    frame["realisation"] = np.where(saved > 1e-9, (1 - frame["time_ratio"]) / saved.where(saved > 1e-9), np.nan)
+    floor = timing_noise_floor(timings, settings.confidence)
+    add_timing_columns(frame, floor)
     first = ["name", "curve", "family", "knob", "flop_ratio", "flop_speedup", "time_ratio", "time_speedup",
-             "realisation", "psnr", "ssim", "mse", "lpips", "class_consistency", "fid", "kid", "gflops_per_image",
-             "t_full_s", "t_variant_s", "error"]
+             "time_within_noise", "realisation", "psnr", "ssim", "mse", "lpips", "class_consistency", "fid", "kid",
+             "gflops_per_image", "t_full_s", "t_variant_s", "error"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
-    return SweepResult(frame=frame, images=images, labels=labels, settings=settings, variants=list(variants))
+    return SweepResult(frame=frame, images=images, labels=labels, settings=settings, variants=list(variants),
+                       samples=samples, timings=timings, noise_floor=floor)
+
+
+def add_timing_columns(frame, floor: Interval | None) -> None:
+    """Add ``realisation`` (with ``realisation_ci_low`` / ``_high`` from the time ratio's interval),
+    ``time_within_noise`` (the time ratio lies inside the noise floor ``floor``, or its own interval holds
+    1: not a measured speed-up or slow-down; None without a floor) and ``noise_floor_low`` / ``_high`` to
+    a sweep frame, in place."""
+    saved = 1 - frame["flop_ratio"].astype(float)
+    ok = saved > 1e-9
+
+    def share(t):
+        return np.where(ok, (1 - t) / saved.where(ok), np.nan)
+
+    frame["realisation"] = share(frame["time_ratio"].astype(float))
+    if "time_ratio_ci_high" in frame:   # realisation falls as the time ratio rises
+        frame["realisation_ci_low"] = share(frame["time_ratio_ci_high"].astype(float))
+        frame["realisation_ci_high"] = share(frame["time_ratio_ci_low"].astype(float))
+    if floor is None:
+        frame["time_within_noise"] = None
+        return
+    frame["noise_floor_low"], frame["noise_floor_high"] = floor.low, floor.high
+    lo = frame["time_ratio_ci_low"].astype(float) if "time_ratio_ci_low" in frame else frame["time_ratio"] * np.nan
+    hi = frame["time_ratio_ci_high"].astype(float) if "time_ratio_ci_high" in frame else frame["time_ratio"] * np.nan
+    frame["time_within_noise"] = [
+        None if not np.isfinite(t) else bool(floor.contains(t) or (np.isfinite(a) and np.isfinite(b) and a <= 1 <= b))
+        for t, a, b in zip(frame["time_ratio"].astype(float), lo, hi)]
 
 
 # ---- reading a sweep ----------------------------------------------------------------------------------
+#
+# Every reader takes a sweep as a SweepResult (per-sample values: differences are tested, paired on the
+# shared seeds) or as its bare frame (a hand-made table, a CSV read back: nothing can be tested, so no
+# "winner" is named, only a leader on point estimates).
+
+@dataclass(frozen=True)
+class PairedComparer:
+    """Paired tests between the points of one sweep (``tclab.stats.paired_difference`` on the per-sample
+    values of :attr:`SweepResult.samples`: same seeds, same labels for every point)."""
+
+    samples: Mapping[str, Mapping[str, np.ndarray]]
+    confidence: float = 0.95
+    resamples: int = 2000
+    noise_pairs: int = 6
+    seed: int = 0
+
+    def values(self, name: str, quality: str) -> np.ndarray | None:
+        key = "class_hit" if quality == "class_consistency" else quality
+        v = self.samples.get(name, {}).get(key)
+        return None if v is None else np.asarray(v, dtype=float)
+
+    def test(self, better: str, other: str, quality: str):
+        """``better`` against ``other`` on ``quality``, oriented so a positive difference means ``better``
+        is better (for MSE / LPIPS: lower). None when either has no per-sample values (FID, KID)."""
+        a, b = self.values(better, quality), self.values(other, quality)
+        if a is None or b is None or a.shape != b.shape:
+            return None
+        keep = ~(np.isnan(a) | np.isnan(b))     # class_hit: samples of classes the classifier knows
+        if keep.sum() < 2:
+            return None
+        sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
+        return paired_difference(sign * a[keep], sign * b[keep], self.confidence, self.resamples, self.seed)
+
+
+def _frame_and_comparer(sweep) -> tuple[Any, PairedComparer | None]:
+    if isinstance(sweep, SweepResult):
+        st = sweep.settings
+        return sweep.frame, PairedComparer(sweep.samples, st.confidence, st.resamples, st.seed)
+    return sweep, None
+
 
 def _usable(frame, cost: str, quality: str):
     ok = frame["error"].fillna("") == ""
     return ok & np.isfinite(frame[cost].astype(float)) & np.isfinite(frame[quality].astype(float))
 
 
-def pareto_front(frame, cost: str = "flop_ratio", quality: str = "psnr", exclude_reference: bool = True):
+def pareto_front(sweep, cost: str = "flop_ratio", quality: str = "psnr", exclude_reference: bool = True):
     """Boolean Series: True where no other point has lower-or-equal cost and better-or-equal quality
     (one of them strictly). Full compute is left out by default (its paired quality is perfect by
-    construction); failed points and points without the quality are never on the front."""
+    construction); failed points and points without the quality are never on the front. Point
+    estimates only: :func:`pareto_ties` says which steps along the front are within noise."""
+    frame, _ = _frame_and_comparer(sweep)
     _check_column(frame, cost, COST_COLUMNS)
     _check_column(frame, quality, QUALITY_COLUMNS)
     sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
@@ -512,6 +660,23 @@ def pareto_front(frame, cost: str = "flop_ratio", quality: str = "psnr", exclude
     return pd.Series(on, index=frame.index, name="pareto")
 
 
+def pareto_ties(sweep: SweepResult, cost: str = "flop_ratio", quality: str = "psnr") -> dict[str, str]:
+    """Pareto points that are there on point estimates only: ``{point: cheaper point}`` for every point of
+    the front whose quality gain over the next cheaper front point is not distinguishable (paired test).
+    Such a point costs more for a gain the sweep cannot tell from noise. Empty for a bare frame."""
+    frame, comparer = _frame_and_comparer(sweep)
+    if comparer is None:
+        return {}
+    front = frame[pareto_front(frame, cost, quality)].sort_values(cost, kind="stable")
+    out = {}
+    names = front["name"].tolist()
+    for cheaper, dearer in zip(names, names[1:]):
+        t = comparer.test(dearer, cheaper, quality)
+        if t is not None and not t.distinguishable:
+            out[dearer] = cheaper
+    return out
+
+
 def _check_column(frame, name: str, allowed: Sequence[str]) -> None:
     if name not in allowed:
         raise ValueError(f"unknown column {name!r}; choose one of {list(allowed)}")
@@ -519,11 +684,16 @@ def _check_column(frame, name: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"the sweep has no {name!r} column (was it measured? e.g. FID needs an extractor)")
 
 
-def best_under_budget(frame, budget: float, cost: str = "flop_ratio", quality: str = "psnr",
+def best_under_budget(sweep, budget: float, cost: str = "flop_ratio", quality: str = "psnr",
                       families: Sequence[str] = ("ablation",)) -> dict | None:
     """The best point (by ``quality``) among ``families`` whose ``cost`` is at most ``budget`` (e.g.
-    ``budget=0.5`` = at least 2x cheaper than full compute). None when no point fits. Ties go to
-    the cheaper point."""
+    ``budget=0.5`` = at least 2x cheaper than full compute). None when no point fits. Equal estimates
+    go to the cheaper point.
+
+    Given a :class:`SweepResult`, the row also says which other points within the budget it cannot be
+    told from (``tied_with``: paired test of ``quality`` on the shared seeds, cheapest first) and
+    ``tested`` (False for a bare frame: nothing could be tested)."""
+    frame, comparer = _frame_and_comparer(sweep)
     _check_column(frame, cost, COST_COLUMNS)
     _check_column(frame, quality, QUALITY_COLUMNS)
     check_budget(budget, "cost ratio")
@@ -533,10 +703,25 @@ def best_under_budget(frame, budget: float, cost: str = "flop_ratio", quality: s
     sub = frame[m]
     sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
     order = np.lexsort((sub[cost].to_numpy(float), -sign * sub[quality].to_numpy(float)))
-    return _plain_row(sub.iloc[order[0]])
+    best = _plain_row(sub.iloc[order[0]])
+    tied = []
+    tested = False
+    if comparer is not None:
+        for i in order[1:]:
+            other = sub.iloc[i]["name"]
+            t = comparer.test(best["name"], other, quality)
+            if t is None:
+                continue
+            tested = True
+            if not t.distinguishable:
+                tied.append((float(sub.iloc[i][cost]), other))
+    best["tied_with"] = [n for _, n in sorted(tied)]
+    best["tested"] = tested
+    return best
 
 
 def _plain_row(row) -> dict:
+    """A frame row as plain JSON values; ``<m>_ci_low`` / ``<m>_ci_high`` become ``<m>_ci: [low, high]``."""
     out = {}
     for k, v in row.items():
         if isinstance(v, (np.floating, float)):
@@ -547,24 +732,35 @@ def _plain_row(row) -> dict:
             out[k] = bool(v)
         else:
             out[k] = v
+    for k in [k for k in out if k.endswith("_n") and isinstance(out[k], float)]:
+        out[k] = int(out[k])       # counts: float in a frame only because a failed row holds NaN
+    for k in [k for k in out if k.endswith("_ci_low")]:
+        name = k[: -len("_ci_low")]
+        out[f"{name}_ci"] = [out.pop(k), out.pop(f"{name}_ci_high", None)]
     if isinstance(out.get("config"), str):
         out["config"] = json.loads(out["config"])
     out.pop("traceback", None)
     return out
 
 
-def compare_at_reductions(frame, reductions: Sequence[float] = (2, 3), cost: str = "flop_ratio",
+def compare_at_reductions(sweep, reductions: Sequence[float] = (2, 3), cost: str = "flop_ratio",
                           quality: str = "psnr", also: Sequence[str] = ("class_consistency",),
                           families: Sequence[str] = ("ablation",)):
-    """Which curve wins at each cost reduction (2 = half the cost of full compute)?
+    """Which curve leads at each cost reduction (2 = half the cost of full compute), and is its lead real?
 
     For every reduction r and every curve among ``families``: the curve's best point (by ``quality``)
-    with ``cost <= 1/r``. Returns a frame ``reduction, curve, name, <cost>, <quality>, <also...>,
-    rank`` (rank 1 = winner; curves with no point within the budget get rank NaN and say so in
-    ``name``). Measured points only: a curve is not credited with a quality it was never seen at.
+    with ``cost <= 1/r``. Returns a frame ``reduction, curve, name, <cost>, <quality>,
+    <quality>_ci_low / _high, <also...>, rank`` (rank 1 = leader on point estimates; curves with no
+    point within the budget get rank NaN and say so in ``name``), and per curve its paired comparison
+    with the leader on the shared seeds: ``behind`` (the leader's quality minus this curve's, oriented
+    so positive = the leader is better), ``behind_ci_low`` / ``_high``, ``p_value`` and ``tied``
+    (not distinguishable from the leader; the leader is ``tied`` when any curve is). A bare frame
+    (no per-sample values) is not tested: ``tied`` only where the estimates are equal. Measured
+    points only: a curve is not credited with a quality it was never seen at.
     """
     import pandas as pd
 
+    frame, comparer = _frame_and_comparer(sweep)
     rows = []
     for r in reductions:
         if not r > 1:
@@ -573,55 +769,109 @@ def compare_at_reductions(frame, reductions: Sequence[float] = (2, 3), cost: str
             best = best_under_budget(sub, 1.0 / r, cost, quality, families=families)
             row = {"reduction": float(r), "curve": curve}
             if best is None:
-                row.update({"name": "no point within budget", cost: np.nan, quality: np.nan, **{a: np.nan for a in also}})
+                row.update({"name": "no point within budget", cost: np.nan, quality: np.nan,
+                            **{a: np.nan for a in also}})
             else:
+                lo, hi = best.get(f"{quality}_ci") or (None, None)
                 row.update({"name": best["name"], cost: best[cost], quality: best[quality],
+                            f"{quality}_ci_low": np.nan if lo is None else lo,
+                            f"{quality}_ci_high": np.nan if hi is None else hi,
                             **{a: best.get(a) if best.get(a) is not None else np.nan for a in also}})
             rows.append(row)
-    out = pd.DataFrame(rows, columns=["reduction", "curve", "name", cost, quality, *also])
+    cols = ["reduction", "curve", "name", cost, quality, f"{quality}_ci_low", f"{quality}_ci_high", *also]
+    out = pd.DataFrame(rows, columns=cols)
     sign = 1.0 if HIGHER_IS_BETTER[quality] else -1.0
     out["rank"] = out.groupby("reduction")[quality].rank(ascending=sign < 0, method="min")
-    out["tied"] = out.duplicated(["reduction", "rank"], keep=False) & out["rank"].notna()
     # equal quality: the cheaper point ranks first (as in best_under_budget)
-    return out.sort_values(["reduction", "rank", cost], na_position="last").reset_index(drop=True)
+    out = out.sort_values(["reduction", "rank", cost], na_position="last").reset_index(drop=True)
+    out["behind"], out["behind_ci_low"], out["behind_ci_high"], out["p_value"] = np.nan, np.nan, np.nan, np.nan
+    out["tied"] = False
+    for r, sub in out[out["rank"].notna()].groupby("reduction"):
+        leader = sub.index[0]
+        for i in sub.index[1:]:
+            t = comparer.test(out.at[leader, "name"], out.at[i, "name"], quality) if comparer else None
+            if t is None:
+                tied = out.at[i, "rank"] == out.at[leader, "rank"]
+                out.at[i, "behind"] = sign * (out.at[leader, quality] - out.at[i, quality])
+            else:
+                tied = not t.distinguishable
+                d = t.difference
+                out.at[i, "behind"], out.at[i, "behind_ci_low"], out.at[i, "behind_ci_high"] = d.estimate, d.low, d.high
+                out.at[i, "p_value"] = t.p_value
+            out.at[i, "tied"] = bool(tied)
+            out.at[leader, "tied"] = bool(out.at[leader, "tied"] or tied)
+    return out
 
 
-def headline(frame, reductions: Sequence[float] = (2, 3), budget: float = 0.5, cost: str = "flop_ratio",
+def _ci(v) -> list | None:
+    """A ``[low, high]`` pair from a frame/plain row value, or None when the interval is unknown."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or any(x is None for x in v):
+        return None
+    return [float(v[0]), float(v[1])]
+
+
+def headline(sweep, reductions: Sequence[float] = (2, 3), budget: float = 0.5, cost: str = "flop_ratio",
              quality: str = "psnr") -> dict:
-    """The numbers a reader wants first, as plain values for ``summary.json``: per reduction the
-    winning curve, its point, its PSNR and class-consistency and its margin over the runner-up, and
-    the best baseline or peer at the same reduction; full compute's class-consistency; the best point under ``budget`` (ablated variants only,
-    and over every family including baselines and peers); the Pareto points."""
-    comp = compare_at_reductions(frame, reductions, cost, quality)
+    """The numbers a reader wants first, as plain values for ``summary.json``.
+
+    Per reduction: the ``leader`` (best curve on point estimates), its point, PSNR and class-consistency
+    with their intervals, the curves ``tied_with`` it (not distinguishable, paired test on the shared
+    seeds), the ``winner`` (the leader, named only when no curve is tied with it and the sweep could be
+    tested: a bare frame names none), its margin over the runner-up with the margin's interval and
+    p-value, and the best baseline or peer at the same reduction with the leader's paired margin over
+    it. Also full compute's class-consistency; the best point under ``budget`` (ablated variants only,
+    and over every family including baselines and peers) with the points it is tied with; the Pareto
+    points and the front's ties (:func:`pareto_ties`)."""
+    frame, comparer = _frame_and_comparer(sweep)
+    comp = compare_at_reductions(sweep, reductions, cost, quality)
     full = frame[frame["name"] == FULL_COMPUTE]
     full_cc = float(full["class_consistency"].iloc[0]) if len(full) and "class_consistency" in full else float("nan")
     out: dict[str, Any] = {"cost": cost, "quality": quality, "budget": budget,
                            "full_compute_class_consistency": finite_or_none(full_cc)}
+    rows = {r["name"]: _plain_row(r) for _, r in frame.iterrows()}
     for r in reductions:
-        sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()].sort_values(["rank", cost], kind="stable")
+        sub = comp[(comp["reduction"] == float(r)) & comp["rank"].notna()]
         key = f"at_{r:g}x"
         if sub.empty:
-            out[key] = {"winner": None, "note": f"no ablated variant reached {r:g}x lower {cost}"}
+            out[key] = {"leader": None, "winner": None, "note": f"no ablated variant reached {r:g}x lower {cost}"}
             continue
         w = sub.iloc[0]
-        d = {"winner": w["curve"], "point": w["name"], cost: finite_or_none(w[cost]), quality: finite_or_none(w[quality]),
+        point = rows[w["name"]]
+        tied = sub[sub["tied"] & (sub.index != sub.index[0])]["curve"].tolist()
+        tested = comparer is not None and bool(sub.iloc[1:]["p_value"].notna().all())   # one curve: nothing to lose to
+        d = {"leader": w["curve"], "winner": w["curve"] if tested and not tied else None, "tested": bool(tested),
+             "point": w["name"], cost: finite_or_none(w[cost]), quality: finite_or_none(w[quality]),
+             f"{quality}_ci": _ci(point.get(f"{quality}_ci")), f"{quality}_n": point.get(f"{quality}_n"),
              "class_consistency": finite_or_none(w.get("class_consistency")),
-             "tied_with": sub[(sub["rank"] == w["rank"]) & (sub["curve"] != w["curve"])]["curve"].tolist()}
+             "class_consistency_ci": _ci(point.get("class_consistency_ci")), "tied_with": tied}
         if len(sub) > 1:
             ru = sub.iloc[1]
-            d.update({"runner_up": ru["curve"], f"{quality}_margin": finite_or_none(w[quality] - ru[quality]),
-                      "class_consistency_margin": finite_or_none(w.get("class_consistency", np.nan) - ru.get("class_consistency", np.nan))})
+            cc = comparer.test(w["name"], ru["name"], "class_consistency") if comparer else None
+            d.update({"runner_up": ru["curve"], f"{quality}_margin": finite_or_none(ru["behind"]),
+                      f"{quality}_margin_ci": _ci([finite_or_none(ru["behind_ci_low"]),
+                                                    finite_or_none(ru["behind_ci_high"])]),
+                      f"{quality}_margin_p": finite_or_none(ru["p_value"]),
+                      "class_consistency_margin": finite_or_none(w.get("class_consistency", np.nan)
+                                                                 - ru.get("class_consistency", np.nan)),
+                      "class_consistency_margin_ci": _ci([cc.difference.low, cc.difference.high]) if cc else None})
         out[key] = d
         ref = best_under_budget(frame, 1.0 / r, cost, quality, families=("baseline", "peer"))
         if ref is not None:
+            t = comparer.test(w["name"], ref["name"], quality) if comparer else None
             out[key]["best_reference"] = {"name": ref["name"], cost: ref[cost], quality: ref[quality],
-                                          "class_consistency": ref.get("class_consistency")}
-    best = best_under_budget(frame, budget, cost, quality)
-    overall = best_under_budget(frame, budget, cost, quality, families=("ablation", "baseline", "peer"))
-    keep = ("name", "curve", "family", "flop_ratio", "time_ratio", "psnr", "ssim", "class_consistency", "config")
-    out["best_under_budget"] = {k: best[k] for k in keep if k in best} if best else None
-    out["best_under_budget_any_method"] = {k: overall[k] for k in keep if k in overall} if overall else None
+                                          f"{quality}_ci": _ci(ref.get(f"{quality}_ci")),
+                                          "class_consistency": ref.get("class_consistency"),
+                                          # the leader's paired margin over it (positive: the leader is better)
+                                          "margin": t.difference.estimate if t else None,
+                                          "margin_ci": _ci([t.difference.low, t.difference.high]) if t else None,
+                                          "margin_p": t.p_value if t else None,
+                                          "distinguishable": t.distinguishable if t else None}
+    best = best_under_budget(sweep, budget, cost, quality)
+    overall = best_under_budget(sweep, budget, cost, quality, families=("ablation", "baseline", "peer"))
+    out["best_under_budget"] = {k: best.get(k) for k in POINT_KEYS} if best else None
+    out["best_under_budget_any_method"] = {k: overall.get(k) for k in POINT_KEYS} if overall else None
     out["pareto_points"] = frame.loc[pareto_front(frame, cost, quality), "name"].tolist()
+    out["pareto_ties"] = pareto_ties(sweep, cost, quality) if comparer else {}
     return out
 
 
@@ -640,21 +890,42 @@ def finite_or_none(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def table(frame, columns: Sequence[str] = ("name", "curve", "family", "flop_ratio", "time_ratio", "realisation",
+#: The figures :func:`table` shows with their interval, "value [low, high]".
+INTERVAL_COLUMNS = ("time_ratio", "realisation", "psnr", "ssim", "lpips", "class_consistency", "fid", "kid")
+
+
+def table(sweep, columns: Sequence[str] = ("name", "curve", "family", "flop_ratio", "time_ratio", "realisation",
                                               "psnr", "ssim", "lpips", "class_consistency", "fid", "kid", "kid_std",
                                               "fid_n", "error"),
           decimals: int = 3):
-    """The sweep as a readable table (rounded; columns that were not measured are left out), with
-    ``pareto_flops`` / ``pareto_time`` marking the PSNR Pareto points against each cost. Where FID
-    was asked for but its sets were below the floor, the ``fid`` cell says "not computed: N images,
-    needs at least M" instead of a number."""
+    """The sweep (a :class:`SweepResult`, or its frame) as a readable table for people: rounded, columns
+    that were not measured left out, and each figure of :data:`INTERVAL_COLUMNS` with its interval in
+    one cell, "24.98 [24.12, 25.80]" (at the sweep's confidence; ``n`` is the row's paired samples; the
+    numbers themselves are in the sweep's frame). ``time_noise`` says "within noise" where the time ratio lies inside the sweep's
+    full-vs-full noise floor: not a speed-up nor a slow-down. ``pareto_flops`` / ``pareto_time`` mark
+    the PSNR Pareto points against each cost ("yes"), or "tie with X" where the gain over the next
+    cheaper front point X is within noise (:func:`pareto_ties`). Where FID was asked for but its sets
+    were below the floor, the ``fid`` cell says "not computed: N images, needs at least M"."""
+    frame, comparer = _frame_and_comparer(sweep)
     fid_reasons = frame["fid_reason"].fillna("").astype(str) if "fid_reason" in frame else None
     refused = fid_reasons is not None and (fid_reasons != "").any()
     cols = [c for c in columns if c in frame and not (frame[c].isna().all() and c in QUALITY_COLUMNS)
             or (c == "fid" and refused)]
     out = frame[cols].copy()
-    out["pareto_flops"] = pareto_front(frame, "flop_ratio", "psnr")
-    out["pareto_time"] = pareto_front(frame, "time_ratio", "psnr")
+    for c in [c for c in cols if c in INTERVAL_COLUMNS and f"{c}_ci_low" in frame]:
+        v, lo, hi = (frame[k].astype(float) for k in (c, f"{c}_ci_low", f"{c}_ci_high"))
+        out[c] = [("" if not np.isfinite(x) else f"{x:.{decimals}f}"
+                   + (f" [{a:.{decimals}f}, {b:.{decimals}f}]" if np.isfinite(a) and np.isfinite(b) else ""))
+                  for x, a, b in zip(v, lo, hi)]
+    if "psnr_n" in frame and "psnr" in out:
+        out.insert(out.columns.get_loc("psnr") + 1, "n", frame["psnr_n"].astype("Int64"))
+    if "time_within_noise" in frame and "time_ratio" in out:
+        out.insert(out.columns.get_loc("time_ratio") + 1, "time_noise",
+                   ["within noise" if w is True else "" for w in frame["time_within_noise"]])
+    for col, cost in (("pareto_flops", "flop_ratio"), ("pareto_time", "time_ratio")):
+        on = pareto_front(frame, cost, "psnr")
+        ties = pareto_ties(sweep, cost, "psnr") if comparer is not None else {}
+        out[col] = [("tie with " + ties[n] if n in ties else "yes") if o else "" for n, o in zip(frame["name"], on)]
     out = out.round(decimals)
     if refused and "fid" in out:
         short = fid_reasons.str.split(" (", n=1, regex=False).str[0]   # "not computed: 6 images, needs at least 129"
@@ -675,23 +946,92 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
     ``points``: every row of the sweep. ``identity``: the model's weights hash when ``model`` is given,
     the manifest hash of the image set whose classes were sampled when ``image_set`` is. ``labels``: how
     the image folders map onto the model's classes (``LabelMap.to_dict()``). ``report``: the report's
-    first screen (:func:`sweep_report`).
+    first screen (:func:`sweep_report`). ``noise_floor``: :attr:`SweepResult.noise_floor`;
+    ``resolution``: :func:`samples_needed_table`.
     """
     frame = result.frame
+    floor = result.noise_floor
     identity = None
     if model is not None or image_set is not None:
         identity = SweepIdentity(model=model.name if model is not None else None,
                                  model_weights_sha256=model.identity()["weights_sha256"] if model is not None else None,
                                  images_manifest_sha256=image_set.manifest_hash() if image_set is not None else None)
     # a hand-made frame may lack columns a sweep always has (ssim, ...): read as absent, written as null
-    views = {key: CostView.from_dict(headline(frame, reductions, budget, cost, "psnr"), key, cost, complete=False)
+    views = {key: CostView.from_dict(headline(result, reductions, budget, cost, "psnr"), key, cost, complete=False)
              for key, cost in (("flops", "flop_ratio"), ("wall_clock", "time_ratio"))}
+    resolution = samples_needed_table(result)
     summary = SweepSummary(
         **views,
         settings=SweepSettingsRecord.from_dict(asdict(result.settings)),
         points=tuple(_plain_row(r) for _, r in frame.iterrows()), identity=identity,
-        labels=dict(labels) if labels is not None else None)
+        labels=dict(labels) if labels is not None else None,
+        noise_floor=floor.to_dict("time_ratio") if floor is not None else None,
+        resolution=tuple(_plain_row(r) for _, r in resolution.iterrows()))
     return replace(summary, report=sweep_report(summary, reductions))
+
+
+#: The differences :func:`samples_needed_table` asks about by default: 0.5 dB of PSNR, 5 points of
+#: class-consistency (the sizes the ablations' conclusions turn on).
+RESOLVE = {"psnr": 0.5, "class_consistency": 0.05}
+
+
+def samples_needed_table(result: SweepResult, differences: Mapping[str, float] = RESOLVE, power: float = 0.8):
+    """How many paired samples would resolve each difference in ``differences`` (e.g. 0.5 dB of PSNR),
+    from the spread this sweep measured (``tclab.stats.samples_needed``, two-sided at
+    ``settings.confidence``, ``power``).
+
+    The spread is that of the per-sample differences between points of the sweep, which is what every
+    comparison the reports make tests: over every pair of ablated points that both ran, the median
+    standard deviation of their per-sample differences (``sd_median``), and the 90th percentile of it
+    (``sd_p90``: the harder comparisons). Returns a frame ``metric, difference, samples, pairs, sd_median,
+    needed_median, sd_p90, needed_p90, resolves``: ``samples`` is what this sweep had, ``resolves``
+    whether that is enough for the median pair.
+    """
+    import pandas as pd
+
+    frame = result.frame
+    names = frame[(frame["family"] == "ablation") & (frame["error"].fillna("") == "")]["name"].tolist()
+    rows = []
+    for metric, diff in differences.items():
+        key = "class_hit" if metric == "class_consistency" else metric
+        sds, n = [], 0
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                x, y = result.samples.get(a, {}).get(key), result.samples.get(b, {}).get(key)
+                if x is None or y is None:
+                    continue
+                d = np.asarray(x, float) - np.asarray(y, float)
+                d = d[~np.isnan(d)]
+                if d.size >= 2:
+                    sds.append(float(d.std(ddof=1)))
+                    n = max(n, int(d.size))
+        row = {"metric": metric, "difference": float(diff), "samples": n, "pairs": len(sds)}
+        if sds:
+            med, p90 = float(np.median(sds)), float(np.quantile(sds, 0.9))
+            need = [samples_needed(sd, diff, result.settings.confidence, power) if sd > 0 else 2 for sd in (med, p90)]
+            row.update(sd_median=med, needed_median=need[0], sd_p90=p90, needed_p90=need[1], resolves=bool(n >= need[0]))
+        else:
+            row.update(sd_median=np.nan, needed_median=None, sd_p90=np.nan, needed_p90=None, resolves=None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["metric", "difference", "samples", "pairs", "sd_median", "needed_median",
+                                       "sd_p90", "needed_p90", "resolves"])
+
+
+def describe_resolution(table) -> str:
+    """The samples-needed table in sentences, for the notebooks."""
+    lines = []
+    for _, r in table.iterrows():
+        unit = " dB" if r["metric"] == "psnr" else ""
+        size = f"{r['difference'] * 100:g} points" if r["metric"] == "class_consistency" else f"{r['difference']:g}{unit}"
+        if r["needed_median"] is None or (isinstance(r["needed_median"], float) and math.isnan(r["needed_median"])):
+            lines.append(f"{r['metric']}: not measured, so no estimate of the samples a {size} difference needs.")
+            continue
+        lines.append(f"{r['metric']}: resolving a {size} difference between two points needs about "
+                     f"{int(r['needed_median'])} paired samples for a typical pair of points (median spread "
+                     f"{r['sd_median']:.3g}) and {int(r['needed_p90'])} for the harder ones (90th percentile); this "
+                     f"sweep had {int(r['samples'])}: " + ("enough." if r["resolves"] else
+                                                            "too few, so differences of that size here are within noise."))
+    return "\n".join(lines)
 
 
 def is_tokencache_curve(curve: str) -> bool:
@@ -704,58 +1044,131 @@ def _db(v) -> str:
     return "-" if v is None else f"{format_number(v, 'dB')} dB"
 
 
+def _span(ci, unit: str = "dB") -> str:
+    """" [24.1, 25.8]": an interval after its number, or "" when there is none."""
+    if ci is None or ci[0] is None or ci[1] is None:
+        return ""
+    if unit == "%":
+        return f" [{ci[0]:.0%}, {ci[1]:.0%}]"
+    if unit == "x":
+        return f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f" [{format_number(ci[0], unit)}, {format_number(ci[1], unit)}]"
+
+
+def _p(p) -> str:
+    return "" if p is None else (f", p = {p:.2g}" if p >= 0.001 else ", p < 0.001")
+
+
+def _leader_finding(d, r: float, n: int | None) -> Finding:
+    """Does TokenCache's own choice lead at ``r``x, and is the lead real (paired test on the shared seeds)?"""
+    within = f"at most 1/{r:g} of full compute's FLOPs"
+    cc = d.class_consistency
+    text = (f"The best ablated variant is {d.leader} ({d.point}: {_db(d.psnr)}{_span(d.psnr_ci)}"
+            + (f", class-consistency {cc:.0%}{_span(d.class_consistency_ci, '%')}" if cc is not None else "") + ")")
+    if d.runner_up and d.psnr_margin is not None:
+        text += f", {d.psnr_margin:.2f} dB{_span(d.psnr_margin_ci)} ahead of {d.runner_up}{_p(d.psnr_margin_p)}"
+    group = (d.leader, *d.tied_with)
+    ours = [is_tokencache_curve(c) for c in group]
+    if not d.tested:
+        verdict = HOLDS if any(ours) else DOES_NOT_HOLD
+        text += " (not tested: no per-sample values; point estimates only)."
+    elif d.tied_with:
+        verdict = HOLDS if all(ours) else (DOES_NOT_HOLD if not any(ours) else WITHIN_NOISE)
+        text += (f"; tied with {', '.join(d.tied_with)}: the sweep cannot tell them apart"
+                 + (f" at N = {n}" if n else "") + ", so no winner is named.")
+    elif d.runner_up is None:
+        verdict = HOLDS if ours[0] else DOES_NOT_HOLD
+        text += "; the only ablated curve this cheap."
+    else:
+        verdict = HOLDS if ours[0] else DOES_NOT_HOLD
+        text += "; it is the winner (distinguishable from every other curve, paired test)."
+    return Finding(text, verdict, "TokenCache's own choice (learned predictor / adaptive blocks / TPRR) has the highest "
+                   f"PSNR vs full compute among the ablated variants {within}, distinguishably (paired test); a tie "
+                   "between it and another choice is within noise", f"at {r:g}x fewer FLOPs")
+
+
+def _rival_finding(d, r: float) -> Finding:
+    within = f"at most 1/{r:g} of full compute's FLOPs"
+    ref = d.best_reference
+    criterion = (f"the best ablated variant beats every baseline and peer (fewer steps, FORA, external caches) {within}, "
+                 "distinguishably (paired test on the shared seeds)")
+    beats = d.psnr > ref.psnr
+    if ref.margin is not None:
+        beats = ref.margin > 0
+        gap = f"{abs(ref.margin):.2f} dB {'above' if beats else 'below'} it (paired margin{_span(ref.margin_ci)}{_p(ref.margin_p)})"
+    else:
+        gap = f"{abs(d.psnr - ref.psnr):.1f} dB {'above' if beats else 'below'} it"
+    text = (f"The best rival at the same cost is {ref.name} at {_db(ref.psnr)}{_span(ref.psnr_ci)}: the best ablated "
+            f"variant is {gap}")
+    if ref.distinguishable is None:
+        return Finding(text + " (not tested: point estimates only).", HOLDS if beats else DOES_NOT_HOLD, criterion,
+                       f"at {r:g}x fewer FLOPs")
+    if not ref.distinguishable:
+        return Finding(text + ", within noise: the two cannot be told apart.", WITHIN_NOISE, criterion,
+                       f"at {r:g}x fewer FLOPs")
+    return Finding(text + ".", HOLDS if beats else DOES_NOT_HOLD, criterion, f"at {r:g}x fewer FLOPs")
+
+
+def _budget_finding(best, budget, floor) -> Finding:
+    group = f"within the budget ({budget:g} of full compute's FLOPs)" if budget is not None else "within the budget"
+    criterion = ("its FLOP saving shows in wall-clock: time ratio below 1 and outside the timing noise floor (full "
+                 "compute against itself, measured in the same sweep)")
+    tr = best.time_ratio
+    text = (f"The recommended setting is {best.name}: {best.flop_ratio:.2f}x the FLOPs and "
+            + (f"{tr:.2f}x{_span(best.time_ratio_ci, 'x')} the wall-clock of full compute" if tr is not None
+               else "wall-clock not measured") + f", {_db(best.psnr)}{_span(best.psnr_ci)}")
+    if best.tied_with:
+        text += f"; tied on PSNR with {', '.join(best.tied_with[:3])}" + (" and more" if len(best.tied_with) > 3 else "")
+    if tr is None:
+        return Finding(text + ".", NOT_MEASURED, criterion, group)
+    if best.time_within_noise:
+        floor_text = _span((floor or {}).get("time_ratio_ci"), "x")
+        return Finding(text + f"; its wall-clock is within noise of full compute's (noise floor{floor_text}).",
+                       WITHIN_NOISE, criterion, group)
+    return Finding(text + ".", HOLDS if tr < 1 else DOES_NOT_HOLD, criterion, group)
+
+
 def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence[float] = (2, 3)):
     """The first screen of an ablation report (:class:`tclab.report.ReportSummary`) from
     :func:`summarise_sweep`'s summary (or its JSON form). Per cost reduction r: does TokenCache's own
-    choice on this axis (:func:`is_tokencache_curve`) win among the ablated variants, and does the best
-    ablated point beat the best rival (fewer steps, FORA, peers) at the same FLOPs; within the budget:
-    the recommended point, and whether its FLOP saving shows up in wall-clock."""
+    choice on this axis (:func:`is_tokencache_curve`) lead among the ablated variants, distinguishably
+    ("within noise" when it is tied with another choice), and does the best ablated point beat the best
+    rival (fewer steps, FORA, peers) at the same FLOPs; within the budget: the recommended point, and
+    whether its FLOP saving shows up in wall-clock beyond the timing noise floor; how many samples
+    the sweep's differences need."""
     if not isinstance(summary, SweepSummary):
         summary = SweepSummary.from_dict(summary)
+    n = summary.settings.quality_samples if summary.settings else None
     findings = []
     for r in reductions:
         d = summary.flops.at(r)
         within = f"at most 1/{r:g} of full compute's FLOPs"
-        if d is None or not d.winner:
+        if d is None or not d.leader:
             findings.append(Finding(f"No ablated variant reached {r:g}x fewer FLOPs.", NOT_MEASURED,
                                     f"a measured point {within}", f"at {r:g}x fewer FLOPs"))
             continue
-        ours = any(is_tokencache_curve(c) for c in (d.winner, *d.tied_with))
-        runner = (f", {d.psnr_margin:.2f} dB ahead of {d.runner_up}" if d.runner_up and d.psnr_margin is not None
-                  else "")
-        cc = d.class_consistency
-        findings.append(Finding(
-            f"The best ablated variant is {d.winner} ({d.point}: {_db(d.psnr)}"
-            + (f", class-consistency {cc:.0%}" if cc is not None else "") + f"){runner}.",
-            HOLDS if ours else DOES_NOT_HOLD,
-            f"TokenCache's own choice (learned predictor / adaptive blocks / TPRR) has the highest PSNR vs full "
-            f"compute among the ablated variants {within}", f"at {r:g}x fewer FLOPs"))
-        ref = d.best_reference
-        if ref and ref.psnr is not None and d.psnr is not None:
-            beats = d.psnr > ref.psnr
-            findings.append(Finding(
-                f"The best rival at the same cost is {ref.name} at {_db(ref.psnr)}: the best ablated "
-                f"variant is {abs(d.psnr - ref.psnr):.1f} dB {'above' if beats else 'below'} it.",
-                HOLDS if beats else DOES_NOT_HOLD,
-                f"the best ablated variant beats every baseline and peer (fewer steps, FORA, external caches) {within}",
-                f"at {r:g}x fewer FLOPs"))
+        findings.append(_leader_finding(d, r, n))
+        if d.best_reference and d.best_reference.psnr is not None and d.psnr is not None:
+            findings.append(_rival_finding(d, r))
         else:
             findings.append(Finding("No baseline or peer was measured at this cost.", NOT_MEASURED,
                                     f"a baseline or peer {within}", f"at {r:g}x fewer FLOPs"))
     best, budget = summary.best_under_budget, summary.flops.budget
-    group = f"within the budget ({budget:g} of full compute's FLOPs)" if budget is not None else "within the budget"
     if best:
-        tr = best.time_ratio
-        findings.append(Finding(
-            f"The recommended setting is {best.name}: {best.flop_ratio:.2f}x the FLOPs and "
-            + (f"{tr:.2f}x the wall-clock of full compute" if tr is not None else "wall-clock not measured")
-            + f", {_db(best.psnr)}.",
-            NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
-            "its FLOP saving shows in wall-clock: time ratio below 1 (median of interleaved runs against full "
-            "compute, this machine)", group))
+        findings.append(_budget_finding(best, budget, summary.noise_floor))
     else:
+        group = f"within the budget ({budget:g} of full compute's FLOPs)" if budget is not None else "within the budget"
         findings.append(Finding("No ablated variant fits the budget.", NOT_MEASURED,
                                 "a measured point within the FLOP budget", group))
+    for row in summary.resolution:
+        if row.get("metric") == "psnr" and row.get("needed_median") is not None:
+            enough = bool(row.get("resolves"))
+            findings.append(Finding(
+                f"Resolving {row['difference']:g} dB between two points takes about {int(row['needed_median'])} paired "
+                f"samples (median spread of the per-sample differences); this sweep had {row['samples']}.",
+                HOLDS if enough else DOES_NOT_HOLD,
+                f"the sweep has enough samples to tell apart points {row['difference']:g} dB apart (80% power)",
+                "the sweep"))
     if summary.failed_points:
         findings.append(Finding(f"{summary.failed_points} of {len(summary.points)} points failed; their errors are in "
                                 "the sweep table.", DOES_NOT_HOLD, "every point of the sweep ran", "the sweep"))
@@ -767,11 +1180,20 @@ def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence
             ("full_compute_class_consistency", "full compute's class-consistency", "%")]
     for r in reductions:
         t = f"{r:g}x"
-        spec += [(f"winner_at_{t}_flops", f"best ablated variant at {t} fewer FLOPs", ""),
+        spec += [(f"leader_at_{t}_flops", f"best ablated variant at {t} fewer FLOPs", ""),
+                 (f"winner_at_{t}_flops", "distinguishable winner there (none: tied)", ""),
                  (f"psnr_at_{t}", "its PSNR", "dB"),
                  (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
     spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
-    numbers = [k for k in key_numbers_from(summary.headline, spec) if k.value is not None]
+    head = dict(summary.headline)
+    if summary.settings and summary.settings.confidence:
+        conf = summary.settings.confidence
+    else:
+        conf = 0.95
+    numbers = [k for k in key_numbers_from(head, spec, conf) if k.value is not None
+               or k.key.startswith("winner_at_") and head.get(k.key.replace("winner", "leader")) is not None]
+    numbers = [replace(k, value="none (tied)") if k.key.startswith("winner_at_") and k.value is None else k
+               for k in numbers]
     index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
     index = index or [n.key for n in numbers[:3]]       # nothing within the budget: the first numbers there are
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=index)
@@ -803,7 +1225,8 @@ class AblationStudy:
     ``classifier`` (None: class-consistency not measured), ``predictors`` (``{kind: file}`` of the learned
     scorers) and ``run`` (the run folder, ``tclab.runs.RunContext``). Then :meth:`plan` (the notebook's
     variants and the reference points), :meth:`measure` (``result``, also ``sweep.csv``),
-    :meth:`summarise` (``summary``) and :meth:`write_summary`.
+    :meth:`summarise` (``summary``), :meth:`uncertainty` (what the sample can resolve) and
+    :meth:`write_summary`.
     """
 
     model: Any
@@ -850,6 +1273,24 @@ class AblationStudy:
         for best in (self.summary.best_under_budget, self.summary.flops.best_under_budget_any_method):
             print(best.to_dict() if best is not None else None)
         return self.summary.headline
+
+    def uncertainty(self):
+        """What the sweep can and cannot resolve: prints how its intervals were made, the timing noise
+        floor and, per difference of :data:`RESOLVE`, the samples it needs (:func:`describe_resolution`);
+        returns the :func:`samples_needed_table`."""
+        if self.result is None:
+            raise RuntimeError("nothing measured yet: call measure() first")
+        st, floor = self.result.settings, self.result.noise_floor
+        print(f"N = {len(self.result.labels)} paired samples per point (same seeds for every point); "
+              f"{st.confidence:.0%} intervals: percentile bootstrap over the samples ({st.resamples} resamples, "
+              f"seed {st.seed}), Wilson for class-consistency; differences: paired bootstrap and sign-flip test.")
+        if floor is not None:
+            print(f"Timing noise floor: full compute against itself over {floor.n} pair(s) of {st.timing_batch} "
+                  f"image(s): time ratios between {floor.low:.3f} and {floor.high:.3f} are not a speed-up or "
+                  "slow-down ('within noise' in the table).")
+        table = samples_needed_table(self.result)
+        print(describe_resolution(table))
+        return table
 
     def write_summary(self):
         """Write ``summary.json`` (the summary's ``to_dict()``) into the run folder; returns its path."""

@@ -411,8 +411,20 @@ def distribution_caption(frame) -> str | None:
     return text
 
 
+def _errors(sub, column: str) -> np.ndarray | None:
+    """Asymmetric error-bar lengths ``(2, n)`` from ``<column>_ci_low`` / ``_high``; None without them."""
+    lo, hi = f"{column}_ci_low", f"{column}_ci_high"
+    if lo not in sub or hi not in sub:
+        return None
+    v = sub[column].to_numpy(float)
+    err = np.vstack([v - sub[lo].to_numpy(float), sub[hi].to_numpy(float) - v])
+    err = np.where(np.isfinite(err), np.maximum(err, 0.0), 0.0)
+    return err if err.any() else None
+
+
 def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: float | None = None, ax=None,
-                title: str | None = None, legend: bool = True, colors: Mapping[str, object] | None = None):
+                title: str | None = None, legend: bool = True, colors: Mapping[str, object] | None = None,
+                ties: Mapping[str, str] | None = None):
     """Quality against cost for every point of a sweep (``tclab.ablation.run_sweep(...).frame``).
 
     Every point is a marker: ablated variants circles, baselines squares, external peers triangles,
@@ -422,7 +434,13 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     (``tclab.ablation.pareto_front``) is the dashed black staircase with ringed points. Full compute
     is the dotted vertical line at cost 1 (its paired PSNR / SSIM are perfect by construction; for
     class-consistency and FID its value is also a dotted horizontal line). ``budget`` shades the
-    costs over it. Failed points are left out (they are in the table with their error)."""
+    costs over it. Failed points are left out (they are in the table with their error).
+
+    Uncertainty, where the frame has it (``run_sweep`` writes ``<m>_ci_low`` / ``_high``): error bars
+    of each point's quality interval (KID: its bootstrap interval) and, against wall-clock, of its time
+    ratio's interval; the timing noise floor (full compute against itself) is a hatched band around 1.
+    ``ties`` (``tclab.ablation.pareto_ties``: point -> the cheaper front point it cannot be told from)
+    draws those front points with a dotted ring: on the front on point estimates only."""
     from .ablation import COST_LABELS, FULL_COMPUTE, HIGHER_IS_BETTER, QUALITY_LABELS, _usable, pareto_front
 
     plt = _plt()
@@ -438,7 +456,9 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
         live = frame[(frame["family"] != "reference") & (frame["psnr"] < PSNR_DISPLAY_CAP)]["psnr"].dropna()
         top = float(live.max() + 0.15 * (live.max() - live.min()) + 1) if len(live) else PSNR_DISPLAY_CAP
         capped = bool((frame.loc[frame["family"] != "reference", "psnr"] >= PSNR_DISPLAY_CAP).any())
-        frame = frame.assign(psnr=frame["psnr"].where(frame["psnr"] < PSNR_DISPLAY_CAP, top))
+        keep = frame["psnr"] < PSNR_DISPLAY_CAP
+        frame = frame.assign(**{c: frame[c].where(keep, top) for c in ("psnr", "psnr_ci_low", "psnr_ci_high")
+                                if c in frame})
     ok = _usable(frame, cost, quality)
     pts = frame[ok & (frame["family"] != "reference")]
     for curve, sub in pts.groupby("curve", sort=False):
@@ -449,15 +469,28 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
                 ls="-" if fam == "ablation" else ":", alpha=0.9)
         ax.scatter(sub[cost], sub[quality], marker=_FAMILY_MARKER.get(fam, "o"), color=col,
                    s=36 if fam == "ablation" else 48, label=curve, alpha=0.9, zorder=3)
-        if quality == "kid" and "kid_std" in sub:   # KID's spread over its subsets
-            ax.errorbar(sub[cost], sub[quality], yerr=sub["kid_std"].to_numpy(float), fmt="none", ecolor=col,
-                        elinewidth=0.8, alpha=0.6, zorder=2)
+        yerr = _errors(sub, quality)
+        if yerr is None and quality == "kid" and "kid_std" in sub:   # an older frame: KID's spread over its subsets
+            yerr = sub["kid_std"].to_numpy(float)
+        xerr = _errors(sub, cost) if cost == "time_ratio" else None
+        if yerr is not None or xerr is not None:
+            ax.errorbar(sub[cost], sub[quality], yerr=yerr, xerr=xerr, fmt="none", ecolor=col, elinewidth=0.8,
+                        alpha=0.45, zorder=2)
     front = pareto_front(frame, cost, quality)
     fr = frame[front].sort_values(cost)
     if len(fr):
         # the front as a staircase: quality achievable at each cost by the best point not costlier
         ax.step(fr[cost], fr[quality], where="post", color="k", ls="--", lw=1, label="Pareto front")
-        ax.scatter(fr[cost], fr[quality], s=110, facecolors="none", edgecolors="k", lw=1.2, zorder=5)
+        tied = fr["name"].isin(list(ties or {}))
+        ax.scatter(fr.loc[~tied, cost], fr.loc[~tied, quality], s=110, facecolors="none", edgecolors="k", lw=1.2,
+                   zorder=5)
+        if tied.any():
+            ax.scatter(fr.loc[tied, cost], fr.loc[tied, quality], s=110, facecolors="none", edgecolors="k", lw=1.0,
+                       linestyles=":", zorder=5, label="on the front within noise (tie with a cheaper point)")
+    if cost == "time_ratio" and "noise_floor_low" in frame and frame["noise_floor_low"].notna().any():
+        lo, hi = float(frame["noise_floor_low"].dropna().iloc[0]), float(frame["noise_floor_high"].dropna().iloc[0])
+        ax.axvspan(lo, hi, facecolor="none", edgecolor="0.6", hatch="///", lw=0,
+                   label=f"timing noise floor ({lo:.2f}-{hi:.2f}: full vs full)")
     full = frame[(frame["name"] == FULL_COMPUTE) & ok]
     ax.axvline(1.0, color="gray", ls=":", lw=1)
     ax.annotate(FULL_COMPUTE, (1.0, 1.0), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=7,
@@ -484,10 +517,15 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     return fig
 
 
-def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str] = ("psnr", "class_consistency"),
+def plot_pareto_grid(sweep, budget: float | None = None, qualities: Sequence[str] = ("psnr", "class_consistency"),
                      title: str | None = None):
     """Quality against FLOPs (left) and against wall-clock (right), one row per quality measure:
-    the same points on both cost axes, so a FLOP saving that wall-clock does not deliver shows."""
+    the same points on both cost axes, so a FLOP saving that wall-clock does not deliver shows.
+    ``sweep``: a ``tclab.ablation.SweepResult`` (error bars, the noise floor, and the front's ties from
+    its paired tests) or its frame (error bars and noise floor only)."""
+    from .ablation import SweepResult, pareto_ties
+
+    frame = sweep.frame if isinstance(sweep, SweepResult) else sweep
     plt = _plt()
     requested = list(qualities)
     qualities = [q for q in qualities if q in frame and frame[q].notna().any()]
@@ -502,7 +540,9 @@ def plot_pareto_grid(frame, budget: float | None = None, qualities: Sequence[str
     colors = curve_colors(frame)
     for r, q in enumerate(qualities):
         for c, cost in enumerate(("flop_ratio", "time_ratio")):
-            plot_pareto(frame, cost, q, budget=budget, ax=axes[r, c], legend=False, colors=colors)
+            ties = pareto_ties(sweep, cost, q) if isinstance(sweep, SweepResult) and q in ("psnr", "ssim", "mse", "lpips",
+                                                                                           "class_consistency") else None
+            plot_pareto(frame, cost, q, budget=budget, ax=axes[r, c], legend=False, colors=colors, ties=ties)
     handles, labels = [], []
     for ax in axes.flat:  # one legend for the figure, with every curve that appears in any panel
         for h, lab in zip(*ax.get_legend_handles_labels()):

@@ -8,6 +8,7 @@ chain of ``dict.get``. The JSON layout, version :data:`SCHEMA_VERSION`::
 
     version                 this layout's number
     headline                flat numbers for reports/index.html, derived from flops / wall_clock / points
+                            (scalars only: an interval is ``<name>_ci_low`` / ``<name>_ci_high`` there)
     flops, wall_clock       a CostView each: the winners at every cost reduction, the best point within
                             the budget (ablated variants only, and over every method), the Pareto points
     best_under_budget       the recommended point (flops.best_under_budget): what notebook 05 reads
@@ -17,6 +18,13 @@ chain of ``dict.get``. The JSON layout, version :data:`SCHEMA_VERSION`::
     report                  the report's first screen (tclab.report.ReportSummary)
     labels                  how the image folders map onto the model's classes (tclab.labels.LabelMap)
     figures                 the figures the run saved (added by RunContext.write_summary)
+    noise_floor             the timing noise floor: full compute against itself, measured alongside
+    resolution              how many samples would resolve given differences, from the measured spread
+
+Uncertainty (version 2): every figure ``<name>`` of a point or a view has ``<name>_ci: [low, high]`` at
+``settings.confidence`` and, for per-sample means, ``<name>_n`` beside it. Differences between points
+are paired tests on the shared seeds; ``winner`` is named only when distinguishable, ``leader`` is the
+best point estimate, ``tied_with`` lists what cannot be told from it.
 
 Summaries written before the layout had a number (no ``version`` key) are read too: a part they lack
 is read as absent (None, or empty). A summary of another version, or a part of the wrong type, raises
@@ -42,13 +50,19 @@ from typing import Any, Callable, Mapping
 from .report import ReportSummary
 
 #: Version of the ``summary.json`` layout of an ablation run; bump it when a field changes meaning.
-SCHEMA_VERSION = 1
+#: 2 (issue #19): intervals beside every figure (``<name>_ci``, ``<name>_n``), paired tests, ties; a
+#: ``winner`` is named only when distinguishable (``leader`` is the best point estimate).
+SCHEMA_VERSION = 2
+#: Older layouts :meth:`SweepSummary.from_dict` still reads, as incomplete (absent parts are None). In
+#: version 1 ``winner`` was the best point estimate, untested: it is read as ``leader``.
+READABLE_VERSIONS = (1, 2)
 #: The quality every view of a sweep summary ranks by (``tclab.ablation.summarise_sweep``).
 QUALITY = "psnr"
 #: The two cost views: JSON key -> the sweep column each ranks cost by.
 COST_VIEWS = {"flops": "flop_ratio", "wall_clock": "time_ratio"}
 #: The keys of a best point (``tclab.ablation.headline``), in their JSON order.
-POINT_KEYS = ("name", "curve", "family", "flop_ratio", "time_ratio", "psnr", "ssim", "class_consistency", "config")
+POINT_KEYS = ("name", "curve", "family", "flop_ratio", "time_ratio", "time_ratio_ci", "time_within_noise", "psnr",
+              "psnr_ci", "psnr_n", "ssim", "class_consistency", "class_consistency_ci", "tied_with", "tested", "config")
 
 _AT_KEY = re.compile(r"at_(?P<r>.+)x")
 
@@ -69,6 +83,10 @@ def _is_int(v: Any) -> bool:
 
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_interval(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(x is None or _is_number(x) for x in v)
 
 
 class _Part:
@@ -119,6 +137,14 @@ class _Part:
     def obj(self, key: str, **kw) -> Mapping | None:
         return self.take(key, lambda v: isinstance(v, Mapping), "a JSON object", **kw)
 
+    def flag(self, key: str, **kw) -> bool | None:
+        return self.take(key, lambda v: isinstance(v, bool), "true or false", **kw)
+
+    def interval(self, key: str, **kw) -> tuple[float | None, float | None] | None:
+        """``[low, high]`` (either may be null: no interval from fewer than two samples)."""
+        v = self.take(key, _is_interval, "an interval [low, high]", **kw)
+        return None if v is None else (v[0], v[1])
+
     def names(self, key: str, **kw) -> tuple[str, ...] | None:
         v = self.take(key, _is_str_list, "a list of names", **kw)
         return None if v is None else tuple(v)
@@ -130,6 +156,19 @@ class _Part:
             raise self.error(f"has unknown key(s) {sorted(unknown)}; layout version {SCHEMA_VERSION} has "
                              f"{sorted(self.seen)}")
         return unknown
+
+
+def _flat_interval(flat: dict, name: str, interval) -> None:
+    """``flat[name_ci_low]``, ``flat[name_ci_high]``: an interval as two scalars (a headline holds scalars)."""
+    lo, hi = interval if interval is not None else (None, None)
+    flat[f"{name}_ci_low"], flat[f"{name}_ci_high"] = lo, hi
+
+
+def _plain(v: Any) -> Any:
+    """A part's value in its JSON form: tuples (intervals, names) as lists."""
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return copy.deepcopy(v)
 
 
 # ---- the parts ----------------------------------------------------------------------------------------------
@@ -147,9 +186,16 @@ class BestPoint:
     family: str | None = None
     flop_ratio: float | None = None
     time_ratio: float | None = None
+    time_ratio_ci: tuple[float | None, float | None] | None = None
+    time_within_noise: bool | None = None       # inside the sweep's full-vs-full noise floor
     psnr: float | None = None
+    psnr_ci: tuple[float | None, float | None] | None = None
+    psnr_n: int | None = None
     ssim: float | None = None
     class_consistency: float | None = None
+    class_consistency_ci: tuple[float | None, float | None] | None = None
+    tied_with: tuple[str, ...] = ()              # points within the budget it cannot be told from (PSNR)
+    tested: bool | None = None                   # False: no per-sample values, nothing could be tested
     config: Mapping[str, Any] | None = None
 
     @property
@@ -159,7 +205,7 @@ class BestPoint:
         return dict(cache) if cache is not None else None
 
     def to_dict(self) -> dict:
-        return {k: copy.deepcopy(getattr(self, k)) for k in POINT_KEYS}
+        return {k: _plain(getattr(self, k)) for k in POINT_KEYS}
 
     @classmethod
     def _read(cls, p: _Part) -> "BestPoint":
@@ -168,6 +214,11 @@ class BestPoint:
             kw[k] = p.text(k)
         for k in ("flop_ratio", "time_ratio", "psnr", "ssim", "class_consistency"):
             kw[k] = p.number(k)
+        for k in ("time_ratio_ci", "psnr_ci", "class_consistency_ci"):
+            kw[k] = p.interval(k)
+        kw["psnr_n"] = p.integer("psnr_n")
+        kw["time_within_noise"], kw["tested"] = p.flag("time_within_noise"), p.flag("tested")
+        kw["tied_with"] = p.names("tied_with") or ()
         config = p.obj("config")
         if config is not None:
             c = _Part(config, p.child("config"), p.source, p.complete)
@@ -185,39 +236,61 @@ class RivalPoint:
     cost_ratio: float | None = None  # its cost in the view's ``cost`` column
     psnr: float | None = None
     class_consistency: float | None = None
+    psnr_ci: tuple[float | None, float | None] | None = None
+    # the leading ablated point's paired PSNR margin over it (positive: the ablated point is better)
+    margin: float | None = None
+    margin_ci: tuple[float | None, float | None] | None = None
+    margin_p: float | None = None
+    distinguishable: bool | None = None         # None: not tested
 
     def to_dict(self, cost: str) -> dict:
-        return {"name": self.name, cost: self.cost_ratio, QUALITY: self.psnr, "class_consistency": self.class_consistency}
+        return {"name": self.name, cost: self.cost_ratio, QUALITY: self.psnr, f"{QUALITY}_ci": _plain(self.psnr_ci),
+                "class_consistency": self.class_consistency, "margin": self.margin,
+                "margin_ci": _plain(self.margin_ci), "margin_p": self.margin_p, "distinguishable": self.distinguishable}
 
     @classmethod
     def _read(cls, p: _Part, cost: str) -> "RivalPoint":
         out = cls(name=p.text("name", nullable=False), cost_ratio=p.number(cost), psnr=p.number(QUALITY),
-                  class_consistency=p.number("class_consistency"))
+                  class_consistency=p.number("class_consistency"), psnr_ci=p.interval(f"{QUALITY}_ci"),
+                  margin=p.number("margin"), margin_ci=p.interval("margin_ci"), margin_p=p.number("margin_p"),
+                  distinguishable=p.flag("distinguishable"))
         p.finish()
         return out
 
 
 @dataclass(frozen=True)
 class ReductionResult:
-    """Which ablated curve wins at ``reduction``-times lower cost (``tclab.ablation.headline``'s ``at_<r>x``).
+    """Which ablated curve leads at ``reduction``-times lower cost, and whether the lead is real
+    (``tclab.ablation.headline``'s ``at_<r>x``).
 
-    ``winner`` is None (and ``note`` says why) when no ablated point is that cheap. Otherwise: the
-    winning curve and ``point``, its cost (``cost_ratio``), PSNR and class-consistency, the curves tied
-    with it, the ``runner_up`` and the margins over it (when there are two curves or more), and the best
-    baseline or peer at the same cost (``best_reference``, when one was measured there).
+    ``leader`` is None (and ``note`` says why) when no ablated point is that cheap. Otherwise: the
+    leading curve on point estimates and its ``point``, cost (``cost_ratio``), PSNR and class-consistency
+    with their intervals; the curves ``tied_with`` it (a paired test on the shared seeds cannot tell them
+    apart); ``winner``: the leader, only when it is distinguishable from every other curve (None when
+    tied, or when nothing could be tested: ``tested`` False); the ``runner_up`` and the margins over it
+    (PSNR with its interval and p-value), and the best baseline or peer at the same cost
+    (``best_reference``, with the leader's paired margin over it).
     """
 
     reduction: float
+    leader: str | None = None
     winner: str | None = None
+    tested: bool | None = None
     note: str | None = None
     point: str | None = None
     cost_ratio: float | None = None
     psnr: float | None = None
+    psnr_ci: tuple[float | None, float | None] | None = None
+    psnr_n: int | None = None
     class_consistency: float | None = None
+    class_consistency_ci: tuple[float | None, float | None] | None = None
     tied_with: tuple[str, ...] = ()
     runner_up: str | None = None
     psnr_margin: float | None = None
+    psnr_margin_ci: tuple[float | None, float | None] | None = None
+    psnr_margin_p: float | None = None
     class_consistency_margin: float | None = None
+    class_consistency_margin_ci: tuple[float | None, float | None] | None = None
     best_reference: RivalPoint | None = None
 
     @property
@@ -225,37 +298,51 @@ class ReductionResult:
         return f"at_{self.reduction:g}x"
 
     def to_dict(self, cost: str) -> dict:
-        if self.winner is None:
-            return {"winner": None, "note": self.note}
-        out = {"winner": self.winner, "point": self.point, cost: self.cost_ratio, QUALITY: self.psnr,
-               "class_consistency": self.class_consistency, "tied_with": list(self.tied_with)}
+        if self.leader is None:
+            return {"leader": None, "winner": None, "note": self.note}
+        out = {"leader": self.leader, "winner": self.winner, "tested": self.tested, "point": self.point,
+               cost: self.cost_ratio, QUALITY: self.psnr, f"{QUALITY}_ci": _plain(self.psnr_ci),
+               f"{QUALITY}_n": self.psnr_n, "class_consistency": self.class_consistency,
+               "class_consistency_ci": _plain(self.class_consistency_ci), "tied_with": list(self.tied_with)}
         if self.runner_up is not None:
             out.update({"runner_up": self.runner_up, f"{QUALITY}_margin": self.psnr_margin,
-                        "class_consistency_margin": self.class_consistency_margin})
+                        f"{QUALITY}_margin_ci": _plain(self.psnr_margin_ci), f"{QUALITY}_margin_p": self.psnr_margin_p,
+                        "class_consistency_margin": self.class_consistency_margin,
+                        "class_consistency_margin_ci": _plain(self.class_consistency_margin_ci)})
         if self.best_reference is not None:
             out["best_reference"] = self.best_reference.to_dict(cost)
         return out
 
     @classmethod
     def _read(cls, p: _Part, reduction: float, cost: str) -> "ReductionResult":
-        winner = p.text("winner")
-        if winner is None:
+        if p.complete:
+            leader, winner = p.text("leader"), p.text("winner")
+        else:   # version 1 (or none): its "winner" was the best point estimate, untested
+            leader = p.text("leader", required=False) or p.text("winner")
+            winner = p.text("winner") if p.has("leader") else None
+        if leader is None:
             out = cls(reduction, note=p.text("note"))
             p.finish()
             return out
-        kw: dict[str, Any] = {"point": p.text("point"), "cost_ratio": p.number(cost), "psnr": p.number(QUALITY),
+        kw: dict[str, Any] = {"winner": winner, "tested": p.flag("tested"), "point": p.text("point"),
+                              "cost_ratio": p.number(cost), "psnr": p.number(QUALITY),
+                              "psnr_ci": p.interval(f"{QUALITY}_ci"), "psnr_n": p.integer(f"{QUALITY}_n"),
                               "class_consistency": p.number("class_consistency"),
+                              "class_consistency_ci": p.interval("class_consistency_ci"),
                               "tied_with": p.names("tied_with") or ()}
         if p.has("runner_up") or not p.complete:
-            ru = p.complete   # with a runner-up, a versioned summary has both margins
+            ru = p.complete   # with a runner-up, a versioned summary has every margin
             kw.update(runner_up=p.text("runner_up", required=False),
                       psnr_margin=p.number(f"{QUALITY}_margin", required=ru),
-                      class_consistency_margin=p.number("class_consistency_margin", required=ru))
+                      psnr_margin_ci=p.interval(f"{QUALITY}_margin_ci", required=ru),
+                      psnr_margin_p=p.number(f"{QUALITY}_margin_p", required=ru),
+                      class_consistency_margin=p.number("class_consistency_margin", required=ru),
+                      class_consistency_margin_ci=p.interval("class_consistency_margin_ci", required=ru))
         ref = p.obj("best_reference", required=False)
         if ref is not None:
             kw["best_reference"] = RivalPoint._read(_Part(ref, p.child("best_reference"), p.source, p.complete), cost)
         p.finish()
-        return cls(reduction, winner, **kw)
+        return cls(reduction, leader, **kw)
 
 
 @dataclass(frozen=True)
@@ -272,6 +359,8 @@ class CostView:
     best_under_budget: BestPoint | None = None
     best_under_budget_any_method: BestPoint | None = None
     pareto_points: tuple[str, ...] = ()
+    #: Pareto points whose gain over the next cheaper front point is within noise: {point: cheaper point}
+    pareto_ties: Mapping[str, str] = field(default_factory=dict)
     quality: str = QUALITY
 
     def at(self, reduction: float) -> ReductionResult | None:
@@ -286,6 +375,7 @@ class CostView:
         out["best_under_budget_any_method"] = (self.best_under_budget_any_method.to_dict()
                                                if self.best_under_budget_any_method else None)
         out["pareto_points"] = list(self.pareto_points)
+        out["pareto_ties"] = dict(self.pareto_ties)
         return out
 
     @classmethod
@@ -317,6 +407,9 @@ class CostView:
             best = p.obj(k)
             kw[k] = BestPoint._read(_Part(best, p.child(k), source, complete)) if best is not None else None
         kw["pareto_points"] = p.names("pareto_points") or ()
+        ties = p.take("pareto_ties", lambda v: isinstance(v, Mapping) and all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()), "a map of point names", nullable=False)
+        kw["pareto_ties"] = dict(ties or {})
         p.finish()
         return cls(cost=cost, **kw)
 
@@ -336,6 +429,9 @@ class SweepSettingsRecord:
     quality_batch: int | None = None
     sdedit_strength: float | None = None
     classes: tuple[int, ...] | None = None
+    confidence: float | None = None
+    resamples: int | None = None
+    noise_pairs: int | None = None
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -354,7 +450,7 @@ class SweepSettingsRecord:
             elif f.name == "classes":
                 v = p.take(f.name, lambda v: isinstance(v, list) and all(_is_int(c) for c in v), "a list of class ids")
                 kw[f.name] = tuple(v) if v is not None else None
-            elif f.name in ("guidance_scale", "sdedit_strength"):
+            elif f.name in ("guidance_scale", "sdedit_strength", "confidence"):
                 kw[f.name] = p.number(f.name, nullable=False)
             else:
                 kw[f.name] = p.integer(f.name, nullable=False)
@@ -400,6 +496,11 @@ class SweepSummary:
     report: ReportSummary | None = None
     labels: Mapping[str, Any] | None = None
     figures: tuple[str, ...] | None = None
+    #: the sweep's timing noise floor: {"time_ratio": median full-vs-full ratio, "time_ratio_ci": [low, high],
+    #: "time_ratio_n": ratios} (``tclab.ablation.timing_noise_floor``); None when not measured
+    noise_floor: Mapping[str, Any] | None = None
+    #: how many samples would resolve given differences (``tclab.ablation.samples_needed_table`` rows)
+    resolution: tuple[Mapping[str, Any], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
     version: int = SCHEMA_VERSION
 
@@ -426,8 +527,12 @@ class SweepSummary:
             tag = f"{d.reduction:g}x"
             clock = self.wall_clock.at(d.reduction)
             flat[f"winner_at_{tag}_flops"] = d.winner
+            flat[f"leader_at_{tag}_flops"] = d.leader
+            flat[f"tied_at_{tag}_flops"] = ", ".join(d.tied_with) or None
             flat[f"psnr_at_{tag}"] = d.psnr
+            _flat_interval(flat, f"psnr_at_{tag}", d.psnr_ci)
             flat[f"psnr_margin_at_{tag}"] = d.psnr_margin
+            _flat_interval(flat, f"psnr_margin_at_{tag}", d.psnr_margin_ci)
             flat[f"class_consistency_at_{tag}"] = d.class_consistency
             flat[f"winner_at_{tag}_wall_clock"] = clock.winner if clock else None
             flat[f"best_reference_at_{tag}"] = d.best_reference.name if d.best_reference else None
@@ -437,6 +542,12 @@ class SweepSummary:
         flat["best_under_budget"] = best.name if best else None
         for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency"):
             flat[f"best_{k}"] = getattr(best, k) if best else None
+        for k in ("time_ratio", "psnr", "class_consistency"):
+            _flat_interval(flat, f"best_{k}", getattr(best, f"{k}_ci") if best else None)
+        flat["best_psnr_n"] = best.psnr_n if best else None
+        flat["best_time_within_noise"] = best.time_within_noise if best else None
+        flat["best_tied_with"] = ", ".join(best.tied_with) or None if best else None
+        _flat_interval(flat, "time_noise_floor", (self.noise_floor or {}).get("time_ratio_ci"))
         flat["full_compute_class_consistency"] = self.flops.full_compute_class_consistency
         flat["points"] = len(self.points)
         flat["failed_points"] = self.failed_points
@@ -459,6 +570,8 @@ class SweepSummary:
             out["labels"] = copy.deepcopy(dict(self.labels))
         if self.figures is not None:
             out["figures"] = list(self.figures)
+        out["noise_floor"] = copy.deepcopy(dict(self.noise_floor)) if self.noise_floor is not None else None
+        out["resolution"] = [copy.deepcopy(dict(r)) for r in self.resolution]
         out.update(copy.deepcopy(dict(self.extra)))
         return out
 
@@ -483,11 +596,12 @@ class SweepSummary:
         if not isinstance(d, Mapping):
             raise SweepSummaryError(f"{src}: a sweep summary is a JSON object, got {type(d).__name__}")
         version = d.get("version")
-        if version is not None and (not _is_int(version) or version != SCHEMA_VERSION):
+        if version is not None and (not _is_int(version) or version not in READABLE_VERSIONS):
             raise SweepSummaryError(
-                f"{src}: version is {version!r}; this tclab reads sweep summaries of layout version {SCHEMA_VERSION} "
-                "(and unversioned ones from before): re-run the ablation notebook with this tclab")
-        complete = version is not None
+                f"{src}: version is {version!r}; this tclab reads sweep summaries of layout versions "
+                f"{list(READABLE_VERSIONS)} (and unversioned ones from before): re-run the ablation notebook with "
+                "this tclab")
+        complete = version == SCHEMA_VERSION   # older layouts: read what they have, absent parts are None
         p = _Part(d, "", src, complete)
         p.seen.add("version")
         views = {}
@@ -513,6 +627,9 @@ class SweepSummary:
             raise p.error(f"cannot be read: {e}", "report") from None
         labels = p.obj("labels", required=False, nullable=False)
         figures = p.names("figures", required=False)
+        floor = p.obj("noise_floor")
+        resolution = p.take("resolution", lambda v: isinstance(v, list) and all(isinstance(r, Mapping) for r in v),
+                            "a list of JSON objects", nullable=False)
         headline = p.obj("headline", nullable=False)
         out = cls(flops=views["flops"], wall_clock=views["wall_clock"],
                   settings=SweepSettingsRecord.from_dict(settings, "settings", src, complete) if settings is not None
@@ -520,7 +637,9 @@ class SweepSummary:
                   points=tuple(copy.deepcopy(dict(r)) for r in points or ()),
                   identity=SweepIdentity.from_dict(identity, src) if identity is not None else None,
                   report=report, labels=copy.deepcopy(dict(labels)) if labels is not None else None,
-                  figures=figures, extra=copy.deepcopy(p.finish(extra_ok=True)))
+                  figures=figures, noise_floor=copy.deepcopy(dict(floor)) if floor is not None else None,
+                  resolution=tuple(copy.deepcopy(dict(r)) for r in resolution or ()),
+                  extra=copy.deepcopy(p.finish(extra_ok=True)))
         if complete and dict(headline) != out.headline:
             derived = out.headline
             bad = sorted(k for k in set(headline) | set(derived) if headline.get(k, "?") != derived.get(k, "?"))

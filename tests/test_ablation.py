@@ -90,11 +90,13 @@ def test_compare_at_reductions_and_headline():
     assert at3.loc["b", "name"] == "b lo" and at3.loc["b", "rank"] == 1
     assert at3.loc["c", "name"] == "no point within budget" and np.isnan(at3.loc["c", "rank"])
     h = A.headline(HAND, (2, 3), budget=0.5)
-    assert h["at_2x"]["winner"] == "b" and h["at_2x"]["runner_up"] == "c"
+    # a bare table has no per-sample values: nothing is tested, so a leader but no winner is named
+    assert h["at_2x"]["leader"] == "b" and h["at_2x"]["winner"] is None and h["at_2x"]["tested"] is False
+    assert h["at_2x"]["runner_up"] == "c"
     assert h["at_2x"]["psnr_margin"] == pytest.approx(1.0)
     assert h["at_2x"]["class_consistency_margin"] == pytest.approx(0.35)
     assert h["at_2x"]["best_reference"]["name"] == "FORA"
-    assert h["at_3x"]["winner"] == "b" and h["at_3x"]["psnr_margin"] == pytest.approx(2.0)
+    assert h["at_3x"]["leader"] == "b" and h["at_3x"]["psnr_margin"] == pytest.approx(2.0)
     assert h["best_under_budget"]["name"] == "b hi"
     assert h["best_under_budget_any_method"]["name"] == "FORA"
     assert h["full_compute_class_consistency"] == pytest.approx(0.9)
@@ -111,7 +113,7 @@ def test_ties_go_to_the_cheaper_point_and_are_flagged():
     comp = A.compare_at_reductions(f, (2,))
     assert list(comp["curve"]) == ["y", "x", "z"] and list(comp["tied"]) == [True, True, False]
     h = A.headline(f, (2,), budget=0.5)
-    assert h["at_2x"]["winner"] == "y" and h["at_2x"]["tied_with"] == ["x"]
+    assert h["at_2x"]["leader"] == "y" and h["at_2x"]["winner"] is None and h["at_2x"]["tied_with"] == ["x"]
     assert h["at_2x"]["psnr_margin"] == 0.0
     assert A.best_under_budget(f, 0.5)["name"] == "y"  # the same answer as the headline
     with pytest.raises(ValueError, match="budget"):
@@ -234,7 +236,7 @@ def test_sweep_summary_round_trips_through_its_file(summary, tmp_path):
     d = summary.to_dict()
     assert d["version"] == SCHEMA_VERSION and list(d) == [
         "version", "headline", "flops", "wall_clock", "best_under_budget", "settings", "points", "identity",
-        "report", "labels"]   # the order summary.json has always had, the version first
+        "report", "labels", "noise_floor", "resolution"]   # the order summary.json has always had, the version first
     assert d["best_under_budget"] == d["flops"]["best_under_budget"] and d["headline"] == summary.headline
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(d, indent=2))
@@ -248,8 +250,9 @@ def test_sweep_summary_round_trips_through_its_file(summary, tmp_path):
     # the hand-made table has a runner-up and ties to carry as well
     hand = A.summarise_sweep(A.SweepResult(HAND, {}, torch.zeros(0), A.SweepSettings(), []), 0.5, (2, 3))
     at2 = hand.flops.at(2)
-    assert (at2.winner, at2.runner_up, at2.psnr_margin, at2.best_reference.name) == ("b", "c", 1.0, "FORA")
-    assert hand.headline["winner_at_2x_flops"] == "b" and hand.headline["failed_points"] == 1
+    assert (at2.leader, at2.runner_up, at2.psnr_margin, at2.best_reference.name) == ("b", "c", 1.0, "FORA")
+    assert hand.headline["leader_at_2x_flops"] == "b" and hand.headline["winner_at_2x_flops"] is None
+    assert hand.headline["failed_points"] == 1
     assert SweepSummary.from_dict(json.loads(json.dumps(hand.to_dict()))) == hand
     # keys a notebook adds itself (and the figures RunContext.write_summary adds) come back as they were
     more = {**d, "figures": ["pareto.png"], "notes": {"by": "hand"}}
@@ -277,9 +280,9 @@ def test_a_summary_of_another_version_or_malformed_names_the_file_and_field(summ
     d = summary.to_dict()
     path = tmp_path / "run" / "summary.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({**d, "version": 2}))
-    with pytest.raises(SweepSummaryError, match=re.escape(f"{path}: version is 2; this tclab reads sweep summaries "
-                                                          f"of layout version {SCHEMA_VERSION}")):
+    path.write_text(json.dumps({**d, "version": 99}))
+    with pytest.raises(SweepSummaryError, match=re.escape(f"{path}: version is 99; this tclab reads sweep summaries "
+                                                          f"of layout versions [1, {SCHEMA_VERSION}]")):
         SweepSummary.read(path)
 
     def refused(edit, match):
