@@ -46,8 +46,9 @@ from .analysis import observation_findings, to_plain
 from .cache import TokenCacheConfig
 from .metrics import FID_FLOOR_RULE
 from .prepare import select_images  # noqa: F401 (re-exported: its home was here; tests call it)
-from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, Finding, KeyNumber, ReportSummary, key_numbers_from,
-                     verdict_of)
+from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, KeyNumber, ReportSummary,
+                     key_numbers_from, verdict_of)
+from .stats import paired_difference, samples_needed
 from .sweep_summary import SweepSummary, SweepSummaryError
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
@@ -569,10 +570,13 @@ class InhouseMeasurement:
         return frame[frame["name"] == (name or self.name)].iloc[0].to_dict()
 
     def table(self, decimals: int = 3):
-        """Speed and quality, one row per measure, columns ``full compute`` and ``recommended``. Wall-clock
-        is the median of the interleaved timed runs (both from the recommendation's pairs); FID/KID
-        name their feature space and N (images per setting vs reference images). FID below its floor
-        (feature dimension + 1 images per set) is NaN, its row named "... not computed: N images,
+        """Speed and quality, one row per measure, columns ``full compute`` and ``recommended``, each with
+        its interval (``... CI``: "[low, high]" at the sweep's confidence; bootstrap over the images,
+        Wilson for class-consistency, paired-bootstrap for the time ratio). Wall-clock is the median of
+        the interleaved timed runs (both from the recommendation's pairs); the timing noise floor (full
+        compute against itself) is a row of its own, and a time ratio inside it is marked "within noise".
+        FID/KID name their feature space and N (images per setting vs reference images). FID below its
+        floor (feature dimension + 1 images per set) is NaN, its row named "... not computed: N images,
         needs at least M"; KID's std over its subsets is a row of its own."""
         import pandas as pd
 
@@ -600,8 +604,55 @@ class InhouseMeasurement:
             (kid_label, full.get("kid"), rec.get("kid")),
             ("KID std over subsets", full.get("kid_std"), rec.get("kid_std")),
         ]
+        intervals = {"wall-clock ratio (/ full compute)": "time_ratio", "PSNR vs full compute (dB)": "psnr",
+                     "SSIM vs full compute": "ssim", "MSE vs full compute": "mse", "class-consistency": "class_consistency",
+                     fid_label: "fid", kid_label: "kid"}
+
+        def ci(r, measure):
+            m = intervals.get(measure)
+            lo, hi = (r.get(f"{m}_ci_low"), r.get(f"{m}_ci_high")) if m else (None, None)
+            if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+                return ""
+            return f"[{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
         out = pd.DataFrame(rows, columns=["measure", FULL_COMPUTE, "recommended"]).set_index("measure")
-        return out.astype(float).round(decimals)
+        out = out.astype(float).round(decimals)
+        out.insert(1, f"{FULL_COMPUTE} CI", [ci(full, m) if m != "wall-clock ratio (/ full compute)" else ""
+                                            for m in out.index])
+        out["recommended CI"] = [ci(rec, m) for m in out.index]
+        floor = self.result.noise_floor
+        if floor is not None:
+            out.loc["timing noise floor (full vs full)"] = [1.0, "", floor.estimate, f"[{floor.low:.{decimals}f}, "
+                                                            f"{floor.high:.{decimals}f}]"]
+            if rec.get("time_within_noise"):
+                out.loc["wall-clock ratio (/ full compute)", "recommended CI"] += " within noise"
+        return out
+
+    def class_consistency_change(self):
+        """Cached minus full compute class-consistency, paired image by image (``tclab.stats.PairedTest``:
+        the mean of hit_cached - hit_full with its interval); None when class-consistency was not measured."""
+        full = self.result.samples.get(FULL_COMPUTE, {}).get("class_hit")
+        cached = self.result.samples.get(self.name, {}).get("class_hit")
+        if full is None or cached is None:
+            return None
+        keep = ~(np.isnan(full) | np.isnan(cached))
+        if keep.sum() < 2:
+            return None
+        st = self.result.settings
+        return paired_difference(cached[keep], full[keep], st.confidence, st.resamples, st.seed)
+
+    def images_needed(self, difference: float = 0.05, power: float = 0.8) -> int | None:
+        """Images that would resolve a class-consistency change of ``difference`` (paired, from the spread of
+        the per-image changes measured here; ``tclab.stats.samples_needed``). None when not measured or when
+        no image changed class (no spread to estimate from)."""
+        full = self.result.samples.get(FULL_COMPUTE, {}).get("class_hit")
+        cached = self.result.samples.get(self.name, {}).get("class_hit")
+        if full is None or cached is None:
+            return None
+        d = (cached - full)[~(np.isnan(full) | np.isnan(cached))]
+        if d.size < 2 or not d.std() > 0:
+            return None
+        return samples_needed(d, difference, self.result.settings.confidence, power)
 
     def per_image(self):
         """Per image: index, file path (relative to the folder, from the manifest), class, and PSNR / SSIM /
@@ -712,6 +763,27 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
         "fid_comparable_to_published": row.get("fid_comparable"),
         "worst_psnr": float(per_image["psnr"].min()),
     }
+    # uncertainty: every figure's interval beside it (<name>_ci_low / _high; N = images_used), paired tests
+    conf = measured.result.settings.confidence
+    for key, r, col in (("flop_ratio", row, None), ("time_ratio", row, "time_ratio"), ("psnr", row, "psnr"),
+                        ("ssim", row, "ssim"), ("class_consistency_full", full, "class_consistency"),
+                        ("class_consistency_cached", row, "class_consistency"), ("fid_full", full, "fid"),
+                        ("fid_cached", row, "fid"), ("kid_full", full, "kid"), ("kid_cached", row, "kid")):
+        if col is not None:
+            head[f"{key}_ci_low"] = finite_or_none(r.get(f"{col}_ci_low"))
+            head[f"{key}_ci_high"] = finite_or_none(r.get(f"{col}_ci_high"))
+    head["psnr_n"] = row.get("psnr_n")
+    head["confidence"] = conf
+    head["time_within_noise"] = row.get("time_within_noise")
+    floor = measured.result.noise_floor
+    head["time_noise_floor_ci_low"] = floor.low if floor is not None else None
+    head["time_noise_floor_ci_high"] = floor.high if floor is not None else None
+    change = measured.class_consistency_change()
+    head["class_consistency_change"] = change.difference.estimate if change else None
+    head["class_consistency_change_ci_low"] = finite_or_none(change.difference.low) if change else None
+    head["class_consistency_change_ci_high"] = finite_or_none(change.difference.high) if change else None
+    head["class_consistency_change_p"] = change.p_value if change else None
+    head["images_needed_for_5_points"] = measured.images_needed(CLASS_CONSISTENCY_TOLERANCE)
     frame = measured.result.frame.drop(columns=[c for c in ("traceback",) if c in measured.result.frame])
     fid_note = None
     if isinstance(row.get("fid_extractor"), str) and not row.get("fid_comparable"):
@@ -747,6 +819,13 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
 CLASS_CONSISTENCY_TOLERANCE = 0.05
 
 
+def _span(low, high, fmt: str) -> str:
+    """" [low, high]" for a finding's text, or "" when the interval is unknown."""
+    if low is None or high is None:
+        return ""
+    return f" [{fmt.format(low)}, {fmt.format(high)}]"
+
+
 def inhouse_report(summary: Mapping[str, Any]):
     """The first screen of the in-house report (:class:`tclab.report.ReportSummary`) from
     :func:`summarise_report`'s summary: is the image set usable, is there redundancy on these images
@@ -778,27 +857,53 @@ def inhouse_report(summary: Mapping[str, Any]):
         group)]
     tr = h.get("time_ratio")
     pairs = ((details.get("measurement") or {}).get("settings") or {}).get("timing_repeats")
+    span = _span(h.get("time_ratio_ci_low"), h.get("time_ratio_ci_high"), "{:.2f}")
+    floor = _span(h.get("time_noise_floor_ci_low"), h.get("time_noise_floor_ci_high"), "{:.2f}")
     if tr is None:
         speed = "Wall-clock was not measured."
+    elif h.get("time_within_noise"):
+        speed = (f"Its wall-clock is within noise of full compute's: {tr:.2f}x{span}, against a noise floor of"
+                 f"{floor or ' (not measured)'} from full compute timed against itself.")
     elif tr < 1:
-        speed = f"It takes {tr:.2f}x the wall-clock of full compute ({1 / tr:.2f}x faster)."
+        speed = f"It takes {tr:.2f}x{span} the wall-clock of full compute ({1 / tr:.2f}x faster)."
     else:
-        speed = f"It takes {tr:.2f}x the wall-clock of full compute ({tr:.2f}x slower)."
+        speed = f"It takes {tr:.2f}x{span} the wall-clock of full compute ({tr:.2f}x slower)."
     setting.append(Finding(
-        speed, NOT_MEASURED if tr is None else (HOLDS if tr < 1 else DOES_NOT_HOLD),
-        "wall-clock below full compute's: median of "
+        speed, NOT_MEASURED if tr is None else (WITHIN_NOISE if h.get("time_within_noise") else
+                                                 (HOLDS if tr < 1 else DOES_NOT_HOLD)),
+        "wall-clock below full compute's, beyond the timing noise floor (full compute against itself): median of "
         + (f"{pairs} interleaved pair(s) on this machine" + ("; with fewer than 3 one slow run can decide it "
                                                                "(raise timing_repeats)" if pairs and pairs < 3 else "")
            if pairs else "interleaved pairs on this machine"), group))
     full, cached, n = h.get("class_consistency_full"), h.get("class_consistency_cached"), h.get("class_consistency_n")
-    quality = (f"PSNR {h['psnr']:.1f} dB against full compute (worst image {h['worst_psnr']:.1f} dB), SSIM "
-               f"{h['ssim']:.2f}")
+    quality = (f"PSNR {h['psnr']:.1f} dB{_span(h.get('psnr_ci_low'), h.get('psnr_ci_high'), '{:.1f}')} against full "
+               f"compute (worst image {h['worst_psnr']:.1f} dB), SSIM {h['ssim']:.2f}")
+    tol = CLASS_CONSISTENCY_TOLERANCE
     if full is not None and cached is not None:
-        setting.append(Finding(
-            f"{quality}; class-consistency {cached:.0%} cached vs {full:.0%} full compute (N = {n}).",
-            HOLDS if cached >= full - CLASS_CONSISTENCY_TOLERANCE else DOES_NOT_HOLD,
-            f"class-consistency of the cached images at most {CLASS_CONSISTENCY_TOLERANCE:.0%} below full "
-            "compute's (small N is noisy)", group))
+        lo, hi = h.get("class_consistency_change_ci_low"), h.get("class_consistency_change_ci_high")
+        change = h.get("class_consistency_change")
+        text = (f"{quality}; class-consistency {cached:.0%}"
+                f"{_span(h.get('class_consistency_cached_ci_low'), h.get('class_consistency_cached_ci_high'), '{:.0%}')}"
+                f" cached vs {full:.0%}"
+                f"{_span(h.get('class_consistency_full_ci_low'), h.get('class_consistency_full_ci_high'), '{:.0%}')}"
+                f" full compute (N = {n})")
+        if change is not None and lo is not None and hi is not None:
+            text += f"; paired change {change * 100:+.0f} points [{lo * 100:+.0f}, {hi * 100:+.0f}]"
+            if lo >= -tol - 1e-12:
+                verdict = HOLDS
+            elif hi < -tol:
+                verdict = DOES_NOT_HOLD
+            else:
+                verdict = WITHIN_NOISE
+                need = h.get("images_needed_for_5_points")
+                text += (f": the interval holds both a drop of more than {tol:.0%} and none"
+                         + (f"; about {need} images would decide it" if need else ""))
+        else:   # no paired values (an older summary): the point estimates
+            verdict = HOLDS if cached >= full - tol else DOES_NOT_HOLD
+        setting.append(Finding(text + ".", verdict,
+                               f"class-consistency of the cached images at most {tol:.0%} below full compute's, "
+                               "with confidence (the paired interval of the change lies above -"
+                               f"{tol * 100:.0f} points; within noise when it straddles that line)", group))
     else:
         setting.append(Finding(f"{quality}; class-consistency not measured (no folder maps to a model class).",
                                 NOT_MEASURED, "class-consistency of the cached images close to full compute's", group))
@@ -813,6 +918,12 @@ def inhouse_report(summary: Mapping[str, Any]):
         answer = Finding(f"Do not cache with {h['recommendation']} yet on these images: it is " + ", ".join(failed)
                          + " (see below; try another setting or budget).", DOES_NOT_HOLD,
                          "every finding on the recommended setting holds", "the answer")
+    elif any(f.verdict == WITHIN_NOISE for f in setting):
+        unsure = [name for f, name in zip(setting, ("the FLOP budget", "the speed-up", "the class-consistency"))
+                  if f.verdict == WITHIN_NOISE]
+        answer = Finding(f"Not decided for {h['recommendation']}: " + " and ".join(unsure) + " cannot be told from "
+                         "noise on these images (see below: more images or timing pairs would decide it).",
+                         WITHIN_NOISE, "every finding on the recommended setting holds", "the answer")
     else:
         answer = Finding(f"Not decided for {h['recommendation']}: some of its findings could not be measured.",
                          NOT_MEASURED, "every finding on the recommended setting holds", "the answer")

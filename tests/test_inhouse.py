@@ -27,6 +27,7 @@ from tclab.data import load_image_folder
 from tclab.features import ClassifierFeatures
 from tclab.labels import resolve_labels
 from tclab.models import NULL_CLASS
+from tclab.sweep_summary import SCHEMA_VERSION
 
 SHA = "a" * 64
 OTHER_SHA = "b" * 64
@@ -156,7 +157,7 @@ def test_reads_the_summary_summarise_sweep_writes(tmp_path):
                            "config": json.dumps({"name": n, "cache": cache})} for n, c, f, fr, tr, q, cache in rows])
     sweep = ablation.SweepResult(frame, {}, torch.zeros(0), SweepSettings(**TINY_SETTINGS), [])
     summary = ablation.summarise_sweep(sweep, 0.5, (2,), model=Model()).to_dict()
-    assert summary["version"] == 1
+    assert summary["version"] == SCHEMA_VERSION
     run = write_run(tmp_path, "20260101T000000Z", "03_ablation_block_selection", summary=summary)
     best, considered = inhouse.find_ablation_recommendation(tmp_path, SHA, budget=0.5, num_steps=4)
     assert best["run"] == run and best["name"] == "learned-static rho=0.1" and best["cache"] == STATIC
@@ -367,8 +368,13 @@ def test_measurement_pairs_full_compute_and_the_recommendation(measured_report):
     assert np.isnan(row["fid"]) and row["fid_reason"].startswith(refused) and row["fid_n"] == 6
     fid_row = [i for i in table.index if i.startswith("FID")]
     assert len(fid_row) == 1 and "N = 6 vs 9 reference" in fid_row[0] and fid_row[0].endswith(refused)
-    assert table.loc[fid_row[0]].isna().all()
-    assert (table.loc["KID std over subsets"] >= 0).all()
+    assert table.loc[fid_row[0], [FULL_COMPUTE, "recommended"]].isna().all()
+    assert (table.loc[fid_row[0], [f"{FULL_COMPUTE} CI", "recommended CI"]] == "").all()   # no FID, no interval
+    assert (table.loc["KID std over subsets", [FULL_COMPUTE, "recommended"]] >= 0).all()
+    # every measured figure has its interval beside it, and it holds the figure
+    lo, hi = json.loads(table.loc["PSNR vs full compute (dB)", "recommended CI"])
+    assert lo <= row["psnr"] <= hi and lo < hi
+    assert table.loc["timing noise floor (full vs full)", "recommended CI"].startswith("[")
     text = measured.describe()
     assert "the last 5 of 8 ddim steps" in text and "NOT comparable to published FID" in text
     assert f"FID {refused}" in text and "N = 6 image(s) per setting against 9 reference" in text
