@@ -113,19 +113,24 @@ def plot_change_heatmap(record: TokenChangeRecord, measures: Sequence[str] = ana
 
 def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", branch: str = "cond",
                        title: str | None = None):
-    """Left: per-step mean change (one thin line per block, bold = all blocks) with the detected
-    two-phase split (dashed line) and the phase means. Right: per-block importance (mean update
-    ratio, bars) and per-block mean change (markers)."""
+    """Left: per-step mean change (one thin line per block, bold = all blocks, with its 95 % bootstrap
+    band over samples) with the detected two-phase split (dashed line) and the phase means, and the
+    split fitted without the final step (dotted) where it differs. Right: per-block importance (mean
+    update ratio, bars) and per-block mean change (markers)."""
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained", width_ratios=(1.6, 1))
     per_block = record.mean_over(measure, ("sample", "token"), branch)  # (S, L)
-    curve = analysis.per_step_mean_change(record, measure, branch)  # (S,)
+    band = analysis.per_step_mean_change_interval(record, measure, branch)
+    curve = band["mean"]  # (S,)
     steps = record.steps
     cmap = plt.get_cmap("viridis")
     for l in range(record.num_blocks):
         ax.plot(steps, per_block[:, l], lw=1, alpha=0.8, color=cmap(l / max(1, record.num_blocks - 1)),
                 label=f"block {l}")
     ax.plot(steps, curve, color="black", lw=2.5, marker="o", ms=3, label="all blocks")
+    if np.isfinite(band["low"]).any():
+        ax.fill_between(steps, band["low"], band["high"], color="black", alpha=0.15, lw=0,
+                        label=f"95% interval over the {band['samples']} samples")
     split = analysis.detect_phase_split(curve, steps)
     if split["split_step"] is not None:
         s2 = split["split_step"]
@@ -134,6 +139,12 @@ def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", b
         (a0, a1), (b0, b1) = split["phase1_steps"], split["phase2_steps"]
         ax.hlines([split["phase1_mean"], split["phase2_mean"]], [a0 - 0.4, b0 - 0.4], [a1 + 0.4, b1 + 0.4],
                   colors="tab:red", lw=3, alpha=0.5, label="phase means")
+        finite = np.flatnonzero(np.isfinite(curve))
+        if len(finite) >= 3:  # the split without the final step, which often jumps (t = 0)
+            wo = analysis.detect_phase_split(curve[finite[:-1]], steps[finite[:-1]])
+            if wo["split_step"] is not None and wo["split_step"] != s2:
+                ax.axvline(wo["split_step"] - 0.5, color="tab:orange", ls=":", lw=1.8,
+                           label=f"split without the final step: s={wo['split_step']}")
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel(f"mean {CHANGE_LABEL.get(measure, measure)}")
     _step_ticks(ax, record)
@@ -256,9 +267,10 @@ def plot_change_distribution(record: TokenChangeRecord, measures: Sequence[str] 
 
 def plot_rank_correlation(records, measure: str = "out_change", branch: str = "cond", title: str | None = None):
     """Left: Spearman rank correlation of per-token change maps at steps s and s + d vs the step
-    distance d (mean over blocks, samples and s; thin lines per block). Right: the share of the
-    top-20% changing tokens of step s still in the top 20% at s + d, with the chance level.
-    ``records`` is a record or {label: record} (e.g. pure samples and SDEdit traces, overlaid)."""
+    distance d (mean over blocks, samples and s, with its 95 % bootstrap band over samples; thin
+    lines per block). Right: the share of the top-20% changing tokens of step s still in the top 20%
+    at s + d, with the chance level. ``records`` is a record or {label: record} (e.g. pure samples
+    and SDEdit traces, overlaid)."""
     plt = _plt()
     recs = _records(records)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
@@ -276,6 +288,10 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
         for l in range(by_block.shape[1]):
             ax.plot(d, by_block[:, l], color=color, lw=0.7, alpha=0.35)
         ax.plot(d, rc["mean"], color=color, lw=2.2, marker="o", label=f"{label} mean over blocks".strip())
+        ci = np.asarray([[np.nan, np.nan] if c is None else c for c in rc["mean_ci"]], dtype=float)  # (D, 2)
+        if np.isfinite(ci).any():
+            ax.fill_between(d, ci[:, 0], ci[:, 1], color=color, alpha=0.2, lw=0,
+                            label=f"{label} 95% interval over {rc['samples']} samples".strip())
         bx.plot(ov["distances"], ov["overlap"], color=color, lw=2.2, marker="o", label=(label or measure))
         chance = ov["chance"]
     from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
@@ -290,7 +306,7 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
     ax.axhline(0, color="0.4", lw=1)
     ax.set_ylabel("Spearman rank correlation of token change maps")
     ax.set_ylim(-0.2, 1.0)
-    ax.legend(fontsize=8, title="thin lines: single blocks", title_fontsize=7)
+    ax.legend(fontsize=8, title="thin lines: single blocks; bands: bootstrap over samples", title_fontsize=7)
     if chance is not None:
         bx.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.0%})")
     bx.set_ylabel("share of top-20% tokens still top-20%")
@@ -308,18 +324,21 @@ def plot_trace_comparison(records, measure: str = "out_change", branch: str = "c
                           threshold: float = 0.05, title: str | None = None):
     """Several recordings side by side (e.g. pure samples vs SDEdit traces of in-house images), on a
     shared **timestep t** axis (step indices differ: an SDEdit trace starts part-way down):
-    mean change per step, the fraction of tokens below ``threshold`` per step, and the CDF."""
+    mean change per step (with its 95 % bootstrap band over samples), the fraction of tokens below
+    ``threshold`` per step, and the CDF."""
     plt = _plt()
     recs = _records(records)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     for k, (label, rec) in enumerate(recs.items()):
         t = rec.timesteps
-        curve = analysis.per_step_mean_change(rec, measure, branch)
+        band = analysis.per_step_mean_change_interval(rec, measure, branch)
         dist = analysis.summarise_change_distribution(rec, measure, (threshold,), (0.5,), branch)
         ps = dist["per_step"]
         color = f"C{k}"
         name = label or measure
-        axes[0].plot(t, curve, marker="o", ms=3, color=color, label=name)
+        axes[0].plot(t, band["mean"], marker="o", ms=3, color=color, label=name)
+        if np.isfinite(band["low"]).any():
+            axes[0].fill_between(t, band["low"], band["high"], color=color, alpha=0.2, lw=0)
         axes[1].plot(ps["t"], ps[f"below_{analysis.pct_label(threshold)}"], marker="o", ms=3, color=color, label=name)
         vals, _ = analysis.select_change_steps(rec, measure, branch)
         v = np.sort(vals[np.isfinite(vals)])
@@ -340,7 +359,7 @@ def plot_trace_comparison(records, measure: str = "out_change", branch: str = "c
     axes[2].set_ylabel("cumulative fraction below x")
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=8)
-    axes[0].set_title("mean change per step")
+    axes[0].set_title("mean change per step (bands: 95% over samples)")
     axes[1].set_title(f"tokens that barely change (< {threshold:.0%})")
     axes[2].set_title("distribution over all steps > 0")
     fig.suptitle(title or f"Same model, different trajectories ({measure}, {branch})")

@@ -206,6 +206,97 @@ def ratio_ci(numerator_samples, denominator_samples, confidence: float = 0.95, r
                                 "bootstrap of ratio of medians", 0)
 
 
+# ---- resampling whole samples of a structured measurement -------------------------------------
+
+def bootstrap_weights(n: int, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) integers: how many times each of ``n`` samples is drawn in each bootstrap resample.
+
+    Each row sums to ``n``. For a measurement with more axes than samples (a token-change record is
+    ``[step, block, sample, token]``) resample the *samples* and keep the rest: a statistic that is a
+    function of per-sample sums (a mean over everything, a ratio of sums, a per-step curve) of one
+    resample is ``weights @ per_sample_sums``, with no copy of the data per resample. The draws are
+    those of :func:`bootstrap_ci` at the same ``seed``: weighting the per-sample values of a mean
+    gives exactly its resampled means.
+
+    >>> bootstrap_weights(4, 3).sum(axis=1).tolist()
+    [4, 4, 4]
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be the number of samples (an integer >= 1); got {n!r}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be a positive integer; got {resamples!r}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_VALUES // n)  # the chunks of _resampled, so the draws are the same
+    out = []
+    for start in range(0, resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))  # (r, n) drawn sample indices
+        rows = np.arange(idx.shape[0])[:, None] * n
+        out.append(np.bincount((idx + rows).ravel(), minlength=idx.size).reshape(idx.shape))
+    return np.concatenate(out)
+
+
+def percentile_interval(estimate: float, resampled, n: int, confidence: float = 0.95,
+                        method: str = "percentile bootstrap") -> Interval:
+    """The central ``confidence`` share of ``resampled`` statistics around ``estimate``, from ``n`` samples.
+
+    Resamples whose statistic is NaN (undefined on that resample, e.g. a correlation of constant
+    maps) are left out and counted in ``dropped``; with fewer than two samples, or fewer than two
+    defined resamples, there is no interval (NaN bounds).
+    """
+    _check_confidence(confidence)
+    r = np.asarray(resampled, dtype=float).ravel()
+    bad = np.isnan(r)
+    r = r[~bad]
+    if n < 2 or r.size < 2:
+        return Interval(float(estimate), math.nan, math.nan, int(n), confidence, method, int(bad.sum()))
+    low, high = np.quantile(r, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    return Interval(float(estimate), float(low), float(high), int(n), confidence, method, int(bad.sum()))
+
+
+def bootstrap_over_samples(statistic: Callable[[np.ndarray], np.ndarray], n: int, confidence: float = 0.95,
+                           resamples: int = 2000, seed: int = 0, *, vectorised: bool = True) -> Interval:
+    """Percentile-bootstrap interval of a statistic of ``n`` samples that is not a function of one
+    value per sample: resample the samples with replacement, recompute the statistic, take the
+    central ``confidence`` share.
+
+    ``statistic(weights)`` gets how many times each sample is in the data set: all ones (shape
+    (n,)) for the estimate, a :func:`bootstrap_weights` row for a resample. ``vectorised=True``: it
+    also takes the (resamples, n) matrix at once and returns (resamples,) values (true of
+    ``weights @ per_sample_sums / weights @ per_sample_counts``); otherwise it is called once per
+    resample (``np.repeat(np.arange(n), w)`` gives the drawn sample indices of a row).
+
+    >>> x = np.array([1.0, 2.0, 6.0])
+    >>> bootstrap_over_samples(lambda w: w @ x / w.sum(-1), 3).estimate
+    3.0
+    """
+    _check_confidence(confidence)
+    w = bootstrap_weights(n, resamples, seed)
+    estimate = float(statistic(np.ones(n, dtype=np.int64)))
+    if vectorised:
+        boot = np.asarray(statistic(w), dtype=float)
+        if boot.shape != (resamples,):
+            raise ValueError(f"a vectorised statistic must map (resamples, n) weights to (resamples,) values; "
+                             f"got shape {boot.shape} (pass vectorised=False to call it once per resample)")
+    else:
+        boot = np.array([statistic(row) for row in w], dtype=float)
+    return percentile_interval(estimate, boot, n, confidence, "percentile bootstrap over samples")
+
+
+def verdict_agreement(resampled_verdicts, verdict) -> float:
+    """The share of resamples whose verdict equals ``verdict`` (the point estimate's): 1.0 = every
+    resample gives the same answer. For a verdict "statistic >= threshold" at most
+    ``(1 - confidence) / 2`` of the resamples disagree exactly when the ``confidence`` percentile
+    interval lies on the verdict's side of the threshold.
+
+    >>> verdict_agreement([True, True, False, True], True)
+    0.75
+    """
+    v = np.asarray(resampled_verdicts)
+    if v.size == 0:
+        raise ValueError("no resampled verdicts to compare with")
+    return float(np.mean(v == verdict))
+
+
 # ---- paired comparison -----------------------------------------------------------------------
 
 def paired_difference(a, b, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> PairedTest:

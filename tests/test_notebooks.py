@@ -130,11 +130,18 @@ def test_notebook_01_summary(run01):
     # SDEdit at strength 0.6 of 4 steps runs round(2.4) = 2 steps: one change step, so obs 2/3 are undetermined
     assert s["sdedit"]["record"]["steps"] == 2
     assert s["sdedit"]["observations"]["out_change"]["adjacent_steps_correlated"]["holds"] is None
-    # the report's first screen: a verdict per observation and trajectory set, as the analysis found
-    from tclab.report import ReportSummary, verdict_of
+    # every headline number carries its interval over the 3 samples (issue #19)
+    for k in ("frac_tokens_below_5pct", "top10pct_change_share", "adjacent_rank_corr", "phase_mean_ratio"):
+        lo, hi = s["intervals"][f"{k}_ci"]
+        assert lo <= hi and (head[f"{k}_ci_low"], head[f"{k}_ci_high"]) == (lo, hi) and head[f"{k}_n"] == 3, k
+    # the report's first screen: a verdict per observation and trajectory set, as the analysis found: the
+    # point verdict where the bootstrap over samples finds it stable, else "within noise"
+    from tclab.report import WITHIN_NOISE, ReportSummary, verdict_of
 
     first = ReportSummary.from_dict(s["report"])
-    assert [f.verdict for f in first.findings[:3]] == [verdict_of(head[f"obs{i}_holds"]) for i in (1, 2, 3)]
+    expected = [WITHIN_NOISE if head[f"obs{i}_stable"] is False else verdict_of(head[f"obs{i}_holds"]) for i in (1, 2, 3)]
+    assert [f.verdict for f in first.findings[:3]] == [head[f"obs{i}_verdict"] for i in (1, 2, 3)] == expected
+    assert all("N = 3 samples" in f.text for f in first.findings[:3])
     assert first.findings[4].verdict == "not measured" and len(first.findings) == 6
     page = (run01 / runs.REPORT_NAME).read_text()
     assert page.count('class="badge ') == 6 and '<figure class="tclab-figure"' in page
