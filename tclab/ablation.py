@@ -333,6 +333,16 @@ class SweepResult:
     def full_images(self) -> torch.Tensor:
         return self.images[FULL_COMPUTE]
 
+    def save_samples(self, path) -> None:
+        """Write the per-sample values and the timings to ``path`` (``.npz``; keys ``"<point>|<metric>"``
+        and ``"<point>|time_full"`` / ``"<point>|time_variant"``), so a finished run can be re-tested
+        (other differences, other confidence) without sampling again: :func:`load_samples` reads it."""
+        arrays = {f"{name}|{m}": np.asarray(v, float) for name, per in self.samples.items() for m, v in per.items()}
+        for name, t in self.timings.items():
+            arrays[f"{name}|time_full"] = np.asarray(t["full"], float)
+            arrays[f"{name}|time_variant"] = np.asarray(t["variant"], float)
+        np.savez_compressed(path, **arrays)
+
     def per_image_error(self, name: str) -> dict[str, np.ndarray]:
         """Per-image PSNR / SSIM / MSE of variant ``name`` against full compute (same seeds)."""
         if name not in self.images:
@@ -340,6 +350,20 @@ class SweepResult:
                            f"variants with images: {sorted(self.images)}")
         a, b = self.images[name], self.full_images
         return {"psnr": psnr(a, b).numpy(), "ssim": ssim(a, b).numpy(), "mse": mse(a, b).numpy()}
+
+
+def load_samples(path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, list[float]]]]:
+    """``(samples, timings)`` as :meth:`SweepResult.save_samples` wrote them."""
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    timings: dict[str, dict[str, list[float]]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            name, _, metric = key.rpartition("|")
+            if metric in ("time_full", "time_variant"):
+                timings.setdefault(name, {})[metric[5:]] = z[key].tolist()
+            else:
+                samples.setdefault(name, {})[metric] = z[key]
+    return samples, timings
 
 
 def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, init_images=None):
@@ -1253,13 +1277,15 @@ class AblationStudy:
         print(f"{len(self.variants)} points; settings {self.settings}")
 
     def measure(self):
-        """Run the planned points in one harness (:func:`run_sweep`) and save the table as ``sweep.csv``.
+        """Run the planned points in one harness (:func:`run_sweep`) and save the table as ``sweep.csv`` and
+        the per-sample values and timings behind it as ``samples.npz`` (:func:`load_samples`).
         Returns the points that failed (``name``, ``error``; empty when every point ran)."""
         if not self.variants:
             raise RuntimeError("nothing to measure: call plan(variants) first")
         self.result = run_sweep(self.model, self.variants, self.settings, classifier=self.classifier)
         frame = self.result.frame
         frame.to_csv(self.run.path("sweep.csv"), index=False)
+        self.result.save_samples(self.run.path("samples.npz"))
         return frame[frame["error"] != ""][["name", "error"]]
 
     def summarise(self, budget: float = 0.5, reductions: Sequence[float] = (2, 3)) -> dict:
