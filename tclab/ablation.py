@@ -33,6 +33,7 @@ import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclasses_fields
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -364,6 +365,46 @@ def load_samples(path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict
             else:
                 samples.setdefault(name, {})[metric] = z[key]
     return samples, timings
+
+
+def load_sweep(run_dir, first: int | None = None) -> SweepResult:
+    """A finished ablation run read back for re-testing: its ``sweep.csv``, the per-sample values and
+    timings of ``samples.npz`` and the settings of ``summary.json`` (no images). Every reader
+    (:func:`table`, :func:`headline`, :func:`compare_at_reductions`, ...) then works on it as on the
+    live result. ``first``: keep only the first N samples (the same seeds a run with
+    ``quality_samples=N`` drew), with the quality means and intervals recomputed from them."""
+    import pandas as pd
+    from pathlib import Path
+
+    run = Path(run_dir)
+    missing = [f for f in ("sweep.csv", "samples.npz", "summary.json") if not (run / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run} is not a finished ablation run with per-sample values: no {', '.join(missing)} "
+                                "(samples.npz is written by runs of this tclab and later)")
+    frame = pd.read_csv(run / "sweep.csv", keep_default_na=True)
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), "")
+    samples, timings = load_samples(run / "samples.npz")
+    stored = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("settings") or {}
+    known = {f.name for f in dataclasses_fields(SweepSettings)}
+    settings = SweepSettings(**{k: v for k, v in stored.items() if k in known and v is not None})
+    if first is not None:
+        if isinstance(first, bool) or not isinstance(first, int) or first < 2:
+            raise ValueError(f"first must be an integer >= 2 (samples to keep), got {first!r}")
+        samples = {name: {m: v[:first] for m, v in per.items()} for name, per in samples.items()}
+        settings = replace(settings, quality_samples=min(first, settings.quality_samples))
+        for name, per in samples.items():
+            at = frame["name"] == name
+            for m in ("psnr", "ssim", "mse", "lpips"):
+                if m in per:
+                    frame.loc[at, m] = float(per[m].mean())
+            if "class_hit" in per:
+                frame.loc[at, "class_consistency"] = float(np.nanmean(per["class_hit"]))
+            for k, v in quality_intervals(per, settings).items():
+                frame.loc[at, k] = v
+    labels = torch.zeros(settings.quality_samples, dtype=torch.long)
+    floor = timing_noise_floor(timings, settings.confidence)
+    return SweepResult(frame=frame, images={}, labels=labels, settings=settings, variants=[], samples=samples,
+                       timings=timings, noise_floor=floor)
 
 
 def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, init_images=None):
@@ -1208,7 +1249,8 @@ def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence
                  (f"winner_at_{t}_flops", "distinguishable winner there (none: tied)", ""),
                  (f"psnr_at_{t}", "its PSNR", "dB"),
                  (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
-    spec += [("points", "points measured", ""), ("failed_points", "points that failed", "")]
+    spec += [("time_noise_floor", "full compute against itself (timing noise floor)", "x"),
+             ("points", "points measured", ""), ("failed_points", "points that failed", "")]
     head = dict(summary.headline)
     if summary.settings and summary.settings.confidence:
         conf = summary.settings.confidence

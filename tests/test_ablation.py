@@ -352,6 +352,17 @@ def test_a_study_runs_an_ablation_notebook_step_by_step(sweep, tmp_path, capsys)
     assert study.summary.identity.images_manifest_sha256 == study.prepared.image_set.manifest_hash()
     path = study.write_summary()
     assert json.loads(path.read_text()) == study.summary.to_dict() and SweepSummary.read(path) == study.summary
+    table = study.uncertainty()
+    assert "Timing noise floor" in capsys.readouterr().out and list(table["metric"]) == ["psnr", "class_consistency"]
+    # the finished run reads back with its per-sample values: the same tests give the same answers
+    back = A.load_sweep(run_dir)
+    assert set(back.samples) == set(study.result.samples) and back.timings == study.result.timings
+    assert A.headline(back, (1.5,), 0.9) == A.headline(study.result, (1.5,), 0.9)
+    one = A.load_sweep(run_dir, first=2)
+    assert one.settings.quality_samples == 2 and all(len(v["psnr"]) == 2 for v in one.samples.values())
+    with pytest.raises(FileNotFoundError, match="samples.npz"):
+        (run_dir / "samples.npz").unlink()
+        A.load_sweep(run_dir)
 
 
 def test_sweep_refuses_a_classifier_of_other_classes(sweep):
