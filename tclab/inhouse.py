@@ -741,6 +741,9 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
         "frac_tokens_below_5pct": red.get("frac_tokens_below_5pct"),
         "adjacent_rank_corr": red.get("adjacent_rank_corr"),
         "obs1_holds": red.get("obs1_holds"), "obs2_holds": red.get("obs2_holds"), "obs3_holds": red.get("obs3_holds"),
+        # the verdicts with their stability (holds / does not hold / within noise / not measured)
+        "obs1_verdict": red.get("obs1_verdict"), "obs2_verdict": red.get("obs2_verdict"),
+        "obs3_verdict": red.get("obs3_verdict"), "obs3_driven_by_final_step": red.get("obs3_driven_by_final_step"),
         "recommendation": rec.name, "recommendation_source": rec.source, "recommendation_from": rec.origin,
         # measured here, on these images: SDEdit runs fewer steps (step 0 always full), so a setting
         # chosen within budget on full trajectories can cost more here; the source's verdict is kept apart
@@ -776,6 +779,7 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
     head["confidence"] = conf
     head["time_within_noise"] = row.get("time_within_noise")
     floor = measured.result.noise_floor
+    head["time_noise_floor"] = floor.estimate if floor is not None else None
     head["time_noise_floor_ci_low"] = floor.low if floor is not None else None
     head["time_noise_floor_ci_high"] = floor.high if floor is not None else None
     change = measured.class_consistency_change()
@@ -897,7 +901,7 @@ def inhouse_report(summary: Mapping[str, Any]):
                 verdict = WITHIN_NOISE
                 need = h.get("images_needed_for_5_points")
                 text += (f": the interval holds both a drop of more than {tol:.0%} and none"
-                         + (f"; about {need} images would decide it" if need else ""))
+                         + (f"; about {need} images would resolve a change of {tol * 100:.0f} points" if need else ""))
         else:   # no paired values (an older summary): the point estimates
             verdict = HOLDS if cached >= full - tol else DOES_NOT_HOLD
         setting.append(Finding(text + ".", verdict,
@@ -929,7 +933,9 @@ def inhouse_report(summary: Mapping[str, Any]):
                          NOT_MEASURED, "every finding on the recommended setting holds", "the answer")
     findings = [answer, *findings, *setting]
     spec = [("recommendation", "recommended setting", ""), ("flop_ratio", "FLOPs (of full compute)", "x"),
-            ("time_ratio", "wall-clock (of full compute)", "x"), ("psnr", "PSNR vs full compute", "dB"),
+            ("time_ratio", "wall-clock (of full compute)", "x"),
+            ("time_noise_floor", "full compute against itself (timing noise floor)", "x"),
+            ("psnr", "PSNR vs full compute", "dB"),
             ("worst_psnr", "worst image's PSNR", "dB"), ("ssim", "SSIM vs full compute", ""),
             ("class_consistency_full", "class-consistency, full compute", "%"),
             ("class_consistency_cached", "class-consistency, cached", "%"),

@@ -520,9 +520,12 @@ class SweepSummary:
     @property
     def headline(self) -> dict[str, Any]:
         """The flat numbers for ``reports/index.html``: per reduction r the winning curve (FLOPs and
-        wall-clock), its PSNR, class-consistency and PSNR margin, the best rival and its PSNR; the
-        budget and the best point within it; full compute's class-consistency; points and failures."""
+        wall-clock; None when tied), the leader and the curves tied with it, its PSNR, class-consistency
+        and PSNR margin, the best rival and its PSNR; the budget and the best point within it (and the
+        points tied with it); the timing noise floor; full compute's class-consistency; points and
+        failures; then every interval as ``<name>_ci_low`` / ``<name>_ci_high``."""
         flat: dict[str, Any] = {}
+        ci: dict[str, Any] = {}      # the intervals go after every number, so a short listing shows the numbers
         for d in self.flops.reductions:
             tag = f"{d.reduction:g}x"
             clock = self.wall_clock.at(d.reduction)
@@ -530,9 +533,9 @@ class SweepSummary:
             flat[f"leader_at_{tag}_flops"] = d.leader
             flat[f"tied_at_{tag}_flops"] = ", ".join(d.tied_with) or None
             flat[f"psnr_at_{tag}"] = d.psnr
-            _flat_interval(flat, f"psnr_at_{tag}", d.psnr_ci)
+            _flat_interval(ci, f"psnr_at_{tag}", d.psnr_ci)
             flat[f"psnr_margin_at_{tag}"] = d.psnr_margin
-            _flat_interval(flat, f"psnr_margin_at_{tag}", d.psnr_margin_ci)
+            _flat_interval(ci, f"psnr_margin_at_{tag}", d.psnr_margin_ci)
             flat[f"class_consistency_at_{tag}"] = d.class_consistency
             flat[f"winner_at_{tag}_wall_clock"] = clock.winner if clock else None
             flat[f"best_reference_at_{tag}"] = d.best_reference.name if d.best_reference else None
@@ -543,14 +546,16 @@ class SweepSummary:
         for k in ("flop_ratio", "time_ratio", "psnr", "class_consistency"):
             flat[f"best_{k}"] = getattr(best, k) if best else None
         for k in ("time_ratio", "psnr", "class_consistency"):
-            _flat_interval(flat, f"best_{k}", getattr(best, f"{k}_ci") if best else None)
-        flat["best_psnr_n"] = best.psnr_n if best else None
+            _flat_interval(ci, f"best_{k}", getattr(best, f"{k}_ci") if best else None)
+        ci["best_psnr_n"] = best.psnr_n if best else None
         flat["best_time_within_noise"] = best.time_within_noise if best else None
-        flat["best_tied_with"] = ", ".join(best.tied_with) or None if best else None
-        _flat_interval(flat, "time_noise_floor", (self.noise_floor or {}).get("time_ratio_ci"))
+        flat["best_tied_with"] = (", ".join(best.tied_with) or None) if best else None
+        flat["time_noise_floor"] = (self.noise_floor or {}).get("time_ratio")   # median full-vs-full ratio
+        _flat_interval(ci, "time_noise_floor", (self.noise_floor or {}).get("time_ratio_ci"))
         flat["full_compute_class_consistency"] = self.flops.full_compute_class_consistency
         flat["points"] = len(self.points)
         flat["failed_points"] = self.failed_points
+        flat.update(ci)
         return flat
 
     def to_dict(self) -> dict[str, Any]:

@@ -196,3 +196,11 @@ def test_inhouse_class_consistency_verdict_uses_the_paired_interval(cached, verd
     assert cc.verdict == verdict
     answer = findings[0]
     assert answer.verdict == {HOLDS: HOLDS, DOES_NOT_HOLD: DOES_NOT_HOLD, WITHIN_NOISE: WITHIN_NOISE}[verdict]
+
+
+def test_a_summary_with_nothing_within_the_budget_still_has_its_headline():
+    s = A.summarise_sweep(planted_sweep(gap=1.0), budget=0.1, reductions=(2,))
+    h = s.headline
+    assert h["best_under_budget"] is None and h["best_tied_with"] is None and h["best_psnr_ci_low"] is None
+    assert h["leader_at_2x_flops"] == "a" and list(h).index("psnr_at_2x_ci_low") > list(h).index("failed_points")
+    assert SweepSummary.from_dict(json.loads(json.dumps(s.to_dict()))) == s
