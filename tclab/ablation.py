@@ -382,7 +382,9 @@ def load_sweep(run_dir, first: int | None = None) -> SweepResult:
         raise FileNotFoundError(f"{run} is not a finished ablation run with per-sample values: no {', '.join(missing)} "
                                 "(samples.npz is written by runs of this tclab and later)")
     frame = pd.read_csv(run / "sweep.csv", keep_default_na=True)
-    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), "")
+    for col in ("error", "knob"):   # empty text comes back from CSV as NaN
+        if col in frame:
+            frame[col] = frame[col].astype(object).where(frame[col].notna(), "")
     samples, timings = load_samples(run / "samples.npz")
     stored = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("settings") or {}
     known = {f.name for f in dataclasses_fields(SweepSettings)}
@@ -392,6 +394,9 @@ def load_sweep(run_dir, first: int | None = None) -> SweepResult:
             raise ValueError(f"first must be an integer >= 2 (samples to keep), got {first!r}")
         samples = {name: {m: v[:first] for m, v in per.items()} for name, per in samples.items()}
         settings = replace(settings, quality_samples=min(first, settings.quality_samples))
+        # FID / KID come from whole sets of images this file does not hold: not recomputed, so left out
+        for col in [c for c in frame.columns if c.split("_")[0] in ("fid", "kid")]:
+            frame[col] = np.nan if frame[col].dtype.kind == "f" else ""
         for name, per in samples.items():
             at = frame["name"] == name
             for m in ("psnr", "ssim", "mse", "lpips"):
@@ -562,6 +567,10 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
             if full_flops is None:
                 full_flops = flops
             imgs = res.images
+            if not bool(torch.isfinite(imgs).all()):
+                raise FloatingPointError(f"{v.name} produced non-finite images (NaN or inf in "
+                                         f"{int((~torch.isfinite(imgs)).flatten(1).any(1).sum())} of {len(imgs)}): "
+                                         "its outputs diverged, so no quality figure of it would mean anything")
             images[v.name] = imgs
             row["gflops_per_image"] = flops / len(labels) / 1e9
             row["flop_ratio"] = flops / full_flops
@@ -668,7 +677,6 @@ class PairedComparer:
     samples: Mapping[str, Mapping[str, np.ndarray]]
     confidence: float = 0.95
     resamples: int = 2000
-    noise_pairs: int = 6
     seed: int = 0
 
     def values(self, name: str, quality: str) -> np.ndarray | None:
@@ -692,7 +700,7 @@ class PairedComparer:
 def _frame_and_comparer(sweep) -> tuple[Any, PairedComparer | None]:
     if isinstance(sweep, SweepResult):
         st = sweep.settings
-        return sweep.frame, PairedComparer(sweep.samples, st.confidence, st.resamples, st.seed)
+        return sweep.frame, PairedComparer(sweep.samples, confidence=st.confidence, resamples=st.resamples, seed=st.seed)
     return sweep, None
 
 
@@ -727,7 +735,8 @@ def pareto_front(sweep, cost: str = "flop_ratio", quality: str = "psnr", exclude
 
 def pareto_ties(sweep: SweepResult, cost: str = "flop_ratio", quality: str = "psnr") -> dict[str, str]:
     """Pareto points that are there on point estimates only: ``{point: cheaper point}`` for every point of
-    the front whose quality gain over the next cheaper front point is not distinguishable (paired test).
+    the front whose quality gain over the last cheaper front point with a real gain (the cheapest point
+    to begin with) is not distinguishable (paired test).
     Such a point costs more for a gain the sweep cannot tell from noise. Empty for a bare frame."""
     frame, comparer = _frame_and_comparer(sweep)
     if comparer is None:
@@ -735,10 +744,13 @@ def pareto_ties(sweep: SweepResult, cost: str = "flop_ratio", quality: str = "ps
     front = frame[pareto_front(frame, cost, quality)].sort_values(cost, kind="stable")
     out = {}
     names = front["name"].tolist()
-    for cheaper, dearer in zip(names, names[1:]):
-        t = comparer.test(dearer, cheaper, quality)
+    anchor = names[0] if names else None   # the last cheaper front point whose gain was real (or the cheapest)
+    for dearer in names[1:]:
+        t = comparer.test(dearer, anchor, quality)
         if t is not None and not t.distinguishable:
-            out[dearer] = cheaper
+            out[dearer] = anchor            # small steps do not add up to a tie: each is tested from the anchor
+        else:
+            anchor = dearer
     return out
 
 
@@ -770,7 +782,8 @@ def best_under_budget(sweep, budget: float, cost: str = "flop_ratio", quality: s
     order = np.lexsort((sub[cost].to_numpy(float), -sign * sub[quality].to_numpy(float)))
     best = _plain_row(sub.iloc[order[0]])
     tied = []
-    tested = False
+    # alone within the budget: tested (vacuously) when its values are there; else as soon as a test ran
+    tested = comparer is not None and len(order) == 1 and comparer.values(best["name"], quality) is not None
     if comparer is not None:
         for i in order[1:]:
             other = sub.iloc[i]["name"]
@@ -799,9 +812,16 @@ def _plain_row(row) -> dict:
             out[k] = v
     for k in [k for k in out if k.endswith("_n") and isinstance(out[k], float)]:
         out[k] = int(out[k])       # counts: float in a frame only because a failed row holds NaN
-    for k in [k for k in out if k.endswith("_ci_low")]:
-        name = k[: -len("_ci_low")]
-        out[f"{name}_ci"] = [out.pop(k), out.pop(f"{name}_ci_high", None)]
+    intervals = {k[: -len("_ci_low")]: [out.pop(k), out.pop(k[: -len("_ci_low")] + "_ci_high", None)]
+                 for k in [k for k in out if k.endswith("_ci_low")]}
+    if intervals:   # each interval right after its figure ("<m>_ci" beside "<m>")
+        ordered = {}
+        for k, v in out.items():
+            ordered[k] = v
+            if k in intervals:
+                ordered[f"{k}_ci"] = intervals.pop(k)
+        ordered.update({f"{k}_ci": v for k, v in intervals.items()})
+        out = ordered
     if isinstance(out.get("config"), str):
         out["config"] = json.loads(out["config"])
     out.pop("traceback", None)
@@ -903,7 +923,10 @@ def headline(sweep, reductions: Sequence[float] = (2, 3), budget: float = 0.5, c
         w = sub.iloc[0]
         point = rows[w["name"]]
         tied = sub[sub["tied"] & (sub.index != sub.index[0])]["curve"].tolist()
-        tested = comparer is not None and bool(sub.iloc[1:]["p_value"].notna().all())   # one curve: nothing to lose to
+        if len(sub) > 1:
+            tested = comparer is not None and bool(sub.iloc[1:]["p_value"].notna().all())
+        else:   # one curve: nothing to lose to, but named the winner only where its values could be tested
+            tested = comparer is not None and comparer.values(w["name"], quality) is not None
         d = {"leader": w["curve"], "winner": w["curve"] if tested and not tied else None, "tested": bool(tested),
              "point": w["name"], cost: finite_or_none(w[cost]), quality: finite_or_none(w[quality]),
              f"{quality}_ci": _ci(point.get(f"{quality}_ci")), f"{quality}_n": point.get(f"{quality}_n"),
@@ -1193,6 +1216,15 @@ def _budget_finding(best, budget, floor) -> Finding:
     return Finding(text + ".", HOLDS if tr < 1 else DOES_NOT_HOLD, criterion, group)
 
 
+def _floor_note(floor: Mapping[str, Any] | None) -> str:
+    """What the noise floor is, for its key number: not an interval of the median beside it."""
+    if not floor or not floor.get("time_ratio_ci") or None in floor["time_ratio_ci"]:
+        return ""
+    lo, hi = floor["time_ratio_ci"]
+    return (f"median of {floor.get('time_ratio_n')} full-vs-full pairs; a ratio between {lo:.2f} and {hi:.2f} "
+            "is within noise")
+
+
 def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence[float] = (2, 3)):
     """The first screen of an ablation report (:class:`tclab.report.ReportSummary`) from
     :func:`summarise_sweep`'s summary (or its JSON form). Per cost reduction r: does TokenCache's own
@@ -1258,7 +1290,12 @@ def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence
         conf = 0.95
     numbers = [k for k in key_numbers_from(head, spec, conf) if k.value is not None
                or k.key.startswith("winner_at_") and head.get(k.key.replace("winner", "leader")) is not None]
-    numbers = [replace(k, value="none (tied)") if k.key.startswith("winner_at_") and k.value is None else k
+    def no_winner(k):
+        d = summary.flops.at(float(k.key[len("winner_at_"):].split("x_")[0]))
+        return "none (tied)" if d is not None and d.tied_with else "not tested"
+
+    numbers = [replace(k, value=no_winner(k)) if k.key.startswith("winner_at_") and k.value is None else
+               replace(k, note=_floor_note(summary.noise_floor)) if k.key == "time_noise_floor" else k
                for k in numbers]
     index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
     index = index or [n.key for n in numbers[:3]]       # nothing within the budget: the first numbers there are

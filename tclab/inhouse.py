@@ -32,8 +32,10 @@ on the same images.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +50,7 @@ from .metrics import FID_FLOOR_RULE
 from .prepare import select_images  # noqa: F401 (re-exported: its home was here; tests call it)
 from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, KeyNumber, ReportSummary,
                      key_numbers_from, verdict_of)
-from .stats import paired_difference, samples_needed
+from .stats import paired_proportion_difference, samples_needed
 from .sweep_summary import SweepSummary, SweepSummaryError
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
@@ -621,38 +623,45 @@ class InhouseMeasurement:
                                             for m in out.index])
         out["recommended CI"] = [ci(rec, m) for m in out.index]
         floor = self.result.noise_floor
-        if floor is not None:
-            out.loc["timing noise floor (full vs full)"] = [1.0, "", floor.estimate, f"[{floor.low:.{decimals}f}, "
-                                                            f"{floor.high:.{decimals}f}]"]
+        if floor is not None:   # full compute against itself: its median ratio, and the spread of its pairs
+            out.loc[f"timing noise floor: full vs full ({floor.n} pairs; within noise between)"] = [
+                floor.estimate, f"[{floor.low:.{decimals}f}, {floor.high:.{decimals}f}]", None, ""]
             if rec.get("time_within_noise"):
                 out.loc["wall-clock ratio (/ full compute)", "recommended CI"] += " within noise"
         return out
 
-    def class_consistency_change(self):
-        """Cached minus full compute class-consistency, paired image by image (``tclab.stats.PairedTest``:
-        the mean of hit_cached - hit_full with its interval); None when class-consistency was not measured."""
+    def _class_hits(self):
         full = self.result.samples.get(FULL_COMPUTE, {}).get("class_hit")
         cached = self.result.samples.get(self.name, {}).get("class_hit")
         if full is None or cached is None:
             return None
         keep = ~(np.isnan(full) | np.isnan(cached))
-        if keep.sum() < 2:
-            return None
-        st = self.result.settings
-        return paired_difference(cached[keep], full[keep], st.confidence, st.resamples, st.seed)
+        return (cached[keep], full[keep]) if keep.sum() >= 2 else None
 
-    def images_needed(self, difference: float = 0.05, power: float = 0.8) -> int | None:
-        """Images that would resolve a class-consistency change of ``difference`` (paired, from the spread of
-        the per-image changes measured here; ``tclab.stats.samples_needed``). None when not measured or when
-        no image changed class (no spread to estimate from)."""
-        full = self.result.samples.get(FULL_COMPUTE, {}).get("class_hit")
-        cached = self.result.samples.get(self.name, {}).get("class_hit")
-        if full is None or cached is None:
+    def class_consistency_change(self):
+        """Cached minus full compute class-consistency, paired image by image: a ``tclab.stats.Interval``
+        (Newcombe's paired score interval, ``tclab.stats.paired_proportion_difference``: it does not
+        shrink to nothing when no image changed class); None when class-consistency was not measured."""
+        hits = self._class_hits()
+        if hits is None:
             return None
-        d = (cached - full)[~(np.isnan(full) | np.isnan(cached))]
-        if d.size < 2 or not d.std() > 0:
+        return paired_proportion_difference(*hits, confidence=self.result.settings.confidence)
+
+    def images_needed(self, tolerance: float = 0.05, power: float = 0.8) -> int | None:
+        """About how many images would show, with confidence, that caching loses at most ``tolerance`` of
+        class-consistency. From the spread of the per-image changes measured here when some image changed
+        class (``tclab.stats.samples_needed``); when none did, the images that make the paired interval
+        of "no change" narrower than the tolerance (z^2 (1 - tolerance) / tolerance: about 73 at 5 points).
+        None when class-consistency was not measured."""
+        hits = self._class_hits()
+        if hits is None:
             return None
-        return samples_needed(d, difference, self.result.settings.confidence, power)
+        d = hits[0] - hits[1]
+        conf = self.result.settings.confidence
+        if d.std() > 0:
+            return samples_needed(d, tolerance, conf, power)
+        z = NormalDist().inv_cdf(0.5 + conf / 2)
+        return math.ceil(z * z * (1 - tolerance) / tolerance)
 
     def per_image(self):
         """Per image: index, file path (relative to the folder, from the manifest), class, and PSNR / SSIM /
@@ -783,10 +792,9 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
     head["time_noise_floor_ci_low"] = floor.low if floor is not None else None
     head["time_noise_floor_ci_high"] = floor.high if floor is not None else None
     change = measured.class_consistency_change()
-    head["class_consistency_change"] = change.difference.estimate if change else None
-    head["class_consistency_change_ci_low"] = finite_or_none(change.difference.low) if change else None
-    head["class_consistency_change_ci_high"] = finite_or_none(change.difference.high) if change else None
-    head["class_consistency_change_p"] = change.p_value if change else None
+    head["class_consistency_change"] = change.estimate if change else None
+    head["class_consistency_change_ci_low"] = finite_or_none(change.low) if change else None
+    head["class_consistency_change_ci_high"] = finite_or_none(change.high) if change else None
     head["images_needed_for_5_points"] = measured.images_needed(CLASS_CONSISTENCY_TOLERANCE)
     frame = measured.result.frame.drop(columns=[c for c in ("traceback",) if c in measured.result.frame])
     fid_note = None
@@ -901,7 +909,8 @@ def inhouse_report(summary: Mapping[str, Any]):
                 verdict = WITHIN_NOISE
                 need = h.get("images_needed_for_5_points")
                 text += (f": the interval holds both a drop of more than {tol:.0%} and none"
-                         + (f"; about {need} images would resolve a change of {tol * 100:.0f} points" if need else ""))
+                         + (f"; about {need} images would settle whether it loses more than {tol * 100:.0f} points"
+                            if need else ""))
         else:   # no paired values (an older summary): the point estimates
             verdict = HOLDS if cached >= full - tol else DOES_NOT_HOLD
         setting.append(Finding(text + ".", verdict,
@@ -941,7 +950,11 @@ def inhouse_report(summary: Mapping[str, Any]):
             ("class_consistency_cached", "class-consistency, cached", "%"),
             ("fid_full", "FID, full compute", ""), ("fid_cached", "FID, cached", ""),
             ("usable_images", "usable images", ""), ("images_used", "images measured", "")]
-    numbers = [k for k in key_numbers_from(h, spec) if k.value is not None]
+    numbers = [k for k in key_numbers_from(h, spec, h.get("confidence") or 0.95) if k.value is not None]
+    numbers = [dataclasses.replace(k, note=(f"median of the full-vs-full pairs; a ratio between "
+                                            f"{h['time_noise_floor_ci_low']:.2f} and {h['time_noise_floor_ci_high']:.2f} "
+                                            "is within noise")) if k.key == "time_noise_floor" and k.note else k
+               for k in numbers]
     if h.get("fid_full") is None and h.get("fid_reason"):
         numbers.append(KeyNumber("fid_reason", "FID", h["fid_reason"]))
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=["recommendation", "flop_ratio", "psnr"])

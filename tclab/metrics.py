@@ -126,9 +126,11 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, max_db: float = 100.0) -> torch.Tensor:
-    """Per-image PSNR in dB on the [0, 1] scale: (N,). Identical images give ``max_db``."""
+    """Per-image PSNR in dB on the [0, 1] scale: (N,). Identical images give ``max_db``; an image with NaN
+    gives NaN (never the cap)."""
     m = mse(a, b)
-    return torch.where(m > 0, 10 * torch.log10(1.0 / m.clamp_min(1e-300)), torch.full_like(m, max_db)).clamp(max=max_db)
+    out = torch.where(m > 0, 10 * torch.log10(1.0 / m.clamp_min(1e-300)), torch.full_like(m, max_db)).clamp(max=max_db)
+    return torch.where(torch.isnan(m), m, out)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -339,25 +341,34 @@ def kernel_inception_distance(feats_a, feats_b, subsets: int = 100, subset_size:
     return {"mean": float(values.mean()), "std": float(values.std()), "subsets": subsets, "subset_size": m}
 
 
-def _centred_interval(estimate: float, boot, lo: float, hi: float) -> list[float]:
+def _centred_interval(estimate: float, boot, lo: float, hi: float, floor: float | None = 0.0) -> list[float]:
     """The bootstrap spread around ``estimate``: FID of a resample (duplicated images, less diversity) is
-    biased upwards, so its percentiles are shifted by the bootstrap median's offset from the estimate."""
+    biased upwards, so its percentiles are shifted by the bootstrap median's offset from the estimate
+    (clipped at ``floor``; None: not clipped)."""
     q_lo, q_mid, q_hi = np.quantile(boot, [lo, 0.5, hi])
-    return [float(max(0.0, estimate - (q_mid - q_lo))), float(estimate + (q_hi - q_mid))]
+    low = estimate - (q_mid - q_lo)
+    return [float(low if floor is None else max(floor, low)), float(estimate + (q_hi - q_mid))]
 
 
 def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: float = 0.95, resamples: int = 200,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, kid_estimate: float | None = None) -> dict:
     """Bootstrap intervals of FID and KID over the **generated** images (the reference set is held fixed:
     the question is how much the number would move with other seeds of the same sampler).
 
-    Each resample draws the generated features with replacement. FID is recomputed from the resample's
-    mean and covariance and its interval is the bootstrap spread centred on the estimate (a resample's
-    FID is biased upwards: duplicated images look less diverse; cheap at D = 128; ``resamples`` is capped at 50 above D = 512, where every
-    matrix square root costs seconds). KID is the unbiased MMD^2 of the whole resample against the whole
-    reference set, with pairs of the *same* drawn image left out of the within-set mean (duplicates
-    would bias it upwards). Returns ``fid_ci`` (None when ``fid`` is False: below its floor) and
-    ``kid_ci`` as ``[low, high]``, the KID estimate on the whole sets (``kid_whole``) and ``resamples``.
+    Each resample draws the generated features with replacement.
+
+    - FID is recomputed from the resample's mean and covariance; its interval is the bootstrap spread
+      centred on the estimate (a resample's FID is biased upwards: duplicated images look less
+      diverse). A resample holds about 63 % distinct images, so below 2 (D + 1) images its covariance
+      is singular and its FID leans on ``eps``: no FID interval there. ``resamples`` is capped at 50
+      above D = 512, where every matrix square root costs seconds.
+    - KID is the unbiased MMD^2 of the whole resample against the whole reference set, with pairs of
+      the *same* drawn image left out of the within-set mean (duplicates would bias it upwards); its
+      interval is that spread centred on ``kid_estimate`` (the KID reported beside it, the mean over
+      subsets), else on the whole-set value.
+
+    Returns ``fid_ci`` (None when ``fid`` is False or below 2 (D + 1) images) and ``kid_ci`` as
+    ``[low, high]``, the KID on the whole sets (``kid_whole``), ``resamples`` and ``confidence``.
     """
     a, b = _as_features(feats, "distribution_intervals"), _as_features(ref_feats, "distribution_intervals")
     n, m, d = len(a), len(b), a.shape[1]
@@ -374,6 +385,7 @@ def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: fl
         distinct = idx[:, None] != idx[None, :]
         return float(sub[distinct].mean() + bb - 2 * kab_rows[idx].mean())
 
+    fid = fid and n >= 2 * (d + 1)
     mu_b, cov_b = feature_statistics(b) if fid else (None, None)
     kids, fids = [], []
     for _ in range(resamples):
@@ -386,8 +398,9 @@ def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: fl
             fids.append(frechet_distance_from_statistics(x.mean(axis=0), np.cov(x, rowvar=False), mu_b, cov_b))
     lo, hi = 0.5 - confidence / 2, 0.5 + confidence / 2
     kid_whole = kid_of(np.arange(n))
+    centre = kid_whole if kid_estimate is None else kid_estimate
     return {"kid_whole": kid_whole,
-            "kid_ci": [float(v) for v in np.quantile(kids, [lo, hi])] if len(kids) > 1 else [None, None],
+            "kid_ci": _centred_interval(centre, kids, lo, hi, floor=None) if len(kids) > 1 else [None, None],
             "fid_ci": _centred_interval(frechet_distance(a, b), fids, lo, hi) if fid and len(fids) > 1 else None,
             "resamples": len(kids), "confidence": confidence}
 
@@ -435,7 +448,8 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
     reason = fid_floor_reason(len(feats), len(ref_feats), dim)
     fid = None if reason is not None else frechet_distance(feats, ref_feats)
     ci = (distribution_intervals(feats, ref_feats, fid=fid is not None, confidence=confidence, resamples=resamples,
-                                 seed=seed) if len(feats) >= 3 and len(ref_feats) >= 2 else {"fid_ci": None, "kid_ci": None})
+                                 seed=seed, kid_estimate=kid["mean"])
+          if len(feats) >= 3 and len(ref_feats) >= 2 else {"fid_ci": None, "kid_ci": None})
     return {"fid": fid, "fid_ci": ci["fid_ci"], "kid_ci": ci["kid_ci"], "ci_resamples": ci.get("resamples"),
             "fid_reason": reason, "fid_min_images": fid_min_images(dim),
             "kid_mean": kid["mean"], "kid_std": kid["std"],

@@ -332,6 +332,38 @@ def paired_difference(a, b, confidence: float = 0.95, resamples: int = 2000, see
     return PairedTest(interval, min(1.0, p), how)
 
 
+def paired_proportion_difference(a_hits, b_hits, confidence: float = 0.95) -> Interval:
+    """Interval of p_a - p_b for two 0/1 outcomes on the same samples (e.g. classed right by the cached
+    and by the full-compute image of each seed): Newcombe's hybrid score interval for paired
+    proportions (Newcombe 1998, method 10), built from the Wilson intervals of both shares and their
+    correlation. Unlike a bootstrap of the per-sample differences it does not shrink to [0, 0] when no
+    sample changed: with n samples that all agree it still allows a change of about a Wilson width,
+    so "no drop" needs enough samples to be claimed.
+
+    >>> iv = paired_proportion_difference([1] * 6, [1] * 6)
+    >>> round(iv.low, 2), iv.high
+    (-0.39, 0.39)
+    """
+    _check_confidence(confidence)
+    a, _ = _samples(a_hits, "a_hits")
+    b, _ = _samples(b_hits, "b_hits")
+    if a.size != b.size:
+        raise ValueError(f"a_hits and b_hits must hold one 0/1 outcome per shared sample; got {a.size} and {b.size}")
+    if not (np.isin(a, (0, 1)).all() and np.isin(b, (0, 1)).all()):
+        raise ValueError("a_hits and b_hits must be 0/1 outcomes (1 = success)")
+    n = int(a.size)
+    both, only_a = int(np.sum((a == 1) & (b == 1))), int(np.sum((a == 1) & (b == 0)))
+    only_b, neither = int(np.sum((a == 0) & (b == 1))), int(np.sum((a == 0) & (b == 0)))
+    wa, wb = wilson_interval(both + only_a, n, confidence), wilson_interval(both + only_b, n, confidence)
+    pa, pb = wa.estimate, wb.estimate
+    den = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
+    d = pa - pb
+    lower = math.sqrt(max(0.0, (pa - wa.low) ** 2 - 2 * phi * (pa - wa.low) * (wb.high - pb) + (wb.high - pb) ** 2))
+    upper = math.sqrt(max(0.0, (wa.high - pa) ** 2 - 2 * phi * (wa.high - pa) * (pb - wb.low) + (pb - wb.low) ** 2))
+    return Interval(d, max(-1.0, d - lower), min(1.0, d + upper), n, confidence, "Newcombe paired score (method 10)")
+
+
 def is_tie(a, b, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> bool:
     """True when a and b (paired, same samples) cannot be told apart (see ``PairedTest.distinguishable``)."""
     return not paired_difference(a, b, confidence, resamples, seed).distinguishable

@@ -644,7 +644,10 @@ class SweepSummary:
                   report=report, labels=copy.deepcopy(dict(labels)) if labels is not None else None,
                   figures=figures, noise_floor=copy.deepcopy(dict(floor)) if floor is not None else None,
                   resolution=tuple(copy.deepcopy(dict(r)) for r in resolution or ()),
-                  extra=copy.deepcopy(p.finish(extra_ok=True)))
+                  extra=copy.deepcopy(p.finish(extra_ok=True)),
+                  # the layout it was read as: written back, an older summary keeps its number (and is read
+                  # leniently again), so it is never passed off as a complete summary of this layout
+                  version=version if version is not None else 1)
         if complete and dict(headline) != out.headline:
             derived = out.headline
             bad = sorted(k for k in set(headline) | set(derived) if headline.get(k, "?") != derived.get(k, "?"))

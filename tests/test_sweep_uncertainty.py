@@ -173,20 +173,20 @@ def test_a_version_1_summary_reads_its_winner_as_the_untested_leader():
 
 
 @pytest.mark.parametrize("cached, verdict", [
-    ([1] * 20, HOLDS),                           # no image changed class: no drop at all
+    ([1] * 80, HOLDS),                           # 80 images, none changed class: a drop over 5 points is ruled out
+    ([1] * 20, WITHIN_NOISE),                    # 20 images, none changed: too few to rule out a 5-point drop
     ([1] * 12 + [0] * 8, DOES_NOT_HOLD),         # 8 of 20 lost: a drop of 40 points, clearly over 5
     ([1] * 18 + [0] * 2, WITHIN_NOISE),          # 2 of 20 lost: could be 0, could be more than 5 points
 ])
 def test_inhouse_class_consistency_verdict_uses_the_paired_interval(cached, verdict):
-    from tclab.stats import paired_difference
+    from tclab.stats import paired_proportion_difference
 
-    full = np.ones(20)
-    change = paired_difference(np.asarray(cached, float), full)
-    h = {"class_consistency_full": 1.0, "class_consistency_cached": float(np.mean(cached)), "class_consistency_n": 20,
-         "class_consistency_change": change.difference.estimate,
-         "class_consistency_change_ci_low": change.difference.low if np.isfinite(change.difference.low) else 0.0,
-         "class_consistency_change_ci_high": change.difference.high if np.isfinite(change.difference.high) else 0.0,
-         "images_needed_for_5_points": 100}
+    full = np.ones(len(cached))
+    change = paired_proportion_difference(np.asarray(cached, float), full)
+    h = {"class_consistency_full": 1.0, "class_consistency_cached": float(np.mean(cached)),
+         "class_consistency_n": len(cached), "class_consistency_change": change.estimate,
+         "class_consistency_change_ci_low": change.low, "class_consistency_change_ci_high": change.high,
+         "images_needed_for_5_points": 73}
     summary = {"headline": {"usable_images": 20, "bad_images": 0, "mapped_folders": 2, "recommendation": "x",
                             "recommendation_source": "given", "flop_ratio": 0.4, "budget_flop_ratio": 0.5,
                             "within_budget": True, "time_ratio": 0.5, "time_within_noise": False, "psnr": 30.0,
@@ -204,3 +204,62 @@ def test_a_summary_with_nothing_within_the_budget_still_has_its_headline():
     assert h["best_under_budget"] is None and h["best_tied_with"] is None and h["best_psnr_ci_low"] is None
     assert h["leader_at_2x_flops"] == "a" and list(h).index("psnr_at_2x_ci_low") > list(h).index("failed_points")
     assert SweepSummary.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_pareto_ties_are_tested_from_the_last_real_step_not_the_previous_tie():
+    # three front points 0.3 dB apart: each step alone is noise, but two steps add up to a real gain
+    rng = np.random.default_rng(3)
+    base = 25 + rng.normal(0, 2.0, N)
+    samples = {A.FULL_COMPUTE: {"psnr": np.full(N, 100.0)}}
+    for i, name in enumerate(("p1", "p2", "p3")):
+        wobble = rng.normal(0, 0.6, N)
+        samples[name] = {"psnr": base + 0.3 * i + wobble - wobble.mean()}
+    frame = pd.DataFrame([_row(A.FULL_COMPUTE, A.FULL_COMPUTE, "reference", 1.0, 1.0, 100.0)]
+                         + [_row(n, "x", "ablation", c, c, samples[n]["psnr"].mean())
+                            for n, c in (("p1", 0.3), ("p2", 0.4), ("p3", 0.5))])
+    res = A.SweepResult(frame, {}, torch.zeros(N), A.SweepSettings(), [], samples=samples)
+    comparer = A._frame_and_comparer(res)[1]
+    assert not comparer.test("p2", "p1", "psnr").distinguishable and comparer.test("p3", "p1", "psnr").distinguishable
+    assert not comparer.test("p3", "p2", "psnr").distinguishable    # tested step by step, both would be ties
+    assert A.pareto_ties(res) == {"p2": "p1"}          # p3 is a real gain over p1, the last real step
+
+
+def test_the_paired_tests_use_the_runs_seed():
+    res = planted_sweep(gap=0.0)
+    a = A._frame_and_comparer(res)[1]
+    b = A._frame_and_comparer(A.SweepResult(res.frame, {}, res.labels, A.SweepSettings(seed=7), [],
+                                            samples=res.samples))[1]
+    assert a.seed == 0 and b.seed == 7 and b.resamples == 2000
+    assert a.test("a 1", "b 1", "psnr").difference.low != b.test("a 1", "b 1", "psnr").difference.low
+
+
+def test_one_curve_without_per_sample_values_is_not_named_the_winner():
+    res = planted_sweep(gap=1.0)
+    only = res.frame[res.frame["name"].isin([A.FULL_COMPUTE, "a 1"])].reset_index(drop=True)
+    with_values = A.headline(A.SweepResult(only, {}, res.labels, res.settings, [], samples=res.samples), (2,))["at_2x"]
+    assert with_values["winner"] == "a" and with_values["tested"] is True    # alone, and its values are there
+    without = A.headline(A.SweepResult(only, {}, res.labels, res.settings, [], samples={}), (2,))["at_2x"]
+    assert without["leader"] == "a" and without["winner"] is None and without["tested"] is False
+    report = A.sweep_report(A.summarise_sweep(A.SweepResult(only, {}, res.labels, res.settings, [], samples={}),
+                                              0.5, (2,)), (2,))
+    shown = {k.key: k.value for k in report.key_numbers}
+    assert shown["winner_at_2x_flops"] == "not tested"                       # not "none (tied)": nothing is tied
+    tied = A.sweep_report(A.summarise_sweep(planted_sweep(gap=0.0), 0.5, (2,)), (2,))
+    assert {k.key: k.value for k in tied.key_numbers}["winner_at_2x_flops"] == "none (tied)"
+
+
+def test_paired_proportions_do_not_claim_no_change_from_a_few_agreeing_samples():
+    from tclab.stats import paired_proportion_difference
+
+    widths = [paired_proportion_difference([1] * n, [1] * n).low for n in (6, 20, 80)]
+    assert widths[0] < widths[1] < widths[2] < 0 and widths[2] > -0.05 > widths[1]
+    rng = np.random.default_rng(0)
+    covered, trials = 0, 400
+    for _ in range(trials):   # coverage of the true change (0.72 + 0.01 - 0.8 = -0.07) at n = 40
+        full = rng.random(40) < 0.8
+        cached = np.where(full, rng.random(40) >= 0.1, rng.random(40) < 0.05)
+        iv = paired_proportion_difference(cached.astype(float), full.astype(float))
+        covered += iv.low <= -0.07 <= iv.high
+    assert 0.9 <= covered / trials <= 0.99
+    with pytest.raises(ValueError, match="0/1"):
+        paired_proportion_difference([0.5, 1], [1, 1])
