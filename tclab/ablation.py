@@ -408,6 +408,8 @@ def load_sweep(run_dir, first: int | None = None) -> SweepResult:
                 frame.loc[at, k] = v
     labels = torch.zeros(settings.quality_samples, dtype=torch.long)
     floor = timing_noise_floor(timings, settings.confidence)
+    if "time_within_noise" in frame:   # judged again, by this tclab's noise floor (the timings are the same)
+        add_timing_columns(frame, floor)
     return SweepResult(frame=frame, images={}, labels=labels, settings=settings, variants=[], samples=samples,
                        timings=timings, noise_floor=floor)
 
@@ -455,14 +457,25 @@ def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.T
 
 
 def full_vs_full_ratios(timings: Mapping[str, Mapping[str, Sequence[float]]]) -> list[float]:
-    """The time ratios of full compute against itself that a sweep measured: full compute's own row,
-    timed by the same protocol as every variant (its "variant" is full compute again), one ratio per
-    pair (``SweepSettings.noise_pairs`` of them). Single-pair ratios, so the floor they give is wider
-    than the scatter of a median over ``timing_repeats`` pairs: a cautious floor."""
-    t = timings.get(FULL_COMPUTE)
-    if t is None:
-        return []
-    return [v / f for f, v in zip(t["full"], t["variant"]) if f > 0]
+    """The time ratios of full compute against itself that a sweep measured alongside its variants,
+    all timed by the same protocol as every variant:
+
+    - full compute's own row, whose "variant" is full compute again: one ratio per pair
+      (``SweepSettings.noise_pairs`` of them, at the start of the sweep);
+    - for every other variant, each full-compute run of its pairs over the one before (round i + 1 over
+      round i): full against full, a variant run apart, all through the sweep, so a noisy stretch at
+      the start (the machine warming up, another job starting) does not decide the floor alone.
+
+    Single-run ratios, so the floor they give is wider than the scatter of a median over
+    ``timing_repeats`` pairs: a cautious floor."""
+    out = []
+    for name, t in timings.items():
+        full, var = list(t["full"]), list(t["variant"])
+        if name == FULL_COMPUTE:
+            out += [v / f for f, v in zip(full, var) if f > 0]
+        else:
+            out += [b / a for a, b in zip(full, full[1:]) if a > 0]
+    return out
 
 
 def timing_noise_floor(timings: Mapping[str, Mapping[str, Sequence[float]]], confidence: float = 0.95) -> Interval | None:
@@ -1047,7 +1060,7 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
     # a hand-made frame may lack columns a sweep always has (ssim, ...): read as absent, written as null
     views = {key: CostView.from_dict(headline(result, reductions, budget, cost, "psnr"), key, cost, complete=False)
              for key, cost in (("flops", "flop_ratio"), ("wall_clock", "time_ratio"))}
-    resolution = samples_needed_table(result)
+    resolution = samples_needed_table(result, reductions=reductions)
     summary = SweepSummary(
         **views,
         settings=SweepSettingsRecord.from_dict(asdict(result.settings)),
@@ -1063,36 +1076,44 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
 RESOLVE = {"psnr": 0.5, "class_consistency": 0.05}
 
 
-def samples_needed_table(result: SweepResult, differences: Mapping[str, float] = RESOLVE, power: float = 0.8):
+def samples_needed_table(result: SweepResult, differences: Mapping[str, float] = RESOLVE, power: float = 0.8,
+                         reductions: Sequence[float] = (2, 3)):
     """How many paired samples would resolve each difference in ``differences`` (e.g. 0.5 dB of PSNR),
     from the spread this sweep measured (``tclab.stats.samples_needed``, two-sided at
     ``settings.confidence``, ``power``).
 
-    The spread is that of the per-sample differences between points of the sweep, which is what every
-    comparison the reports make tests: over every pair of ablated points that both ran, the median
-    standard deviation of their per-sample differences (``sd_median``), and the 90th percentile of it
-    (``sd_p90``: the harder comparisons). Returns a frame ``metric, difference, samples, pairs, sd_median,
-    needed_median, sd_p90, needed_p90, resolves``: ``samples`` is what this sweep had, ``resolves``
-    whether that is enough for the median pair.
+    The spread is that of the per-sample differences in the comparisons the report makes: at each of
+    ``reductions``, the leading curve's point against every other curve's best point
+    (:func:`compare_at_reductions`); where no reduction has two curves, every pair of ablated points.
+    Returns a frame ``metric, difference, samples, pairs, sd_median, needed_median, sd_p90, needed_p90,
+    resolves``: the median spread over those pairs and its 90th percentile (the harder comparisons),
+    the samples each needs, what this sweep had (``samples``), and whether that is enough for the
+    median pair (``resolves``).
     """
     import pandas as pd
 
     frame = result.frame
-    names = frame[(frame["family"] == "ablation") & (frame["error"].fillna("") == "")]["name"].tolist()
+    comp = compare_at_reductions(result, reductions)
+    pairs = []
+    for _, sub in comp[comp["rank"].notna()].groupby("reduction"):
+        names = sub["name"].tolist()
+        pairs += [(names[0], other) for other in names[1:]]
+    if not pairs:
+        names = frame[(frame["family"] == "ablation") & (frame["error"].fillna("") == "")]["name"].tolist()
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     rows = []
     for metric, diff in differences.items():
         key = "class_hit" if metric == "class_consistency" else metric
         sds, n = [], 0
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                x, y = result.samples.get(a, {}).get(key), result.samples.get(b, {}).get(key)
-                if x is None or y is None:
-                    continue
-                d = np.asarray(x, float) - np.asarray(y, float)
-                d = d[~np.isnan(d)]
-                if d.size >= 2:
-                    sds.append(float(d.std(ddof=1)))
-                    n = max(n, int(d.size))
+        for a, b in dict.fromkeys(pairs):
+            x, y = result.samples.get(a, {}).get(key), result.samples.get(b, {}).get(key)
+            if x is None or y is None:
+                continue
+            d = np.asarray(x, float) - np.asarray(y, float)
+            d = d[~np.isnan(d)]
+            if d.size >= 2:
+                sds.append(float(d.std(ddof=1)))
+                n = max(n, int(d.size))
         row = {"metric": metric, "difference": float(diff), "samples": n, "pairs": len(sds)}
         if sds:
             med, p90 = float(np.median(sds)), float(np.quantile(sds, 0.9))
@@ -1115,7 +1136,7 @@ def describe_resolution(table) -> str:
             lines.append(f"{r['metric']}: not measured, so no estimate of the samples a {size} difference needs.")
             continue
         lines.append(f"{r['metric']}: resolving a {size} difference between two points needs about "
-                     f"{int(r['needed_median'])} paired samples for a typical pair of points (median spread "
+                     f"{int(r['needed_median'])} paired samples for a typical comparison this report makes (median spread "
                      f"{r['sd_median']:.3g}) and {int(r['needed_p90'])} for the harder ones (90th percentile); this "
                      f"sweep had {int(r['samples'])}: " + ("enough." if r["resolves"] else
                                                             "too few, so differences of that size here are within noise."))
@@ -1262,7 +1283,7 @@ def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence
             enough = bool(row.get("resolves"))
             findings.append(Finding(
                 f"Resolving {row['difference']:g} dB between two points takes about {int(row['needed_median'])} paired "
-                f"samples (median spread of the per-sample differences); this sweep had {row['samples']}.",
+                f"samples (the median spread of the comparisons above); this sweep had {row['samples']}.",
                 HOLDS if enough else DOES_NOT_HOLD,
                 f"the sweep has enough samples to tell apart points {row['difference']:g} dB apart (80% power)",
                 "the sweep"))
@@ -1393,7 +1414,7 @@ class AblationStudy:
             print(f"Timing noise floor: full compute against itself over {floor.n} pair(s) of {st.timing_batch} "
                   f"image(s): time ratios between {floor.low:.3f} and {floor.high:.3f} are not a speed-up or "
                   "slow-down ('within noise' in the table).")
-        table = samples_needed_table(self.result)
+        table = samples_needed_table(self.result, reductions=self.summary.reductions if self.summary else (2, 3))
         print(describe_resolution(table))
         return table
 

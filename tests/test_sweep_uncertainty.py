@@ -133,7 +133,9 @@ def test_a_real_sweep_flags_full_compute_against_itself(tmp_path):
     res = A.run_sweep(model, A.reference_variants(4, fora_intervals=[2], fewer_steps=[2], peers=[]), st, progress=False)
     f = res.frame.set_index("name")
     assert len(res.timings[A.FULL_COMPUTE]["full"]) == 4 and len(res.timings["FORA (interval 2)"]["full"]) == 2
-    assert res.noise_floor is not None and res.noise_floor.n == 4
+    # the floor: full compute's 4 own pairs, and each later variant's second full run over its first
+    assert res.noise_floor is not None and res.noise_floor.n == 4 + 2
+    assert len(A.full_vs_full_ratios(res.timings)) == 6
     assert f.loc[A.FULL_COMPUTE, "time_within_noise"] == True                 # noqa: E712  (identical pair)
     assert (f["psnr_n"] == 4).all() and (f["psnr_ci_low"] <= f["psnr"]).all() and (f["psnr"] <= f["psnr_ci_high"]).all()
     assert set(res.samples) == set(f.index) and res.samples["fewer steps (2)"]["psnr"].shape == (4,)
@@ -141,7 +143,7 @@ def test_a_real_sweep_flags_full_compute_against_itself(tmp_path):
     assert shown.loc["fewer steps (2)", "psnr"].count("[") == 1 and shown.loc[A.FULL_COMPUTE, "time_noise"] == "within noise"
     summary = A.summarise_sweep(res, 0.6, (1.5,))
     d = summary.to_dict()
-    assert d["noise_floor"]["time_ratio_n"] == 4 and len(d["noise_floor"]["time_ratio_ci"]) == 2
+    assert d["noise_floor"]["time_ratio_n"] == 6 and len(d["noise_floor"]["time_ratio_ci"]) == 2
     point = next(p for p in d["points"] if p["name"] == "fewer steps (2)")
     assert point["psnr_n"] == 4 and len(point["psnr_ci"]) == 2 and "psnr_ci_low" not in point
     assert SweepSummary.from_dict(json.loads(json.dumps(d))) == summary
