@@ -89,7 +89,8 @@ def test_smoke_preset_equals_the_notebook_defaults():
 
 def test_full_preset_is_the_full_setting():
     full = runs.load_parameters(ROOT / "notebooks" / "params" / "05_full.yaml")
-    assert (full["num_steps"], full["timing_batch"], full["timing_repeats"]) == (50, 4, 2)
+    assert (full["num_steps"], full["timing_batch"], full["timing_repeats"]) == (50, 4, 3)
+    assert (full["confidence"], full["noise_pairs"]) == (0.95, 6)   # the time ratio has an interval, and a floor
     assert 24 <= full["num_images"] <= 48
 
 
