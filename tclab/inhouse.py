@@ -908,7 +908,7 @@ def inhouse_report(summary: Mapping[str, Any]):
             else:
                 verdict = WITHIN_NOISE
                 need = h.get("images_needed_for_5_points")
-                text += (f": the interval holds both a drop of more than {tol:.0%} and none"
+                text += (f": the interval holds both a drop of more than {tol * 100:.0f} points and none"
                          + (f"; about {need} images would settle whether it loses more than {tol * 100:.0f} points"
                             if need else ""))
         else:   # no paired values (an older summary): the point estimates
