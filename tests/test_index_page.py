@@ -37,7 +37,8 @@ def key_numbers(psnr: float, flop_ratio: float, speedup: float) -> dict:
     return {"key_numbers": [  # listed in another order than index_keys, with one the index must not show
         {"key": "speedup", "label": "speed-up", "value": speedup, "unit": "x"},
         {"key": "points", "label": "points measured", "value": 12, "unit": ""},
-        {"key": "psnr", "label": "PSNR vs full compute", "value": psnr, "unit": "dB"},
+        {"key": "psnr", "label": "PSNR vs full compute", "value": psnr, "unit": "dB",
+         "note": f"95% CI {psnr - 1:.1f} to {psnr + 1:.1f} dB, N = 48"},
         {"key": "flop_ratio", "label": "FLOP ratio", "value": flop_ratio, "unit": ""},
     ], "index_keys": ["psnr", "flop_ratio", "speedup"]}
 
@@ -211,6 +212,7 @@ def test_headline_figures_follow_index_keys_in_order_with_units_and_rounding(sit
         ["psnr", "flop_ratio", "speedup"]
     titles = site.rows[site.second.name]["headline figures"]["titles"]
     assert "was 30.9\u2009dB in the previous good run (2026-01-10 09:00:00)" in titles
+    assert "95% CI 30.5 to 32.5 dB, N = 48" in titles            # a figure's interval, on hover
     # the first run of the job has nothing to compare with
     assert figure_lines(site.rows[site.first.name]["headline figures"]) == [
         "PSNR vs full compute: 30.9\u2009dB", "FLOP ratio: 0.50", "speed-up: 1.90\u00d7", FIRST]

@@ -112,8 +112,8 @@ def _key_figures(summary: dict[str, Any], headline: dict[str, Any]) -> list[KeyN
     chosen = ([by_key[k] for k in keys if isinstance(k, str) and k in by_key] if isinstance(keys, list) and keys
               else list(by_key.values()))   # no index_keys (or none given): the first key numbers
     if chosen:
-        return [KeyNumber(n["key"], _text(n.get("label")) or n["key"], n.get("value"), _text(n.get("unit")) or "")
-                for n in chosen[:INDEX_FIGURES]]
+        return [KeyNumber(n["key"], _text(n.get("label")) or n["key"], n.get("value"), _text(n.get("unit")) or "",
+                          _text(n.get("note")) or "") for n in chosen[:INDEX_FIGURES]]
     return [KeyNumber(str(k), str(k), v) for k, v in headline.items()
             if isinstance(v, (int, float, str, bool))][:INDEX_FIGURES]
 
@@ -365,7 +365,8 @@ def _figures_html(run: RunInfo, prev: RunInfo | None) -> str:
     for f in run.figures:
         text = format_number(f.value, f.unit, f.key)
         shown = _clip(text, 40)
-        value = f'<b title="{e(text)}">{e(shown)}</b>' if shown != text else f"<b>{e(text)}</b>"
+        tip = "; ".join(t for t in (text if shown != text else "", f.note) if t)   # the full value, its interval
+        value = f'<b title="{e(tip)}">{e(shown)}</b>' if tip else f"<b>{e(text)}</b>"
         unit = e(unit_suffix(f.unit)) if text != "-" and not isinstance(f.value, (bool, str)) else ""
         delta = ""
         if prev is not None and (f.key in prev.headline or any(p.key == f.key for p in prev.figures)):
