@@ -398,14 +398,8 @@ def load_sweep(run_dir, first: int | None = None) -> SweepResult:
         for col in [c for c in frame.columns if c.split("_")[0] in ("fid", "kid")]:
             frame[col] = np.nan if frame[col].dtype.kind == "f" else ""
         for name, per in samples.items():
-            at = frame["name"] == name
-            for m in ("psnr", "ssim", "mse", "lpips"):
-                if m in per:
-                    frame.loc[at, m] = float(per[m].mean())
-            if "class_hit" in per:
-                frame.loc[at, "class_consistency"] = float(np.nanmean(per["class_hit"]))
-            for k, v in quality_intervals(per, settings).items():
-                frame.loc[at, k] = v
+            for k, v in quality_columns(per, settings).items():
+                frame.loc[frame["name"] == name, k] = v
     labels = torch.zeros(settings.quality_samples, dtype=torch.long)
     floor = timing_noise_floor(timings, settings.confidence)
     if "time_within_noise" in frame:   # judged again, by this tclab's noise floor (the timings are the same)
@@ -489,19 +483,22 @@ def _ci_columns(name: str, interval: Interval) -> dict:
     return {f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high, f"{name}_n": interval.n}
 
 
-def quality_intervals(per_sample: Mapping[str, np.ndarray], settings: SweepSettings) -> dict:
-    """The interval columns of one sweep row from its per-sample values: ``<m>_ci_low``, ``<m>_ci_high``,
-    ``<m>_n`` for the mean of each of psnr / ssim / mse / lpips (seeded percentile bootstrap over the
-    samples) and for class-consistency (Wilson interval over the samples of known classes)."""
+def quality_columns(per_sample: Mapping[str, np.ndarray], settings: SweepSettings) -> dict:
+    """The quality columns of one sweep row from its per-sample values: the mean of each of psnr / ssim /
+    mse / lpips with ``<m>_ci_low``, ``<m>_ci_high``, ``<m>_n`` (seeded percentile bootstrap over the
+    samples), and class-consistency, the share of ``class_hit`` over the samples of known classes, with
+    its Wilson interval."""
     out = {}
     for m in ("psnr", "ssim", "mse", "lpips"):
         if m in per_sample:
+            out[m] = float(np.mean(per_sample[m]))
             out.update(_ci_columns(m, bootstrap_ci(per_sample[m], confidence=settings.confidence,
                                                    resamples=settings.resamples, seed=settings.seed)))
     hit = per_sample.get("class_hit")
     if hit is not None:
         known = hit[~np.isnan(hit)]
         if known.size:
+            out["class_consistency"] = float(known.mean())
             out.update(_ci_columns("class_consistency",
                                    wilson_interval(int(known.sum()), int(known.size), settings.confidence)))
     return out
@@ -606,11 +603,7 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
                 hit = np.full(len(labels), np.nan)
                 hit[known.numpy()] = (classifier.predict_ids(imgs[known]) == labels[known]).float().numpy()
                 per["class_hit"] = hit
-                row["class_consistency"] = float(np.nanmean(hit))
-            for m in ("psnr", "ssim", "mse", "lpips"):
-                if m in per:
-                    row[m] = float(per[m].mean())
-            row.update(quality_intervals(per, settings))
+            row.update(quality_columns(per, settings))
             samples[v.name] = per
             if extractor is not None:
                 dq = distribution_quality(imgs, ref_feats, extractor, kid_subset_size=min(1000, len(imgs)),
@@ -1092,7 +1085,7 @@ def samples_needed_table(result: SweepResult, differences: Mapping[str, float] =
     """
     import pandas as pd
 
-    frame = result.frame
+    frame, comparer = _frame_and_comparer(result)
     comp = compare_at_reductions(result, reductions)
     pairs = []
     for _, sub in comp[comp["rank"].notna()].groupby("reduction"):
@@ -1103,13 +1096,12 @@ def samples_needed_table(result: SweepResult, differences: Mapping[str, float] =
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     rows = []
     for metric, diff in differences.items():
-        key = "class_hit" if metric == "class_consistency" else metric
         sds, n = [], 0
         for a, b in dict.fromkeys(pairs):
-            x, y = result.samples.get(a, {}).get(key), result.samples.get(b, {}).get(key)
+            x, y = comparer.values(a, metric), comparer.values(b, metric)
             if x is None or y is None:
                 continue
-            d = np.asarray(x, float) - np.asarray(y, float)
+            d = x - y
             d = d[~np.isnan(d)]
             if d.size >= 2:
                 sds.append(float(d.std(ddof=1)))
@@ -1153,8 +1145,9 @@ def _db(v) -> str:
     return "-" if v is None else f"{format_number(v, 'dB')} dB"
 
 
-def _span(ci, unit: str = "dB") -> str:
-    """" [24.1, 25.8]": an interval after its number, or "" when there is none."""
+def interval_text(ci, unit: str = "dB") -> str:
+    """" [24.1, 25.8]": an interval after its number in a finding's text (``unit`` "dB", "%" or "x"), or ""
+    when there is none. The ablation and the in-house reports both write their intervals with it."""
     if ci is None or ci[0] is None or ci[1] is None:
         return ""
     if unit == "%":
@@ -1172,10 +1165,10 @@ def _leader_finding(d, r: float, n: int | None) -> Finding:
     """Does TokenCache's own choice lead at ``r``x, and is the lead real (paired test on the shared seeds)?"""
     within = f"at most 1/{r:g} of full compute's FLOPs"
     cc = d.class_consistency
-    text = (f"The best ablated variant is {d.leader} ({d.point}: {_db(d.psnr)}{_span(d.psnr_ci)}"
-            + (f", class-consistency {cc:.0%}{_span(d.class_consistency_ci, '%')}" if cc is not None else "") + ")")
+    text = (f"The best ablated variant is {d.leader} ({d.point}: {_db(d.psnr)}{interval_text(d.psnr_ci)}"
+            + (f", class-consistency {cc:.0%}{interval_text(d.class_consistency_ci, '%')}" if cc is not None else "") + ")")
     if d.runner_up and d.psnr_margin is not None:
-        text += f", {d.psnr_margin:.2f} dB{_span(d.psnr_margin_ci)} ahead of {d.runner_up}{_p(d.psnr_margin_p)}"
+        text += f", {d.psnr_margin:.2f} dB{interval_text(d.psnr_margin_ci)} ahead of {d.runner_up}{_p(d.psnr_margin_p)}"
     group = (d.leader, *d.tied_with)
     ours = [is_tokencache_curve(c) for c in group]
     if not d.tested:
@@ -1204,10 +1197,10 @@ def _rival_finding(d, r: float) -> Finding:
     beats = d.psnr > ref.psnr
     if ref.margin is not None:
         beats = ref.margin > 0
-        gap = f"{abs(ref.margin):.2f} dB {'above' if beats else 'below'} it (paired margin{_span(ref.margin_ci)}{_p(ref.margin_p)})"
+        gap = f"{abs(ref.margin):.2f} dB {'above' if beats else 'below'} it (paired margin{interval_text(ref.margin_ci)}{_p(ref.margin_p)})"
     else:
         gap = f"{abs(d.psnr - ref.psnr):.1f} dB {'above' if beats else 'below'} it"
-    text = (f"The best rival at the same cost is {ref.name} at {_db(ref.psnr)}{_span(ref.psnr_ci)}: the best ablated "
+    text = (f"The best rival at the same cost is {ref.name} at {_db(ref.psnr)}{interval_text(ref.psnr_ci)}: the best ablated "
             f"variant is {gap}")
     if ref.distinguishable is None:
         return Finding(text + " (not tested: point estimates only).", HOLDS if beats else DOES_NOT_HOLD, criterion,
@@ -1224,26 +1217,26 @@ def _budget_finding(best, budget, floor) -> Finding:
                  "compute against itself, measured in the same sweep)")
     tr = best.time_ratio
     text = (f"The recommended setting is {best.name}: {best.flop_ratio:.2f}x the FLOPs and "
-            + (f"{tr:.2f}x{_span(best.time_ratio_ci, 'x')} the wall-clock of full compute" if tr is not None
-               else "wall-clock not measured") + f", {_db(best.psnr)}{_span(best.psnr_ci)}")
+            + (f"{tr:.2f}x{interval_text(best.time_ratio_ci, 'x')} the wall-clock of full compute" if tr is not None
+               else "wall-clock not measured") + f", {_db(best.psnr)}{interval_text(best.psnr_ci)}")
     if best.tied_with:
         text += f"; tied on PSNR with {', '.join(best.tied_with[:3])}" + (" and more" if len(best.tied_with) > 3 else "")
     if tr is None:
         return Finding(text + ".", NOT_MEASURED, criterion, group)
     if best.time_within_noise:
-        floor_text = _span((floor or {}).get("time_ratio_ci"), "x")
+        floor_text = interval_text((floor or {}).get("time_ratio_ci"), "x")
         return Finding(text + f"; its wall-clock is within noise of full compute's (noise floor{floor_text}).",
                        WITHIN_NOISE, criterion, group)
     return Finding(text + ".", HOLDS if tr < 1 else DOES_NOT_HOLD, criterion, group)
 
 
-def _floor_note(floor: Mapping[str, Any] | None) -> str:
-    """What the noise floor is, for its key number: not an interval of the median beside it."""
-    if not floor or not floor.get("time_ratio_ci") or None in floor["time_ratio_ci"]:
+def noise_floor_note(low: float | None, high: float | None, pairs: int | None = None) -> str:
+    """What the timing noise floor is, for its key number (the ablation and the in-house reports): the
+    spread of the full-vs-full ratios, not an interval of the median beside it. "" without a floor."""
+    if low is None or high is None:
         return ""
-    lo, hi = floor["time_ratio_ci"]
-    return (f"median of {floor.get('time_ratio_n')} full-vs-full pairs; a ratio between {lo:.2f} and {hi:.2f} "
-            "is within noise")
+    return (f"median of {pairs if pairs is not None else 'the'} full-vs-full pairs; a ratio between {low:.2f} and "
+            f"{high:.2f} is within noise")
 
 
 def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence[float] = (2, 3)):
@@ -1296,28 +1289,28 @@ def sweep_report(summary: SweepSummary | Mapping[str, Any], reductions: Sequence
             ("best_psnr", "its PSNR vs full compute", "dB"),
             ("best_class_consistency", "its class-consistency", "%"),
             ("full_compute_class_consistency", "full compute's class-consistency", "%")]
+    no_winner = {}   # a leader but no winner: why, shown where the winner would be
     for r in reductions:
         t = f"{r:g}x"
         spec += [(f"leader_at_{t}_flops", f"best ablated variant at {t} fewer FLOPs", ""),
                  (f"winner_at_{t}_flops", "distinguishable winner there (none: tied)", ""),
                  (f"psnr_at_{t}", "its PSNR", "dB"),
                  (f"psnr_best_reference_at_{t}", f"best rival's PSNR at {t} fewer FLOPs", "dB")]
+        d = summary.flops.at(r)
+        if d is not None and d.leader is not None and d.winner is None:
+            no_winner[f"winner_at_{t}_flops"] = "none (tied)" if d.tied_with else "not tested"
     spec += [("time_noise_floor", "full compute against itself (timing noise floor)", "x"),
              ("points", "points measured", ""), ("failed_points", "points that failed", "")]
-    head = dict(summary.headline)
-    if summary.settings and summary.settings.confidence:
-        conf = summary.settings.confidence
-    else:
-        conf = 0.95
-    numbers = [k for k in key_numbers_from(head, spec, conf) if k.value is not None
-               or k.key.startswith("winner_at_") and head.get(k.key.replace("winner", "leader")) is not None]
-    def no_winner(k):
-        d = summary.flops.at(float(k.key[len("winner_at_"):].split("x_")[0]))
-        return "none (tied)" if d is not None and d.tied_with else "not tested"
-
-    numbers = [replace(k, value=no_winner(k)) if k.key.startswith("winner_at_") and k.value is None else
-               replace(k, note=_floor_note(summary.noise_floor)) if k.key == "time_noise_floor" else k
-               for k in numbers]
+    conf = summary.settings.confidence if summary.settings and summary.settings.confidence else 0.95
+    floor = summary.noise_floor or {}
+    numbers = []
+    for k in key_numbers_from(summary.headline, spec, conf):
+        if k.key in no_winner:
+            k = replace(k, value=no_winner[k.key])
+        elif k.key == "time_noise_floor":
+            k = replace(k, note=noise_floor_note(*(floor.get("time_ratio_ci") or (None, None)), floor.get("time_ratio_n")))
+        if k.value is not None:
+            numbers.append(k)
     index = [k for k in ("best_under_budget", "best_flop_ratio", "best_psnr") if any(n.key == k for n in numbers)]
     index = index or [n.key for n in numbers[:3]]       # nothing within the budget: the first numbers there are
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=index)

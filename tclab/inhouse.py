@@ -43,7 +43,7 @@ import torch
 
 from . import runs
 from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, check_budget,
-                       finite_or_none, run_sweep)
+                       finite_or_none, interval_text, noise_floor_note, run_sweep)
 from .analysis import observation_findings, to_plain
 from .cache import TokenCacheConfig
 from .metrics import FID_FLOOR_RULE
@@ -831,11 +831,10 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
 CLASS_CONSISTENCY_TOLERANCE = 0.05
 
 
-def _span(low, high, fmt: str) -> str:
-    """" [low, high]" for a finding's text, or "" when the interval is unknown."""
-    if low is None or high is None:
-        return ""
-    return f" [{fmt.format(low)}, {fmt.format(high)}]"
+def _ci(h: Mapping[str, Any], key: str, unit: str) -> str:
+    """" [low, high]" of headline figure ``key`` (its ``_ci_low`` / ``_ci_high``), or "" without one."""
+    return interval_text((h.get(f"{key}_ci_low"), h.get(f"{key}_ci_high")), unit)
+
 
 
 def inhouse_report(summary: Mapping[str, Any]):
@@ -869,8 +868,8 @@ def inhouse_report(summary: Mapping[str, Any]):
         group)]
     tr = h.get("time_ratio")
     pairs = ((details.get("measurement") or {}).get("settings") or {}).get("timing_repeats")
-    span = _span(h.get("time_ratio_ci_low"), h.get("time_ratio_ci_high"), "{:.2f}")
-    floor = _span(h.get("time_noise_floor_ci_low"), h.get("time_noise_floor_ci_high"), "{:.2f}")
+    span = _ci(h, "time_ratio", "x")
+    floor = _ci(h, "time_noise_floor", "x")
     if tr is None:
         speed = "Wall-clock was not measured."
     elif h.get("time_within_noise"):
@@ -888,17 +887,14 @@ def inhouse_report(summary: Mapping[str, Any]):
                                                                "(raise timing_repeats)" if pairs and pairs < 3 else "")
            if pairs else "interleaved pairs on this machine"), group))
     full, cached, n = h.get("class_consistency_full"), h.get("class_consistency_cached"), h.get("class_consistency_n")
-    quality = (f"PSNR {h['psnr']:.1f} dB{_span(h.get('psnr_ci_low'), h.get('psnr_ci_high'), '{:.1f}')} against full "
-               f"compute (worst image {h['worst_psnr']:.1f} dB), SSIM {h['ssim']:.2f}")
+    quality = (f"PSNR {h['psnr']:.1f} dB{_ci(h, 'psnr', 'dB')} against full compute (worst image "
+               f"{h['worst_psnr']:.1f} dB), SSIM {h['ssim']:.2f}")
     tol = CLASS_CONSISTENCY_TOLERANCE
     if full is not None and cached is not None:
         lo, hi = h.get("class_consistency_change_ci_low"), h.get("class_consistency_change_ci_high")
         change = h.get("class_consistency_change")
-        text = (f"{quality}; class-consistency {cached:.0%}"
-                f"{_span(h.get('class_consistency_cached_ci_low'), h.get('class_consistency_cached_ci_high'), '{:.0%}')}"
-                f" cached vs {full:.0%}"
-                f"{_span(h.get('class_consistency_full_ci_low'), h.get('class_consistency_full_ci_high'), '{:.0%}')}"
-                f" full compute (N = {n})")
+        text = (f"{quality}; class-consistency {cached:.0%}{_ci(h, 'class_consistency_cached', '%')} cached vs "
+                f"{full:.0%}{_ci(h, 'class_consistency_full', '%')} full compute (N = {n})")
         if change is not None and lo is not None and hi is not None:
             text += f"; paired change {change * 100:+.0f} points [{lo * 100:+.0f}, {hi * 100:+.0f}]"
             if lo >= -tol - 1e-12:
@@ -951,10 +947,9 @@ def inhouse_report(summary: Mapping[str, Any]):
             ("fid_full", "FID, full compute", ""), ("fid_cached", "FID, cached", ""),
             ("usable_images", "usable images", ""), ("images_used", "images measured", "")]
     numbers = [k for k in key_numbers_from(h, spec, h.get("confidence") or 0.95) if k.value is not None]
-    numbers = [dataclasses.replace(k, note=(f"median of the full-vs-full pairs; a ratio between "
-                                            f"{h['time_noise_floor_ci_low']:.2f} and {h['time_noise_floor_ci_high']:.2f} "
-                                            "is within noise")) if k.key == "time_noise_floor" and k.note else k
-               for k in numbers]
+    numbers = [dataclasses.replace(k, note=noise_floor_note(h.get("time_noise_floor_ci_low"),
+                                                            h.get("time_noise_floor_ci_high")))
+               if k.key == "time_noise_floor" else k for k in numbers]
     if h.get("fid_full") is None and h.get("fid_reason"):
         numbers.append(KeyNumber("fid_reason", "FID", h["fid_reason"]))
     return ReportSummary(findings=findings, key_numbers=numbers, index_keys=["recommendation", "flop_ratio", "psnr"])

@@ -351,7 +351,7 @@ def _centred_interval(estimate: float, boot, lo: float, hi: float, floor: float 
 
 
 def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: float = 0.95, resamples: int = 200,
-                           seed: int = 0, kid_estimate: float | None = None) -> dict:
+                           seed: int = 0, kid_estimate: float | None = None, fid_estimate: float | None = None) -> dict:
     """Bootstrap intervals of FID and KID over the **generated** images (the reference set is held fixed:
     the question is how much the number would move with other seeds of the same sampler).
 
@@ -365,7 +365,8 @@ def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: fl
     - KID is the unbiased MMD^2 of the whole resample against the whole reference set, with pairs of
       the *same* drawn image left out of the within-set mean (duplicates would bias it upwards); its
       interval is that spread centred on ``kid_estimate`` (the KID reported beside it, the mean over
-      subsets), else on the whole-set value.
+      subsets), else on the whole-set value; FID's on ``fid_estimate`` when given (it is already known
+      to the caller), else on the whole-set FID computed here.
 
     Returns ``fid_ci`` (None when ``fid`` is False or below 2 (D + 1) images) and ``kid_ci`` as
     ``[low, high]``, the KID on the whole sets (``kid_whole``), ``resamples`` and ``confidence``.
@@ -401,7 +402,8 @@ def distribution_intervals(feats, ref_feats, *, fid: bool = True, confidence: fl
     centre = kid_whole if kid_estimate is None else kid_estimate
     return {"kid_whole": kid_whole,
             "kid_ci": _centred_interval(centre, kids, lo, hi, floor=None) if len(kids) > 1 else [None, None],
-            "fid_ci": _centred_interval(frechet_distance(a, b), fids, lo, hi) if fid and len(fids) > 1 else None,
+            "fid_ci": (_centred_interval(frechet_distance(a, b) if fid_estimate is None else fid_estimate, fids, lo, hi)
+                       if fid and len(fids) > 1 else None),
             "resamples": len(kids), "confidence": confidence}
 
 
@@ -448,7 +450,7 @@ def distribution_quality(images: torch.Tensor, reference_images, extractor, *, k
     reason = fid_floor_reason(len(feats), len(ref_feats), dim)
     fid = None if reason is not None else frechet_distance(feats, ref_feats)
     ci = (distribution_intervals(feats, ref_feats, fid=fid is not None, confidence=confidence, resamples=resamples,
-                                 seed=seed, kid_estimate=kid["mean"])
+                                 seed=seed, kid_estimate=kid["mean"], fid_estimate=fid)
           if len(feats) >= 3 and len(ref_feats) >= 2 else {"fid_ci": None, "kid_ci": None})
     return {"fid": fid, "fid_ci": ci["fid_ci"], "kid_ci": ci["kid_ci"], "ci_resamples": ci.get("resamples"),
             "fid_reason": reason, "fid_min_images": fid_min_images(dim),

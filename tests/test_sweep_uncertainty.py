@@ -46,7 +46,7 @@ def planted_sweep(gap: float, seed: int = 0) -> A.SweepResult:
             _row("FORA", "FORA", "baseline", 0.45, 0.46, samples["FORA"]["psnr"].mean())]
     frame = pd.DataFrame(rows)
     for name, per in samples.items():
-        for k, v in A.quality_intervals(per, A.SweepSettings()).items():
+        for k, v in A.quality_columns(per, A.SweepSettings()).items():
             frame.loc[frame["name"] == name, k] = v
     return A.SweepResult(frame, {}, torch.zeros(N), A.SweepSettings(quality_samples=N), [], samples=samples)
 
