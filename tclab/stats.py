@@ -336,7 +336,7 @@ def paired_proportion_difference(a_hits, b_hits, confidence: float = 0.95) -> In
     """Interval of p_a - p_b for two 0/1 outcomes on the same samples (e.g. classed right by the cached
     and by the full-compute image of each seed): Newcombe's hybrid score interval for paired
     proportions (Newcombe 1998, method 10), built from the Wilson intervals of both shares and their
-    correlation. Unlike a bootstrap of the per-sample differences it does not shrink to [0, 0] when no
+    correlation (with its continuity correction, so agreeing samples do not make the interval vanish). Unlike a bootstrap of the per-sample differences it does not shrink to [0, 0] when no
     sample changed: with n samples that all agree it still allows a change of about a Wilson width,
     so "no drop" needs enough samples to be claimed.
 
@@ -357,7 +357,12 @@ def paired_proportion_difference(a_hits, b_hits, confidence: float = 0.95) -> In
     wa, wb = wilson_interval(both + only_a, n, confidence), wilson_interval(both + only_b, n, confidence)
     pa, pb = wa.estimate, wb.estimate
     den = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
-    phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
+    # the correlation of the two outcomes, with Newcombe's correction ad - bc - n/2 (floored at 0) where it is
+    # positive: uncorrected, samples that all agree (no discordant pair) give phi = 1 and an interval of width 0
+    cross = both * neither - only_a * only_b
+    if cross > 0:
+        cross = max(cross - n / 2, 0.0)
+    phi = cross / math.sqrt(den) if den > 0 else 0.0
     d = pa - pb
     lower = math.sqrt(max(0.0, (pa - wa.low) ** 2 - 2 * phi * (pa - wa.low) * (wb.high - pb) + (wb.high - pb) ** 2))
     upper = math.sqrt(max(0.0, (wa.high - pa) ** 2 - 2 * phi * (wa.high - pa) * (pb - wb.low) + (pb - wb.low) ** 2))

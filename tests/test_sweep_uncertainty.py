@@ -255,6 +255,9 @@ def test_paired_proportions_do_not_claim_no_change_from_a_few_agreeing_samples()
 
     widths = [paired_proportion_difference([1] * n, [1] * n).low for n in (6, 20, 80)]
     assert widths[0] < widths[1] < widths[2] < 0 and widths[2] > -0.05 > widths[1]
+    # half classed right by both, half by neither, none changed: still no claim of "no drop" from 6 images
+    mixed = paired_proportion_difference([1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0])
+    assert mixed.low < -0.2 and mixed.high > 0.2
     rng = np.random.default_rng(0)
     covered, trials = 0, 400
     for _ in range(trials):   # coverage of the true change (0.72 + 0.01 - 0.8 = -0.07) at n = 40
