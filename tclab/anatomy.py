@@ -36,7 +36,7 @@ from diffusers.models.attention_processor import Attention
 
 __all__ = [
     "patch_size", "token_grid", "embed_tokens", "conditioning", "modulation", "modulate", "self_attention",
-    "block_forward", "BlockPlan", "plan_from_counts", "gather_tokens", "to_padded", "from_padded",
+    "block_forward", "BlockPlan", "plan_from_counts", "plan_from_indices", "gather_tokens", "to_padded", "from_padded",
     "block_packed", "compute_block_tokens", "ATTENTION_CHUNK", "attention_received", "output_head",
     "unpatchify", "dit_forward",
 ]
@@ -178,6 +178,18 @@ def plan_from_counts(keep: torch.Tensor, nz: torch.Tensor, counts: torch.Tensor,
             valid = torch.arange(K, device=keep.device)[None] < counts[:, None]  # (B, K)
             plan.key_valid = valid | (counts == 0)[:, None]
     return plan
+
+
+def plan_from_indices(idx: torch.Tensor, num_tokens: int) -> BlockPlan:
+    """Plan of one block in which every row keeps the same number of tokens: ``idx`` (B, k) long, the kept
+    tokens of each row, distinct and ascending within a row. No padding (``pad_flat`` is None, ``K = k``,
+    ``T = B * k``) and no host sync: built from shapes and device arithmetic only, so the static-shape
+    cached steps (``tclab.cache.static``) can build it on the device and ``torch.compile`` can capture it."""
+    B, k = idx.shape
+    rows = torch.arange(B, device=idx.device)  # (B,)
+    keep = torch.zeros(B, num_tokens, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)  # (B, N)
+    flat = (rows[:, None] * num_tokens + idx).reshape(-1)  # (T,) rows ascending, then tokens
+    return BlockPlan(keep=keep, flat=flat, rows=rows.repeat_interleave(k), K=k)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "t
 #: a new module must be placed here (the test says so), which is the moment to decide where it belongs.
 LAYERS = [
     ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
-                "tclab.cache.schedule", "tclab.cache.select", "tclab.stats"]),
+                "tclab.cache.schedule", "tclab.cache.select", "tclab.cache.static", "tclab.cache.forecast",
+                "tclab.stats"]),
     ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data"]),
     ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
     ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",

@@ -18,7 +18,9 @@ from .registry import SCORERS
 from .schedule import SCHEDULES  # the one list of schedules (register_schedule adds to it)
 
 KV_MODES = ("all", "kept")
-REUSE_MODES = ("update", "output")
+REUSE_MODES = ("update", "output", "forecast")
+FORECAST_ORDERS = (1, 2)
+FORECAST_HISTORIES = ("computed", "full")
 SELECTIONS = ("global", "uniform", "adaptive")
 
 
@@ -66,6 +68,21 @@ class TokenCacheConfig:
             What a token that is not computed gets. ``"update"``: ``x_{l+1}[i] = x_l[i] + u_cached[i]``
             (the cached residual rides on the current input). ``"output"``: ``x_{l+1}[i] =
             x_{l+1,cached}[i]`` (the block's last computed output, ignoring the current input).
+            ``"forecast"`` (tclab's, beyond the paper): ``x_{l+1}[i] = x_l[i] + u_hat[i]``, where ``u_hat``
+            extrapolates the token's update to this step from its last computed updates and the steps they
+            were computed at (Newton's divided differences of order ``forecast_order``: TaylorSeer's idea,
+            arXiv 2503.06923, per token rather than per block). A token computed in a cached step refreshes
+            its own history, so every token's forecast starts from its freshest values. A token with fewer
+            than ``forecast_order + 1`` computed values falls back to the lower order it has (order 0 =
+            ``"update"``). Costs ``forecast_order`` more (B, N, C) tensors per block (in ``cache_bytes``).
+        forecast_order (`int`, defaults to `1`): ``reuse="forecast"`` only: 1 = linear extrapolation from
+            the last two computed updates, 2 = quadratic from the last three. Higher order follows curved
+            trajectories but amplifies noise when the history is old; 1 is the safer choice.
+        forecast_history (`str`, defaults to `"computed"`): ``reuse="forecast"`` only: which computed
+            updates enter a token's history. ``"computed"``: every one, those of cached steps too (the
+            freshest values). ``"full"``: only full steps' (TaylorSeer's rule): a token computed in a
+            cached step uses its new update there, but its forecast keeps extrapolating from full steps,
+            whose points are further apart and were computed on the exact path.
         selection (`str`, defaults to `"global"`):
             How the budget is spread over blocks (``tclab.cache.select``). ``"global"`` (v2): top
             ``rho*L*N`` scores over all pairs of the sample. ``"uniform"``: every block keeps its top
@@ -105,6 +122,17 @@ class TokenCacheConfig:
             ending at 0, e.g. DDIM's default ``"leading"`` spacing; a warning says so).
         enabled (`bool`, defaults to `True`): ``False`` leaves the transformer untouched (bit-identical
             outputs): handy to switch caching off from the same config file.
+        static_shapes (`bool`, defaults to `False`): tclab's option (spec section 6, "Static shapes";
+            ``tclab.cache.static``). ``True``: in a cached step every row keeps the *same* number of tokens
+            ``k_l`` in block ``l`` (its own top-``k_l`` by score), fixed for the whole run, so shapes never
+            change between cached steps: no padding, per-block plans built on the device with no host sync,
+            and ``tclab.cache.static.compile_transformer`` can capture a cached step as one graph. With
+            ``selection="uniform"`` this changes nothing but the speed (uniform already keeps equal counts).
+            With ``"global"`` / ``"adaptive"`` it is an approximation: the counts come from the rule applied
+            once per run to the row mean of the first cached step's scores, so rows and later steps share
+            that spread over blocks (**faster, slightly lower quality** than per-row counts). A step-static
+            scorer (``learned-static``) is scored for the whole run at its first cached step, so later
+            cached steps do no scoring and no plan building at all.
 
     Example:
         >>> from tclab.cache import TokenCacheConfig, apply_token_cache
@@ -116,6 +144,8 @@ class TokenCacheConfig:
     rho: float = 0.5
     kv: str = "all"
     reuse: str = "update"
+    forecast_order: int = 1
+    forecast_history: str = "computed"
     selection: str = "global"
     full_first_blocks: int = 0
     full_last_blocks: int = 0
@@ -132,11 +162,16 @@ class TokenCacheConfig:
     seed: int = 0
     num_steps: int | None = None
     enabled: bool = True
+    static_shapes: bool = False
 
     def __post_init__(self) -> None:
         _unit("rho", self.rho, " (fraction of block-token pairs computed in a cached step)")
         _choice("kv", self.kv, KV_MODES)
         _choice("reuse", self.reuse, REUSE_MODES)
+        if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
+            raise ValueError(f"forecast_order must be one of {list(FORECAST_ORDERS)} (the order of the per-token "
+                             f"extrapolation of reuse='forecast'), got {self.forecast_order!r}")
+        _choice("forecast_history", self.forecast_history, FORECAST_HISTORIES)
         _choice("selection", self.selection, SELECTIONS)
         _int("full_first_blocks", self.full_first_blocks, 0, " (blocks at the start always computed)")
         _int("full_last_blocks", self.full_last_blocks, 0, " (blocks at the end always computed)")
@@ -152,6 +187,9 @@ class TokenCacheConfig:
             _int("num_steps", self.num_steps, 1, " (None = read from tclab's sampler or inferred)")
         if not isinstance(self.enabled, bool):
             raise TypeError(f"enabled must be True or False, got {self.enabled!r}")
+        if not isinstance(self.static_shapes, bool):
+            raise TypeError(f"static_shapes must be True or False (equal kept-token counts in every row of a cached "
+                            f"step, for sync-free plans and torch.compile), got {self.static_shapes!r}")
         if self.step_importance is not None:
             try:
                 w = [float(v) for v in self.step_importance]

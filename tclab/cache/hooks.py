@@ -17,8 +17,9 @@ Each sampling step ``s`` is **full** or **cached** (``TokenCacheConfig.schedule`
      tokens (``"all"``) or from the kept tokens only (``"kept"``); ``F.scaled_dot_product_attention``;
      gated residual; ``norm3`` (diffusers' name for DiT's second norm) + modulation + MLP + gated
      residual: ``x_{l+1}[K] = x_l[K] + u_new[K]``, and the cache stores ``u_new[K]``;
-  3. other tokens (``reuse``): ``x_l[i] + u_cached[i]`` (``"update"``) or ``x_{l+1,cached}[i]``
-     (``"output"``);
+  3. other tokens (``reuse``): ``x_l[i] + u_cached[i]`` (``"update"``), ``x_{l+1,cached}[i]``
+     (``"output"``) or ``x_l[i] + u_hat[i]``, the token's update extrapolated from its own history
+     (``"forecast"``, ``tclab.cache.forecast``; computed tokens push their new update onto it);
   4. no kept token in any row: the block is skipped (FORA's block caching is this case for all blocks).
 
 **Per-row decisions.** Every row of the batch (a sample; the cond and uncond halves of a CFG batch are
@@ -53,14 +54,17 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 # the block computation on gathered tokens lives in the DiT's anatomy; compute_block_tokens is re-exported
-from ..anatomy import BlockPlan, attention_received, block_packed, compute_block_tokens, plan_from_counts  # noqa: F401
+from ..anatomy import (BlockPlan, attention_received, block_forward, block_packed,  # noqa: F401
+                       compute_block_tokens, plan_from_counts)
 from ..steps import StepContext, StepTracker, bind_block_call, bind_model_call, current_step, dit_blocks
 from .methods import (PEER_CONTEXT_HOOK, TOKEN_CACHE_BLOCK_HOOK, TOKEN_CACHE_MODEL_HOOK, CachingHandle, common_stats,
                       drop_plain_forward, register_method)
 from .config import TokenCacheConfig
+from .forecast import make_room, newton_forecast
 from .schedule import make_schedule
+from .static import StaticRunPlans, check_scores, extrapolate_timesteps, is_compiled, static_counts, static_plans
 from .scorers import EPS, ScoreContext, TokenScorer, make_scorer, relative_change
-from .select import select_tokens
+from .select import rank_desc, select_tokens
 
 
 
@@ -74,6 +78,9 @@ class BlockCacheState:
     last computed output (``reuse="output"``); ``u_full`` (B, N, C) the update at the last full step;
     ``change`` / ``ratio`` / ``attention`` (B, N) and ``age`` (B, N) int for the scorers;
     ``probe_u`` (B, N, C) the oracle's true update at this step. See ``tclab.cache.scorers``.
+    With ``reuse="forecast"`` (or a scorer that needs ``"trend"``) also the per-token history
+    (``tclab.cache.forecast``): ``older`` the earlier computed updates (B, N, C) each, most recent first,
+    and ``steps`` (B, N) float the step each of ``u, *older`` was computed at (NaN = not yet).
     """
 
     def __init__(self) -> None:
@@ -82,11 +89,14 @@ class BlockCacheState:
     def reset_state(self) -> None:
         self.u = self.out = self.u_full = None
         self.change = self.ratio = self.attention = self.age = None
-        self.probe_u = None
+        self.probe_u = self.probe_x = None
+        self.older: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.u, self.out, self.u_full, self.change, self.ratio,
-                                                          self.attention, self.age, self.probe_u) if t is not None)
+                                                          self.attention, self.age, self.probe_u, self.probe_x,
+                                                          *self.older, *self.steps) if t is not None)
 
 
 @dataclass
@@ -119,6 +129,10 @@ class TokenCacheState:
     def __post_init__(self) -> None:
         self.blocks = [BlockCacheState() for _ in range(self.num_blocks)]
         self.needs = frozenset() if self.scorer is None or self.config.skips_all_blocks else frozenset(self.scorer.needs)
+        # older computed updates each token keeps (tclab.cache.forecast): the forecast's order, or 1 for a
+        # scorer that reads the trend (how fast a token was changing)
+        cfg = self.config
+        self.history_depth = max(cfg.forecast_order if cfg.reuse == "forecast" else 0, 1 if "trend" in self.needs else 0)
         self.tracker = StepTracker(self.config.num_steps)  # the step of calls from outside tclab's sampler
         self.reset_state()
 
@@ -137,6 +151,7 @@ class TokenCacheState:
         self.schedule: np.ndarray | None = None
         self.phase: str | None = None  # None (not inside a call), "full", "cached", "probe"
         self.plans: list[BlockPlan] | None = None
+        self.static_run = StaticRunPlans()  # static_shapes: the run's counts and precomputed plans
         self.rows = self.num_tokens = 0
         self.grid: tuple[int, int] = (0, 0)
         self.full_steps_done = 0
@@ -164,6 +179,19 @@ class TokenCacheState:
 
     def cache_bytes(self) -> int:
         return sum(b.nbytes() for b in self.blocks)
+
+    def reused_update(self, index: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """What block ``index`` gives a token it does not compute at the current step, as an update
+        (B, N, C): the cached update (``reuse="update"``), its forecast (``"forecast"``), or the cached
+        output minus the block's input ``x`` (``"output"``; ``x`` required)."""
+        b, reuse = self.blocks[index], self.config.reuse
+        if reuse == "forecast":
+            return newton_forecast([b.u, *b.older], b.steps, float(self.step.step))
+        if reuse == "output":
+            if x is None:
+                raise ValueError("reused_update: reuse='output' needs the block's input x")
+            return b.out - x
+        return b.u
 
     def clear_history(self) -> None:
         self.history.clear()
@@ -199,7 +227,7 @@ class TokenCacheModelHook(ModelHook):
             st.phase = None
             st.plans = None
             for b in st.blocks:
-                b.probe_u = None
+                b.probe_u = b.probe_x = None
 
     def reset_state(self, module):
         self.state.reset_state()
@@ -246,18 +274,41 @@ class TokenCacheModelHook(ModelHook):
 
     @torch.compiler.disable
     def _plan_cached_step(self, module, x, timestep, labels, probe: bool) -> None:
-        """Scores -> masks (B, L, N) -> per-block packing plans, with two host syncs for all blocks."""
+        """Scores -> masks (B, L, N) -> per-block packing plans, with two host syncs for all blocks.
+
+        With ``static_shapes=True`` (``tclab.cache.static``) instead: every row keeps ``k_l`` tokens in block
+        ``l`` (counts fixed at the run's first cached step), plans built on the device with no host sync; a
+        step-static scorer (``static_per_step``) is scored for every cached step of the run at its first
+        one, and later cached steps only look their plans up."""
         st, cfg = self.state, self.state.config
         B, L, N = st.rows, st.num_blocks, st.num_tokens
+        if cfg.static_shapes and not cfg.skips_all_blocks:
+            run, ctx = st.static_run, st.step
+            plans = run.lookup(ctx.step, ctx.t)  # precomputed (step-static scorer) for this step and timestep
+            if plans is None:
+                scores = self._score(module, x, timestep, labels, ctx)  # (B, L, N)
+                if run.counts is None:  # the run's first cached step: check the scores, fix the counts (syncs)
+                    check_scores(scores)
+                    run.counts = static_counts(cfg.rho, L, N, cfg.selection, cfg.full_first_blocks,
+                                               cfg.full_last_blocks, scores)
+                plans = static_plans(scores, run.counts, cfg.kv)  # on the device, no host sync
+                if not run.tried_precompute:
+                    run.tried_precompute = True
+                    if getattr(st.scorer, "static_per_step", False) and not probe:
+                        self._precompute_static_plans(module, x, timestep, labels)
+            st.plans = plans
+            st.history.append(StepRecord(ctx.run_id, ctx.step, ctx.t, False, sum(run.counts) / (L * N),
+                                         [k / N for k in run.counts], padded_fraction=0.0, probe=probe))
+            return
+        if is_compiled(module) and not cfg.skips_all_blocks:
+            warnings.warn("token cache: the transformer is compiled but static_shapes=False: every cached step has "
+                          "new shapes and recompiles (or falls back to eager); use "
+                          "TokenCacheConfig(static_shapes=True) with tclab.cache.static.compile_transformer",
+                          stacklevel=2)
         if cfg.skips_all_blocks:
             keep = torch.zeros(B, L, N, dtype=torch.bool, device=x.device)  # FORA: nothing is computed
         else:
-            sctx = ScoreContext(step=st.step, state=st, transformer=module, hidden_states=x, timestep=timestep,
-                                class_labels=labels)
-            scores = st.scorer.score(sctx)  # (B, L, N)
-            if tuple(scores.shape) != (B, L, N):
-                raise ValueError(f"scorer {cfg.scorer_name!r} returned scores of shape {tuple(scores.shape)}; "
-                                 f"expected (rows, blocks, tokens) = {(B, L, N)}")
+            scores = self._score(module, x, timestep, labels, st.step)  # (B, L, N)
             keep = select_tokens(scores, cfg.rho, cfg.selection, cfg.full_first_blocks, cfg.full_last_blocks)
         counts = keep.sum(dim=-1)  # (B, L) kept tokens per row and block
         counts_cpu = counts.cpu()  # host sync 1 of the step
@@ -271,6 +322,34 @@ class TokenCacheModelHook(ModelHook):
         st.history.append(StepRecord(
             st.step.run_id, st.step.step, st.step.t, False, float(counts_cpu.sum()) / total,
             (counts_cpu.float().mean(dim=0) / N).tolist(), padded_fraction=padded / total, probe=probe))
+
+    def _score(self, module, x, timestep, labels, step: StepContext) -> torch.Tensor:
+        """The scorer's (B, L, N) scores for this call's input at ``step`` (this step, or a later one of the
+        run when precomputing a step-static scorer), shape-checked."""
+        st, cfg = self.state, self.state.config
+        sctx = ScoreContext(step=step, state=st, transformer=module, hidden_states=x, timestep=timestep,
+                            class_labels=labels)
+        scores = st.scorer.score(sctx)  # (B, L, N)
+        if tuple(scores.shape) != (st.rows, st.num_blocks, st.num_tokens):
+            raise ValueError(f"scorer {cfg.scorer_name!r} returned scores of shape {tuple(scores.shape)}; "
+                             f"expected (rows, blocks, tokens) = {(st.rows, st.num_blocks, st.num_tokens)}")
+        return scores
+
+    def _precompute_static_plans(self, module, x, timestep, labels) -> None:
+        """static_shapes with a step-static scorer, at the run's first cached step: score every later cached
+        step of the schedule and store its plans (``StaticRunPlans.precomputed``). Their timesteps are
+        extrapolated from this step's and the previous one's (every row shares the step's timestep, as in
+        tclab's sampler and DiTPipeline); each later step checks its real timestep before using them."""
+        st, cfg, ctx = self.state, self.state.config, self.state.step
+        prev = st.history[-1] if st.history else None  # the previous call's record: step - 1 of this run?
+        later = [s for s in range(ctx.step + 1, len(st.schedule)) if not st.schedule[s]]
+        if prev is None or prev.run_id != ctx.run_id or prev.step != ctx.step - 1 or not later:
+            return
+        t_in = torch.as_tensor(timestep, device=x.device)
+        for s, t in extrapolate_timesteps(prev.t, ctx.t, ctx.step, later).items():
+            scores = self._score(module, x, torch.full_like(t_in, t), labels, dataclasses.replace(ctx, step=s, t=t))
+            check_scores(scores)  # once per step of the run, here at its first cached step (a sync each)
+            st.static_run.precomputed[s] = (t, static_plans(scores, st.static_run.counts, cfg.kv))
 
     def _pipeline_context(self, x, timestep, labels) -> StepContext:
         """Outside tclab's sampler (e.g. diffusers' ``DiTPipeline``): the ``StepTracker``'s context, with
@@ -316,7 +395,7 @@ class TokenCacheBlockHook(ModelHook):
             if phase == "full":
                 self._refresh(module, x, out, a.get("timestep"), a.get("class_labels"))
             else:  # probe
-                st.blocks[self.index].probe_u = out - x
+                st.blocks[self.index].probe_u, st.blocks[self.index].probe_x = out - x, x
             return out
         if a.get("attention_mask") is not None or a.get("encoder_hidden_states") is not None:
             raise NotImplementedError("token cache: DiT blocks take no attention mask or encoder states; "
@@ -335,29 +414,59 @@ class TokenCacheBlockHook(ModelHook):
             b.attention = attention_received(block, x, timestep, labels)  # (B, N)
         if "age" in needs:
             b.age = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)  # (B, N)
+        depth = self.state.history_depth
+        if depth:  # every token was computed at this step: the history rotates by one place
+            step = float(self.state.step.step)
+            if not b.steps:  # the run's first full step: no older values yet (NaN steps)
+                b.older = [torch.zeros_like(u) for _ in range(depth)]
+                b.steps = [torch.full(x.shape[:2], math.nan, device=x.device) for _ in range(depth + 1)]
+            else:
+                b.older = [b.u, *b.older[:-1]]  # the last computed update becomes the first older one
+                b.steps = [b.steps[-1], *b.steps[:-1]]  # the oldest steps' buffer holds this step's
+            b.steps[0].fill_(step)
         b.u = u.contiguous()
         b.out = out.contiguous() if cfg.reuse == "output" else None
 
     def _cached(self, block, x, timestep, labels) -> torch.Tensor:
         st = self.state
         b, plan, reuse = st.blocks[self.index], st.plans[self.index], st.config.reuse
+        if "path" in st.needs and plan.K:  # oracle-error: the same budget, the tokens chosen along this path
+            plan = st.plans[self.index] = self._path_plan(block, x, timestep, labels, plan)
         if b.age is not None:
             b.age = torch.where(plan.keep, 0, b.age + 1)  # (B, N)
         # (B, N, C) what non-kept tokens get; contiguous, as kept rows are written into its (B*N, C) view
         # (block 0's input comes from the patch embedding as a transposed view)
-        base = (x + b.u).contiguous() if reuse == "update" else b.out
+        if reuse == "forecast":  # the update extrapolated to this step, per token (tclab.cache.forecast)
+            base = (x + st.reused_update(self.index)).contiguous()
+        else:
+            base = (x + b.u).contiguous() if reuse == "update" else b.out
         if plan.K == 0:  # no row keeps a token: skip the block
             return base
         out_k, x_k = block_packed(block, x, plan, timestep, labels, st.config.kv)  # (T, C) each
         B, N, C = x.shape
-        if b.u is b.u_full:  # copy-on-write: keep the last full step's updates for the history
-            b.u = b.u.clone()
-        b.u.view(B * N, C).index_copy_(0, plan.flat, out_k - x_k)  # the cache stores u_new[K]
-        out = base if reuse == "update" else base.clone()  # (B, N, C)
+        if reuse != "forecast" or st.config.forecast_history == "computed":  # the cache stores u_new[K]
+            if b.u is b.u_full:  # copy-on-write: keep the last full step's updates for the history
+                b.u = b.u.clone()
+            if b.steps:  # the computed tokens' histories move back one place, then take this step's update
+                make_room([b.u, *b.older], b.steps, plan.flat)
+                b.steps[0].view(B * N).index_fill_(0, plan.flat, float(st.step.step))
+            b.u.view(B * N, C).index_copy_(0, plan.flat, out_k - x_k)
+        out = base if reuse != "output" else base.clone()  # (B, N, C); "output" keeps b.out intact
         out.view(B * N, C).index_copy_(0, plan.flat, out_k)  # kept tokens: x_l[K] + u_new[K]
         if reuse == "output":
             b.out = out
         return out
+
+
+    @torch.compiler.disable
+    def _path_plan(self, block, x, timestep, labels, plan: BlockPlan) -> BlockPlan:
+        """The plan with each row's kept count unchanged but its tokens re-chosen by the exact error of
+        reuse on this block's actual input (the cached path): the ``"path"`` need of ``oracle-error``."""
+        u_true = block_forward(block, x, timestep, labels) - x  # (B, N, C) the block on every token
+        err = (u_true.float() - self.state.reused_update(self.index, x).float()).norm(dim=-1)  # (B, N)
+        counts = plan.keep.sum(dim=-1)  # (B,)
+        keep = rank_desc(err) < counts[:, None]  # (B, N) each row's top-count errors
+        return plan_from_counts(keep, keep.nonzero(), counts, counts.cpu().tolist(), self.state.config.kv)
 
 
 # ---- apply / remove ---------------------------------------------------------------------------------

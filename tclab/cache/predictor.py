@@ -178,6 +178,10 @@ class StaticCachePredictor(CachePredictor):
     """
 
     name = "learned-static"
+    # scores depend only on the step's timestep (and block, token): with TokenCacheConfig(static_shapes=True)
+    # the engine scores every cached step of a run at its first one and precomputes their plans
+    # (tclab.cache.static); hidden_states, labels and the engine's cache are never read
+    static_per_step = True
 
     def __init__(self, num_blocks: int, grid, hidden: int = 32):
         super().__init__(num_blocks, grid)

@@ -56,7 +56,8 @@ def import_provider(target: str) -> None:
 #: Built-in scorer -> the module that registers it when imported.
 BUILTIN_PROVIDERS = {
     "prev-change": "tclab.cache.scorers", "random": "tclab.cache.scorers", "oracle": "tclab.cache.scorers",
-    "toca": "tclab.cache.scorers",
+    "toca": "tclab.cache.scorers", "staleness": "tclab.cache.scorers", "staleness-learned": "tclab.cache.scorers",
+    "oracle-error": "tclab.cache.scorers",
     "learned-static": "tclab.cache.predictor", "learned-dynamic": "tclab.cache.predictor",
 }
 

@@ -24,8 +24,16 @@ need            state field (block l)  what it holds
                                        (mean over heads and queries; sums to 1 over tokens)
 ``"age"``       ``age``                (B, N) cached steps since the token was last computed
 ``"probe"``     ``probe_u``            (B, N, C) the true update at *this* step, from a full forward the
-                                       engine runs first (only for the oracle: it costs a full step)
+                                       engine runs first (only for the oracles: it costs a full step);
+                                       ``probe_x`` (B, N, C) the block's input on that forward
+``"trend"``     ``older``, ``steps``   the token's earlier computed updates (B, N, C) each and the steps
+                                       ``(B, N)`` of ``u, *older`` (NaN = not yet): how fast it changes
+``"path"``      (none)                 the engine re-chooses each block's kept tokens *along the cached
+                                       path*, by the exact error of reuse there (``oracle-error``)
 ==============  =====================  ==================================================================
+
+``state.reused_update(l, x)`` is what block ``l`` would give a token it does not compute at this step,
+as an update (the cached one, or its forecast with ``reuse="forecast"``).
 
 ``state.stacked(name)`` gives a field over all blocks as ``(B, L, N[, C])``. Whatever a scorer computes
 runs inside the transformer call, so its cost shows in every FLOP and time figure (as the spec asks
@@ -44,7 +52,17 @@ for ``learned-dynamic``).
 
 or pass an instance directly: ``TokenCacheConfig(scorer=MyScorer())``.
 
-The heuristics here (for ablation): ``prev-change``, ``random``, ``oracle``, ``toca``.
+The heuristics here (for ablation): ``prev-change``, ``random``, ``oracle``, ``toca``, and the
+staleness-aware ones (tclab's, ``shared/docs/tokencache.md`` section 6): ``staleness`` (expected error of
+reuse), ``staleness-learned`` (times the learned importance) and ``oracle-error`` (the real upper bound).
+
+Which oracle is which: ``oracle`` scores the *relative* change ``||u_now - u_cached|| / ||u_cached||``
+on the fully computed path; it is what the paper's analysis measures, but it is **not** an upper bound
+(a small update that changes by 100 % matters less than a large one that changes by 10 %; measured on
+the embedded model it is no better than learned-static). ``oracle-error`` scores the *absolute* error
+of the update that would actually be reused (forecast included), and then, block by block along the
+cached path, keeps the tokens whose reuse would err most there: the best any scorer can do with the
+same per-block budget, greedily (block by block, not jointly over blocks and steps).
 """
 
 from __future__ import annotations
@@ -58,7 +76,7 @@ import torch.nn.functional as F
 
 from ..steps import StepContext
 
-NEEDS = frozenset({"history", "attention", "age", "probe"})
+NEEDS = frozenset({"history", "attention", "age", "probe", "trend", "path"})
 EPS = 1e-6
 
 
@@ -269,6 +287,85 @@ class TocaScorer(TokenScorer):
         return win.reshape(B * L, Hp, Wp)[:, :H, :W].reshape(B, L, N)
 
 
+def _row_scale(err: torch.Tensor) -> torch.Tensor:
+    """(B, L, N) non-negative errors -> [0, 1) scores, one scale per row: ``squash(err / mean)``. One scale
+    over all blocks keeps the errors comparable across blocks (what global selection ranks)."""
+    return squash(err / err.flatten(1).mean(1).clamp_min(1e-12)[:, None, None])
+
+
+class StalenessScorer(TokenScorer):
+    """``staleness``: tokens whose cached update is expected to be most wrong now are computed.
+
+    expected error of reuse = age x rate, per (row, block, token):
+      - age = steps since the token was last computed (``s - steps[0]``);
+      - rate = ``||u - u_older|| / (steps[0] - steps[1])``, how fast its update was changing between its
+        last two computed values (need ``"trend"``). A token with one computed value so far (before its
+        second) gets ``||u||`` as its rate: unknown change is taken as large, so it is computed early.
+
+    Absolute (not relative) errors in the residual stream, one scale per row (``_row_scale``), so global
+    selection compares blocks by what their reuse costs. With ``reuse="forecast"`` it still ranks by
+    the error of verbatim reuse: the tokens that change fastest and have been unseen longest are those a
+    forecast gets most wrong, too. Free at run time: a few elementwise ops per block.
+
+    ``importance`` in [0, 1] mixes in a learned score ``w`` (the Cache Predictor, ``learned-static``):
+    ``score = squash(err)^(1 - importance) * w^importance`` (``staleness-learned``: 0.5); ``path`` is
+    the predictor file (default: the model's own, as ``learned-static`` finds it).
+    """
+
+    name = "staleness"
+    needs = frozenset({"trend"})
+
+    def __init__(self, importance: float = 0.0, learned: TokenScorer | None = None):
+        if isinstance(importance, bool) or not isinstance(importance, (int, float)) or not 0 <= importance <= 1:
+            raise ValueError(f"staleness: importance must be a number in [0, 1] (0 = age x rate alone, 1 = the "
+                             f"learned score alone), got {importance!r}")
+        if importance > 0 and learned is None:
+            raise ValueError("staleness: importance > 0 needs the learned scorer to mix in")
+        self.importance, self.learned = float(importance), learned
+
+    def reset_state(self) -> None:
+        if self.learned is not None:
+            self.learned.reset_state()
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        now = float(ctx.step.step)
+        errs = []
+        for b in ctx.state.blocks:
+            u, older, (s0, s1) = b.u.float(), b.older[0].float(), b.steps[:2]
+            known = torch.isfinite(s1)  # (B, N) a second computed value exists
+            rate = torch.where(known, (u - older).norm(dim=-1) / torch.where(known, s0 - s1, 1.0),
+                               u.norm(dim=-1))  # (B, N)
+            errs.append((now - s0) * rate)
+        s = _row_scale(torch.stack(errs, dim=1))  # (B, L, N)
+        if self.importance > 0:
+            w = self.learned.score(ctx).float().clamp(0, 1)
+            s = s.pow(1 - self.importance) * w.pow(self.importance)
+        return s.clamp(0, 1)
+
+
+class OracleErrorScorer(TokenScorer):
+    """``oracle-error``: the real upper bound of token choice (not deployable; see the module docstring).
+
+    1. A full forward runs first (need ``"probe"``); each block's scores are the absolute error of the
+       update that would be reused, ``||u_now - reused||`` (``state.reused_update``), on one scale per row:
+       the per-block budget of the step follows from them under ``selection``.
+    2. Along the cached path (need ``"path"``), each block then recomputes the true update of its *actual*
+       input and keeps, within that budget, the tokens whose reuse errs most there.
+
+    It costs the probe and every block's full computation on top of the cached step: slower than full
+    compute, and its FLOPs include both (never report them as a saving).
+    """
+
+    name = "oracle-error"
+    needs = frozenset({"probe", "path"})
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        st = ctx.state
+        err = torch.stack([(b.probe_u.float() - st.reused_update(l, b.probe_x).float()).norm(dim=-1)
+                           for l, b in enumerate(st.blocks)], dim=1)  # (B, L, N)
+        return _row_scale(err)
+
+
 # ---- registry: option name -> factory(config, **scorer_options) ----------------------------------
 
 # The registry itself lives in the leaf module tclab.cache.registry (configs validate against it).
@@ -315,3 +412,19 @@ def _random_factory(config, seed: int | None = None):
 
 
 register_scorer("random", _random_factory)
+register_scorer("oracle-error", _options_of(OracleErrorScorer))
+
+
+def _staleness_factory(default_importance: float):
+    def factory(config, importance: float = default_importance, path: str | None = None, *, transformer=None):
+        """``scorer_options``: ``importance`` (weight of the learned score, 0..1) and ``path`` (its predictor
+        file; default: the model's own ``learned-static``)."""
+        learned = None
+        if isinstance(importance, (int, float)) and not isinstance(importance, bool) and importance > 0:
+            learned = SCORERS.factory("learned-static")(config, path=path, transformer=transformer)
+        return StalenessScorer(importance=importance, learned=learned)
+    return factory
+
+
+register_scorer("staleness", _staleness_factory(0.0))
+register_scorer("staleness-learned", _staleness_factory(0.5))

@@ -59,7 +59,7 @@ def token_budget(rho: float, num_blocks: int, num_tokens: int) -> int:
     return min(num_blocks * num_tokens, math.floor(rho * num_blocks * num_tokens + 0.5 + 1e-9))
 
 
-def _rank_desc(values: torch.Tensor) -> torch.Tensor:
+def rank_desc(values: torch.Tensor) -> torch.Tensor:
     """Rank along the last dim, 0 = largest; ties go to the lower index (stable sort)."""
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices
     positions = torch.arange(values.shape[-1], device=values.device).expand_as(order)
@@ -118,16 +118,16 @@ def select_tokens(scores: torch.Tensor, rho: float, method: str = "global",
         base, extra = divmod(remaining, F)
         per_block = torch.full((F,), base, device=device)  # (F,)
         per_block[:extra] += 1  # the remainder goes to the lowest-indexed free blocks
-        keep = _rank_desc(s) < per_block[None, :, None]  # (B, F, N)
+        keep = rank_desc(s) < per_block[None, :, None]  # (B, F, N)
     elif method == "adaptive":
         n_full, rest = divmod(remaining, N)
-        block_rank = _rank_desc(s.float().mean(dim=-1))[:, :, None]  # (B, F, 1), 0 = most important
-        token_rank = _rank_desc(s)  # (B, F, N)
+        block_rank = rank_desc(s.float().mean(dim=-1))[:, :, None]  # (B, F, 1), 0 = most important
+        token_rank = rank_desc(s)  # (B, F, N)
         keep = (block_rank < n_full) | ((block_rank == n_full) & (token_rank < rest))  # (B, F, N)
     else:  # "global"
         # Flatten block-major, so a lower flat index = lower block, then lower token: the stable
         # sort then breaks score ties exactly as documented.
-        keep = (_rank_desc(s.reshape(B, F * N)) < remaining).reshape(B, F, N)  # (B, F, N)
+        keep = (rank_desc(s.reshape(B, F * N)) < remaining).reshape(B, F, N)  # (B, F, N)
     mask[:, free] = keep
     return mask
 
