@@ -48,12 +48,23 @@ def _cmd_train_predictor(a: argparse.Namespace) -> int:
         cfg = PredictorTrainConfig(kind=kind, images=a.images, labels=a.labels, steps=a.steps, num_steps=a.num_steps,
                                    lam=a.lam, scheduler=a.scheduler, guidance_scale=a.guidance,
                                    num_samples=a.num_samples, batch_size=a.batch_size, max_gap=a.max_gap, seed=a.seed,
-                                   eval_pairs=a.eval_pairs, out=outs[kind])
+                                   eval_pairs=a.eval_pairs, out=outs[kind], rollout=a.rollout, schedule=a.schedule,
+                                   max_seconds=a.max_seconds)
         if trajectories is None and len(kinds) > 1 and not a.resume:
             trajectories = collect_trajectories(model, cfg)
         path = train_predictor(model, cfg, resume=a.resume, trajectories=trajectories)
         print(describe_predictor(path))
     return 0
+
+
+def _schedule_spec(text: str) -> dict:
+    """``--schedule KIND:VALUES`` (``tclab.cache.train.parse_schedule_spec``); bad syntax is an argparse error."""
+    from .cache.train import parse_schedule_spec
+
+    try:
+        return parse_schedule_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_runs_clean(a: argparse.Namespace) -> int:
@@ -279,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=6, help="trajectories sampled from noise")
     s.add_argument("--batch-size", type=int, default=4, help="step pairs per optimiser step")
     s.add_argument("--max-gap", type=int, default=1, help="pairs (s-g, s) with g up to this (1 = adjacent)")
+    s.add_argument("--rollout", type=int, default=0, metavar="K",
+                   help="rollout training: windows of up to K cached steps after a full step, the cache evolving as "
+                        "in the engine (0 = one-step pairs, the default; --batch-size then counts windows)")
+    s.add_argument("--schedule", type=_schedule_spec, default=None, metavar="KIND:VALUES",
+                   help="with --rollout: the schedule the cache will run with; windows start at its full steps and "
+                        "stop before the next one. tprr:K1,K2,SPLIT (e.g. tprr:6,4,0.5), round-robin:K, or "
+                        "name=value pairs (tprr:k1=6,k2=4,split=0.5,force_last=1). Default: windows start anywhere")
+    s.add_argument("--max-seconds", type=_finite_float, default=None,
+                   help="stop after this many seconds of training (--steps stays the upper bound)")
     s.add_argument("--eval-pairs", type=int, default=16, help="pairs for the predictor-vs-random check (0 = skip)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="predictor file (a folder with --kind both); default: this model's "

@@ -28,6 +28,14 @@ The objective of ``shared/docs/tokencache.md`` ("Which tokens", training):
    ``lambda * (mean(w) - target_ratio)^2`` (the spec's target-ratio alternative). Only the ranking of
    the scores matters to the engine (it keeps the top ``rho``), so ``lambda`` mainly sets how hard the
    predictor has to separate tokens.
+4. **Rollout training** (``rollout = k >= 1``, spec section 6; :func:`compute_rollout_loss`): instead of one
+   pair, a *window*: full step ``s0`` fills the cache, then the cached steps ``s0 + 1 .. s0 + k`` run in turn,
+   each blended with the *current* cache, which evolves as the engine's does (a token computed in a cached
+   step refreshes its cached update: ``cache_l <- w * u_l(now) + (1 - w) * cache_l``). The loss is the mean
+   over the window's steps of the relative MSE (each step normalised by its own all-cached error) plus
+   ``lambda`` times the penalty, so the error that builds up as the cache grows stale is what is minimised.
+   With ``schedule`` the windows are exactly the engine's: they start at the schedule's full steps and end
+   before the next one (:func:`rollout_windows`).
 
 The DiT is frozen (its parameters get no gradient and are restored as they were); only the predictor
 learns (AdamW, constant learning rate). Runs are deterministic for a seed (one generator draws the
@@ -61,11 +69,15 @@ from .predictor import (
     model_signature,
     weights_fingerprint,
 )
+from .schedule import make_schedule
 
 PENALTIES = ("mean", "target")
 EPS = 1e-12
 # Fields that do not change what a run computes step by step (a resumed run may change them).
-_RUN_ONLY_FIELDS = ("steps", "checkpoint_every", "out", "eval_pairs")
+_RUN_ONLY_FIELDS = ("steps", "checkpoint_every", "out", "eval_pairs", "max_seconds")
+# Fields added after checkpoints existed: left out of the run key while at these defaults, so a checkpoint
+# written before they existed still resumes (and the key of a default run is what it always was).
+_KEY_DEFAULTS = {"rollout": 0, "schedule": None}
 # Fields that decide the trajectories (a saved trajectory set is reused only if these match).
 _DATA_FIELDS = ("num_steps", "scheduler", "guidance_scale", "num_samples", "images", "labels", "num_images",
                 "sdedit_strength", "seed")
@@ -94,7 +106,8 @@ class PredictorTrainConfig:
         num_images (`int`, defaults to `6`), sdedit_strength (`float`, defaults to `0.6`): see ``images``.
         steps (`int`, defaults to `300`): optimiser steps. Loss flattens after a few hundred on shapes-dit.
         batch_size (`int`, defaults to `4`): training pairs (row, step) per optimiser step; each costs
-            one no-grad and one forward+backward pass of the DiT.
+            one no-grad and one forward+backward pass of the DiT. With ``rollout`` it counts windows (each about
+            ``k`` pairs' cost).
         lr (`float`, defaults to `3e-3`): AdamW learning rate (constant after a 10-step warm-up).
         lam (`float`, defaults to `1.0`): the spec's ``lambda``, weight of the compute penalty. **Higher =
             fewer tokens kept** (lower mean w); with ``relative=True`` 1.0 balances near w = 0.5.
@@ -105,11 +118,30 @@ class PredictorTrainConfig:
             (see the module docstring); ``False`` uses the raw MSE (then ``lambda`` depends on the model).
         max_gap (`int`, defaults to `1`): pairs are (s - g, s) with g drawn from 1..max_gap. 1 = adjacent
             steps (the spec). The engine's default schedule (``tprr`` k1=3) reuses a full step's cache for
-            up to 2 following steps: ``max_gap=3`` trains for that staleness too.
-        seed (`int`, defaults to `0`): fixes trajectories, predictor initialisation and pair order.
+            up to 2 following steps: ``max_gap=3`` trains for that staleness too. One-step pairs only
+            (``rollout=0``); a rollout window models staleness itself.
+        rollout (`int`, defaults to `0`): ``0`` = one-step pairs (the spec's objective, unchanged). ``k >= 1`` =
+            rollout training (module docstring, item 4): windows of up to ``k`` cached steps after a full step,
+            the cache evolving across the window as in the engine, so the predictor learns which tokens keep
+            the *accumulated* error down. **Set it to the longest run of cached steps the schedule has** (TPRR(6,
+            4): 5); larger = the staleness of later cached steps is trained too, but each optimiser step costs
+            about ``k`` one-step pairs' time. ``batch_size`` then counts windows.
+        schedule (`dict`, optional): the schedule the cache will run with, as ``tclab.cache.schedule.
+            make_schedule`` takes it: ``{"kind": "tprr", "k1": 6, "k2": 4, "split": 0.5}`` (``"round-robin"``
+            with ``interval``; optional ``force_last``). Needs ``rollout >= 1``. Windows then start at the
+            schedule's full steps (made over each trajectory's own step count: ``num_steps``, or the SDEdit
+            traces' fewer steps, as the engine makes it) and span the cached steps up to the next full step,
+            at most ``rollout``: exactly the windows the engine will run. ``None``: windows of exactly
+            ``rollout`` cached steps start at every step (a predictor for any schedule).
+        seed (`int`, defaults to `0`): fixes trajectories, predictor initialisation and pair (window) order.
+        max_seconds (`float`, optional): a training-time budget: stop after the optimiser step at which
+            ``max_seconds`` of training (the optimiser loop, summed over resumed parts; collecting the
+            trajectories is not counted) have passed, even before ``steps`` (which stays an upper bound). It
+            changes when a run stops, never what a step computes (for equal-time comparisons).
         checkpoint_every (`int`, defaults to `50`): optimiser steps between resumable checkpoints.
         eval_pairs (`int`, defaults to `16`): after training, pairs on which hard top-``rho`` masks from the
-            predictor are compared with random masks (recorded in the file; 0 skips it).
+            predictor are compared with random masks (recorded in the file; 0 skips it). One-step pairs (gaps up
+            to ``max_gap``) whatever ``rollout`` is: a ranking check, not the rollout objective.
         out (`str`, optional): predictor file to write; default: this model's place in the artefact store
             (``$TCLAB_HOME/models/<weights key>/predictor-<static|dynamic>.safetensors``, ``tclab.artefacts``),
             where the learned scorers find it again.
@@ -134,7 +166,10 @@ class PredictorTrainConfig:
     target_ratio: float = 0.5
     relative: bool = True
     max_gap: int = 1
+    rollout: int = 0
+    schedule: dict | None = None
     seed: int = 0
+    max_seconds: float | None = None
     checkpoint_every: int = 50
     eval_pairs: int = 16
     out: str | None = None
@@ -161,10 +196,52 @@ class PredictorTrainConfig:
             raise ValueError(f"sdedit_strength must be in (0, 1], got {self.sdedit_strength}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        r = self.rollout
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rollout must be an integer >= 0 (0 = one-step pairs, k = windows of up to k cached "
+                             f"steps), got {r!r}")
+        if r >= self.num_steps:
+            raise ValueError(f"rollout={r} needs windows of {r + 1} steps but the trajectories have "
+                             f"num_steps={self.num_steps}; use rollout <= {self.num_steps - 1}")
+        if r and self.max_gap != 1:
+            raise ValueError(f"max_gap={self.max_gap} is for one-step pairs (rollout=0); with rollout={r} the "
+                             "window's length sets the staleness: leave max_gap at 1")
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
+                                             or not isinstance(self.max_seconds, (int, float))
+                                             or not (math.isfinite(self.max_seconds) and self.max_seconds > 0)):
+            raise ValueError(f"max_seconds must be a number of seconds > 0 (or None: no time limit), "
+                             f"got {self.max_seconds!r}")
+        if self.schedule is None:
+            return
+        if not r:
+            raise ValueError(f"schedule={self.schedule!r} only shapes rollout windows; set rollout >= 1 (e.g. the "
+                             "schedule's longest run of cached steps) or leave schedule at None")
+        sched = self.schedule
+        if not isinstance(sched, dict) or not isinstance(sched.get("kind"), str):
+            raise ValueError(f"schedule must be a dict naming its kind and parameters as tclab.cache.schedule."
+                             f"make_schedule takes them, e.g. {{'kind': 'tprr', 'k1': 6, 'k2': 4, 'split': 0.5}}; "
+                             f"got {sched!r}")
+        try:
+            json.dumps(sched)
+        except TypeError as e:
+            raise ValueError(f"schedule must hold plain JSON values (numbers, strings, lists; it is recorded with the "
+                             f"predictor): {e}") from None
+        params = {k: v for k, v in sched.items() if k != "kind"}
+        try:
+            full = make_schedule(sched["kind"], self.num_steps, **params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"schedule={sched!r} is not a valid schedule: {e}") from None
+        if full.all():
+            raise ValueError(f"schedule={sched!r} makes every one of the {self.num_steps} steps full: there is no "
+                             "cached step to train on; use an interval > 1")
 
     def run_key(self) -> str:
         """The settings a checkpoint must share with a run that resumes it."""
-        d = {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY_FIELDS}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in _RUN_ONLY_FIELDS and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         return json.dumps(d, sort_keys=True)
 
     def data_key(self) -> str:
@@ -185,7 +262,10 @@ def forward_blended(transformer, hidden_states: torch.Tensor, timestep: torch.Te
         ``u_l = x_{l+1} - x_l``, (B, N, C) each: the cache of this step);
       - ``w`` (B, L, N) and ``cached`` (L tensors (B, N, C)): block l's output becomes
         ``w * x_{l+1} + (1 - w) * (x_l + u_cached)`` (= ``x_l + w u_now + (1 - w) u_cached``), written so
-        that ``w = 1`` gives the plain output and ``w = 0`` the all-cached output bit for bit;
+        that ``w = 1`` gives the plain output and ``w = 0`` the all-cached output bit for bit; with
+        ``record=True`` the updates returned are each block's *own* update ``u_l(now) = block(x_l) - x_l``
+        on its (blended) input, before blending: what a computed token would write into the cache
+        (rollout training evolves the cache with them);
       - ``cached`` without ``w``: every block reuses its cached update (w = 0) and no block runs (cheap).
 
     Returns:
@@ -359,6 +439,199 @@ def _draw_pairs(trajs: TrajectorySet, rows: torch.Tensor, n: int, max_gap: int,
     return m, g
 
 
+# ---- rollout training: windows of cached steps (module docstring, item 4) -----------------------------
+
+def _trajectory_spans(trajs: TrajectorySet) -> list[tuple[int, int]]:
+    """(first row, number of steps) of every trajectory of ``trajs`` (rows trajectory-major, steps 0..n-1)."""
+    _, counts = torch.unique_consecutive(trajs.traj, return_counts=True)
+    spans, first = [], 0
+    for n in counts.tolist():
+        if not torch.equal(trajs.step[first:first + n], torch.arange(n)):
+            raise ValueError(f"trajectory rows {first}..{first + n - 1} do not hold steps 0..{n - 1} in order; "
+                             "a TrajectorySet must be laid out trajectory-major with steps ascending")
+        spans.append((first, n))
+        first += n
+    return spans
+
+
+def _schedule_over(schedule: dict, n: int) -> np.ndarray:
+    params = {k: v for k, v in schedule.items() if k != "kind"}
+    try:
+        return make_schedule(schedule["kind"], n, **params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"schedule={schedule!r} cannot be made over a trajectory of {n} steps (SDEdit traces have "
+                         f"fewer steps than num_steps): {e}") from None
+
+
+def rollout_windows(trajs: TrajectorySet, config: PredictorTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rollout window of ``trajs`` under ``config.rollout`` (k) and ``config.schedule``.
+
+    A window is a full step ``s0`` (row ``m0``) and the cached steps ``s0 + 1 .. s0 + k_w`` after it (rows
+    ``m0 + 1 .. m0 + k_w`` of the same trajectory). With a schedule (made over each trajectory's own number of
+    steps, as the engine makes it for a run): windows start at its full steps and span the cached steps up to
+    the next full step, at most ``k`` of them (a full step followed by another full step gives none), so a
+    window never crosses a full step. Without: a window of exactly ``k`` cached steps starts at every step
+    that has ``k`` steps after it.
+
+    Returns:
+        (first row ``m0`` (W,) long, cached steps ``k_w`` (W,) long, each in 1..k).
+    """
+    k = config.rollout
+    if k < 1:
+        raise ValueError(f"rollout windows need config.rollout >= 1, got {k}")
+    starts: list[int] = []
+    lengths: list[int] = []
+    schedules: dict[int, np.ndarray] = {}
+    for first, n in _trajectory_spans(trajs):
+        if config.schedule is None:
+            starts += [first + s0 for s0 in range(n - k)]
+            lengths += [k] * max(0, n - k)
+            continue
+        if n not in schedules:
+            schedules[n] = _schedule_over(config.schedule, n)
+        full = schedules[n]  # (n,) True = full step
+        for s0 in np.flatnonzero(full).tolist():
+            j = 0
+            while j < k and s0 + j + 1 < n and not full[s0 + j + 1]:
+                j += 1
+            if j:
+                starts.append(first + s0)
+                lengths.append(j)
+    return torch.tensor(starts, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+
+
+@dataclass
+class WindowBatch:
+    """B rollout windows, teacher-forced from a :class:`TrajectorySet`: index 0 along dim 1 is the full step
+    ``s0``, index ``j`` its ``j``-th cached step ``s0 + j``. A window shorter than ``K`` (the longest in the
+    batch) is padded by repeating its last step; padded steps are never used."""
+
+    x: torch.Tensor  # (B, K + 1, C_in, H, W) transformer inputs of the stored full-compute trajectory
+    t: torch.Tensor  # (B, K + 1) timesteps
+    y: torch.Tensor  # (B,) class label (one trajectory per window)
+    target: torch.Tensor  # (B, K + 1, C_in, H, W) full-compute outputs, noise channels
+    length: torch.Tensor  # (B,) long, cached steps k_b of each window, 1..K
+
+
+def _window_tensors(trajs: TrajectorySet, starts: torch.Tensor, lengths: torch.Tensor, device) -> WindowBatch:
+    K = int(lengths.max())
+    offs = torch.minimum(torch.arange(K + 1)[None, :], lengths[:, None])  # (B, K + 1), padded: repeat the last
+    rows = starts[:, None] + offs  # (B, K + 1)
+    return WindowBatch(x=trajs.x[rows].to(device), t=trajs.t[rows].to(device), y=trajs.y[starts].to(device),
+                       target=trajs.target[rows].to(device), length=lengths.to(device))
+
+
+def _draw_windows(windows: tuple[torch.Tensor, torch.Tensor], n: int,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts, lengths = windows
+    pick = torch.randint(len(starts), (n,), generator=gen)  # (n,) the same generator as the pairs
+    return starts[pick], lengths[pick]
+
+
+def compute_rollout_loss(predictor: CachePredictor, transformer, window: WindowBatch,
+                         config: PredictorTrainConfig) -> dict:
+    """Loss of a batch of rollout windows (module docstring, item 4): dict of ``loss`` (with grad), ``rel_mse``
+    (the MSE term as used), ``mean_w``, ``cached_steps`` (steps scored, summed over the windows).
+
+    For each window: the full step ``s0`` records every block's update (the cache, as ``forward_blended(...,
+    record=True)``); then each cached step ``s0 + j`` in turn runs blended with ``w = sigmoid(logits at that
+    step)`` against the *current* cache, and the cache evolves as the engine's does: a computed token refreshes
+    its cached update, ``cache_l <- w * u_l(now) + (1 - w) * cache_l`` (the soft version of the engine's
+    ``index_copy`` of the kept tokens' new updates; ``w = 0`` leaves the ``s0`` cache as it was, bit for bit).
+    Gradients flow through the cache's evolution across the window (the scores at step ``s0 + 1`` are
+    charged for the error they cause at ``s0 + 2 ..``).
+
+    Inputs are **teacher-forced**: the transformer input of every step is the stored full-compute
+    trajectory's (``window.x``), and each step's output is compared with that step's full output. No scheduler
+    steps inside training: the loss isolates what the one-step loss misses, the *cache's* staleness building
+    up across cached steps, from the drift of the latents (which would make the targets move with the
+    predictor and need a sampler in the loop); the trajectory drift is left to the sampling evaluation.
+
+    ``loss = mean over windows [mean over the window's steps of rel_mse_j] + lambda * penalty(mean w)``;
+    ``rel_mse_j`` is step j's MSE divided by that step's all-cached error (every block reusing the ``s0``
+    cache), as in :func:`compute_pair_loss`, and ``mean w`` is averaged the same way (per window over its
+    steps, then over windows). A batch of one-step windows gives :func:`compute_pair_loss`'s loss with g = 1.
+    """
+    tr = transformer
+    # longest first, so the windows still running at step j are a prefix of the batch
+    order = torch.sort(window.length, descending=True, stable=True).indices
+    x, t, y, target, length = (v[order] for v in (window.x, window.t, window.y, window.target, window.length))
+    B, K = len(length), int(length.max())
+    with torch.no_grad():
+        _, cache0 = forward_blended(tr, x[:, 0], t[:, 0], y, record=True)  # L x (B, N, C): the full step's cache
+    cache = list(cache0)
+    rel_sum = torch.zeros(B, device=x.device)  # (B,) sum over each window's steps
+    w_sum = torch.zeros(B, device=x.device)
+    for j in range(1, K + 1):
+        n = int((length >= j).sum())  # windows that have a step j
+        xj, tj, yj, tgt = x[:n, j], t[:n, j], y[:n], target[:n, j]
+        if config.relative:
+            with torch.no_grad():
+                all_cached, _ = forward_blended(tr, xj, tj, yj, cached=[c[:n] for c in cache0])  # no block runs
+                err0 = (_noise_channels(all_cached, tr) - tgt).pow(2).flatten(1).mean(1)  # (n,)
+        w = torch.sigmoid(predictor.logits_for(tr, xj, tj, yj))  # (n, L, N)
+        out, u_now = forward_blended(tr, xj, tj, yj, w=w, cached=[c[:n] for c in cache], record=True)
+        err = (_noise_channels(out, tr) - tgt).pow(2).flatten(1).mean(1)  # (n,)
+        rel = err / (err0 + EPS) if config.relative else err
+        rel_sum = rel_sum + torch.nn.functional.pad(rel, (0, B - n))
+        w_sum = w_sum + torch.nn.functional.pad(w.mean((1, 2)), (0, B - n))
+        if j < K:  # the engine's refresh, soft: computed tokens write their new update into the cache
+            cache = [torch.cat([w[:, l, :, None].to(u.dtype) * u + (1 - w[:, l, :, None].to(u.dtype)) * c[:n], c[n:]])
+                     for l, (u, c) in enumerate(zip(u_now, cache))]  # L x (B, N, C)
+    steps = length.to(rel_sum.dtype)
+    mse = (rel_sum / steps).mean()
+    mean_w = (w_sum / steps).mean()
+    cost = mean_w if config.penalty == "mean" else (mean_w - config.target_ratio) ** 2
+    return {"loss": mse + config.lam * cost, "rel_mse": mse.detach(), "mean_w": mean_w.detach(),
+            "cached_steps": int(length.sum())}
+
+
+_SCHEDULE_POSITIONAL = {"tprr": ("k1", "k2", "split", "force_last"), "round-robin": ("interval", "force_last")}
+
+
+def parse_schedule_spec(text: str) -> dict:
+    """A schedule written on one line -> the ``schedule`` dict of :class:`PredictorTrainConfig`.
+
+    ``KIND:V1,V2,...`` with the values in the order of the kind's parameters, or ``KIND:NAME=V,...``:
+    ``"tprr:6,4,0.5"`` -> ``{"kind": "tprr", "k1": 6, "k2": 4, "split": 0.5}``; ``"round-robin:3"`` ->
+    ``{"kind": "round-robin", "interval": 3}``; ``"tprr:k1=6,k2=4,split=0.5,force_last=1"``. Whether the
+    values make a schedule is checked by the config (over its ``num_steps``).
+    """
+    from .schedule import SCHEDULES
+
+    kind, sep, rest = str(text).strip().partition(":")
+    kind = kind.strip()
+    example = "e.g. tprr:6,4,0.5 (k1,k2,split), round-robin:3 (interval) or tprr:k1=6,k2=4,split=0.5"
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule {text!r}: unknown kind {kind!r}; choose one of {list(SCHEDULES)} ({example})")
+    if kind == "percentile":
+        raise ValueError("schedule 'percentile' needs step_importance (one value per step), which does not fit on "
+                         "a command line: pass schedule={'kind': 'percentile', 'step_importance': [...], 'n_full': n} "
+                         "to PredictorTrainConfig in Python")
+    if not sep or not rest.strip():
+        raise ValueError(f"schedule {text!r} gives no parameters; write KIND:VALUES, {example}")
+    names = _SCHEDULE_POSITIONAL.get(kind, ())
+    out: dict = {"kind": kind}
+    for i, item in enumerate(p.strip() for p in rest.split(",")):
+        name, eq, value = item.partition("=")
+        if not eq:
+            if i >= len(names):
+                raise ValueError(f"schedule {text!r}: {kind!r} takes at most {len(names)} values "
+                                 f"({', '.join(names) or 'name=value pairs only'}); {example}")
+            name, value = names[i], item
+        name, value = name.strip(), value.strip()
+        if name in out:
+            raise ValueError(f"schedule {text!r} sets {name!r} twice")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ValueError(f"schedule {text!r}: {name}={value!r} is not a number; {example}") from None
+    return out
+
+
 @torch.no_grad()
 def evaluate_predictor(predictor: CachePredictor, transformer, trajs: TrajectorySet, rho: float = 0.5,
                        num_pairs: int = 16, max_gap: int = 1, seed: int = 1234) -> dict:
@@ -430,6 +703,10 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
     rows = trajectories.pair_rows()
     if len(rows) == 0:
         raise ValueError("the trajectories hold no pair of steps; use num_steps >= 2")
+    windows = rollout_windows(trajectories, config) if config.rollout else None
+    if windows is not None and len(windows[0]) == 0:
+        raise ValueError(f"the trajectories hold no rollout window (rollout={config.rollout}, schedule="
+                         f"{config.schedule}): the schedule leaves no cached step after a full step")
 
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
         torch.manual_seed(config.seed)
@@ -457,12 +734,23 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
     tr.eval().requires_grad_(False)  # frozen: no gradient, no label dropout
     bar = progress_bar(total=config.steps, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
     t0 = time.perf_counter() - elapsed
+
+    def time_up() -> bool:  # max_seconds: checked after each optimiser step, never inside one
+        return config.max_seconds is not None and elapsed >= config.max_seconds
+
     try:
-        while step < config.steps:
-            m, g = _draw_pairs(trajectories, rows, config.batch_size, config.max_gap, gen)
+        while step < config.steps and not time_up():
+            if windows is None:  # one-step pairs (rollout=0)
+                m, g = _draw_pairs(trajectories, rows, config.batch_size, config.max_gap, gen)
+            else:
+                starts, lengths = _draw_windows(windows, config.batch_size, gen)
             for grp in opt.param_groups:
                 grp["lr"] = config.lr * min(1.0, (step + 1) / 10)
-            res = compute_pair_loss(predictor, tr, _pair_tensors(trajectories, m, g, tr.device), config)
+            if windows is None:
+                res = compute_pair_loss(predictor, tr, _pair_tensors(trajectories, m, g, tr.device), config)
+            else:
+                res = compute_rollout_loss(predictor, tr, _window_tensors(trajectories, starts, lengths, tr.device),
+                                           config)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
             opt.step()
@@ -472,7 +760,7 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.4f}", w=f"{np.mean(hist['mean_w'][-20:]):.3f}")
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or step == config.steps or time_up():
                 save_checkpoint()
         bar.close()
         predictor.eval().requires_grad_(False)
@@ -492,6 +780,8 @@ def train_predictor(model, config: PredictorTrainConfig = PredictorTrainConfig()
         "train": {**{k: v for k, v in asdict(config).items() if k != "out"}, "lambda": config.lam,
                   "optimizer_steps": len(hist["loss"]), "trajectories": trajectories.num_trajectories,
                   "pairs_available": len(rows), "loss_first": hist["loss"][0],
+                  "windows_available": None if windows is None else len(windows[0]),
+                  "stopped_by": "max_seconds" if len(hist["loss"]) < config.steps else "steps",
                   "final_window": tail,  # final_* are means over the last `final_window` optimiser steps
                   "final_loss": float(np.mean(hist["loss"][-tail:])),
                   "final_rel_mse": float(np.mean(hist["rel_mse"][-tail:])),
