@@ -143,13 +143,38 @@ def _budget_label(rho: float) -> str:
 
 # ---- the variants of each ablation --------------------------------------------------------------------
 
+def _pairs(points: Sequence[Sequence[int]], what: str) -> list[tuple[int, int]]:
+    """``[[interval, order], ...]`` checked: two integers >= 1 each."""
+    out = []
+    for p in points:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in p)):
+            raise ValueError(f"each {what} point is [interval, order] (two integers >= 1), got {p!r}")
+        out.append((int(p[0]), int(p[1])))
+    return out
+
+
+def forecast_variants(points: Sequence[Sequence[int]] = ()) -> list[Variant]:
+    """tclab's block-level forecasting, one curve ("FORA + forecast"): FORA's schedule (a full step every
+    ``interval`` steps, every block skipped in cached steps) with each token's update extrapolated
+    (``reuse="forecast"``, order ``order``) instead of reused verbatim; ``points`` are ``[interval, order]``.
+    An ablated curve (tclab's own configuration), so it competes for the leader at each cost."""
+    return [Variant(f"FORA + forecast({o}) (interval {k})", "FORA + forecast",
+                    cache=fora_config(k, reuse="forecast", forecast_order=o).to_dict(), knob=f"interval={k} order={o}")
+            for k, o in _pairs(points, "forecast")]
+
+
 def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), fewer_steps: Sequence[int] = (25, 17),
-                       peers: Sequence[str] | str = DEFAULT_PEERS) -> list[Variant]:
+                       peers: Sequence[str] | str = DEFAULT_PEERS,
+                       taylorseer: Sequence[Sequence[int]] = ()) -> list[Variant]:
     """Full compute and the reference points every ablation plot shows: fewer sampling steps (the
     cheapest rival: same FLOPs per step, fewer steps), FORA (block-level caching, round-robin) and the
     external peers (diffusers' cache hooks, cache-dit): ``peers="registered"`` (the notebooks' default)
     is every registered peer, a team's own included. ``fewer_steps`` values >= ``num_steps`` are
-    dropped (they would not save anything)."""
+    dropped (they would not save anything). ``taylorseer`` adds TaylorSeer tuned to the budgets,
+    ``[interval, order]`` points (one full step every ``interval``, step 0 the only warm-up step, as
+    every tclab schedule has): its default (interval 5, three warm-up steps) is one point far from 2x
+    and 3x, and a rival is only fair at its best."""
     if isinstance(peers, str):
         if peers != REGISTERED:
             raise ValueError(f"peers must be a list of peer names or {REGISTERED!r} (every registered peer: "
@@ -167,6 +192,10 @@ def reference_variants(num_steps: int, fora_intervals: Sequence[int] = (2, 3), f
                            knob=f"interval={k}"))
     for p in peers:
         out.append(Variant(f"peer {p}", f"peer {p}", "peer", peer=str(p)))
+    for k, o in _pairs(taylorseer, "taylorseer"):
+        out.append(Variant(f"TaylorSeer (interval {k}, order {o})", "peer taylorseer tuned", "peer", peer="taylorseer",
+                           peer_options={"cache_interval": k, "max_order": o, "disable_cache_before_step": 1},
+                           knob=f"interval={k} order={o}"))
     return out
 
 
@@ -1357,13 +1386,15 @@ class AblationStudy:
     summary: SweepSummary | None = None
 
     def plan(self, variants: Sequence[Variant], fora_intervals: Sequence[int] = (2, 3),
-             fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] | str = DEFAULT_PEERS) -> None:
+             fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] | str = DEFAULT_PEERS,
+             taylorseer: Sequence[Sequence[int]] = ()) -> None:
         """The points to measure: ``variants`` (the ablation's own) and the :func:`reference_variants`
         every plot shows, each learned scorer pointed at the predictor file :func:`open_study` checked.
         Prints the run folder, the model's identity and what will be measured."""
         from .prepare import with_predictor_paths
 
-        planned = [*variants, *reference_variants(self.settings.num_steps, fora_intervals, fewer_steps, peers)]
+        planned = [*variants, *reference_variants(self.settings.num_steps, fora_intervals, fewer_steps, peers,
+                                                   taylorseer)]
         self.variants = with_predictor_paths(planned, self.predictors)
         print(self.run.dir)
         print(self.model.identity())

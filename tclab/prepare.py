@@ -22,6 +22,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 LEARNED = ("learned-static", "learned-dynamic")
+#: Scorers that mix in a learned predictor: scorer -> the predictor kind it reads (``scorer_options["path"]``).
+USES_PREDICTOR = {"learned-static": "learned-static", "learned-dynamic": "learned-dynamic",
+                  "staleness-learned": "learned-static"}
 AUTO = "auto"
 
 
@@ -80,11 +83,12 @@ def select_images(image_set, model, count: int, labels: Any = "auto", label_map=
 # ---- Cache Predictors ------------------------------------------------------------------------------------
 
 def learned_kinds(scorers: Sequence[Any]) -> list[str]:
-    """The learned predictor kinds among ``scorers`` (names, or TokenCacheConfig dicts), in order."""
+    """The learned predictor kinds ``scorers`` (names, or TokenCacheConfig dicts) read, in order
+    (:data:`USES_PREDICTOR`: ``staleness-learned`` reads ``learned-static``)."""
     out = []
     for s in scorers:
-        name = s.get("scorer") if isinstance(s, Mapping) else s
-        if name in LEARNED and name not in out:
+        name = USES_PREDICTOR.get(s.get("scorer") if isinstance(s, Mapping) else s)
+        if name is not None and name not in out:
             out.append(name)
     return out
 
@@ -174,9 +178,10 @@ def with_predictor_paths(variants: Sequence[Any], paths: Mapping[str, Path]) -> 
     import dataclasses
 
     def fill(cache: Mapping) -> dict:
-        if cache.get("scorer") not in paths:
+        kind = USES_PREDICTOR.get(cache.get("scorer"))
+        if kind not in paths:
             return dict(cache)
-        return {**cache, "scorer_options": {**(cache.get("scorer_options") or {}), "path": str(paths[cache["scorer"]])}}
+        return {**cache, "scorer_options": {**(cache.get("scorer_options") or {}), "path": str(paths[kind])}}
 
     out = []
     for v in variants:

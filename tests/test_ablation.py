@@ -138,6 +138,32 @@ def test_variant_builders_make_valid_distinct_configs():
     assert TokenCacheConfig.from_dict(r[2].cache).rho == 0.0
 
 
+def test_forecast_and_tuned_taylorseer_points():
+    f = A.forecast_variants([[2, 1], [3, 2]])
+    assert [x.name for x in f] == ["FORA + forecast(1) (interval 2)", "FORA + forecast(2) (interval 3)"]
+    c = TokenCacheConfig.from_dict(f[1].cache)
+    assert (c.rho, c.reuse, c.forecast_order, c.interval, c.schedule) == (0.0, "forecast", 2, 3, "round-robin")
+    assert {x.family for x in f} == {"ablation"} and {x.curve for x in f} == {"FORA + forecast"}
+    r = A.reference_variants(10, fora_intervals=[], fewer_steps=[], peers=[], taylorseer=[[3, 2]])
+    ts = r[-1]
+    assert (ts.name, ts.family, ts.peer) == ("TaylorSeer (interval 3, order 2)", "peer", "taylorseer")
+    assert ts.caching_config().cache_interval == 3 and ts.caching_config().max_order == 2
+    assert ts.caching_config().disable_cache_before_step == 1
+    for bad in ([[2]], [[2, 0]], [["2", 1]], [[2, True]]):
+        with pytest.raises(ValueError, match=r"\[interval, order\]"):
+            A.forecast_variants(bad)
+    with pytest.raises(ValueError, match=r"\[interval, order\]"):
+        A.reference_variants(10, taylorseer=[[0, 1]])
+
+
+def test_the_scorers_that_read_a_predictor_get_its_file():
+    from tclab.prepare import learned_kinds, with_predictor_paths
+
+    assert learned_kinds(["staleness-learned", "toca", "learned-dynamic"]) == ["learned-static", "learned-dynamic"]
+    v = with_predictor_paths([{"scorer": "staleness-learned"}, {"scorer": "staleness"}], {"learned-static": "/p.st"})
+    assert v[0]["scorer_options"] == {"path": "/p.st"} and "scorer_options" not in v[1]
+
+
 def test_variant_errors_are_clear():
     with pytest.raises(ValueError, match="unknown TokenCacheConfig key.*'rh'.*did you mean 'rho'"):
         A.Variant("x", "x", cache={"rh": 0.5})

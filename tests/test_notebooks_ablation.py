@@ -25,9 +25,11 @@ CASES = {
 }
 # the curves each notebook must measure (its ablated variants) with the defaults of its other parameters
 CURVES = {
-    "02_ablation_predictor": {"learned-static", "learned-dynamic", "oracle", "prev-change", "toca", "random"},
-    "03_ablation_block_selection": {"uniform", "adaptive", "global", "global + first/last 1 full"},
-    "04_ablation_tprr": {"TPRR long interval first", "TPRR long interval last", "round-robin", "percentile"},
+    "02_ablation_predictor": {"learned-static", "learned-dynamic", "oracle", "oracle-error", "staleness",
+                              "staleness-learned", "prev-change", "toca", "random", "FORA + forecast"},
+    "03_ablation_block_selection": {"uniform", "adaptive", "global", "global + first/last 1 full", "FORA + forecast"},
+    "04_ablation_tprr": {"TPRR long interval first", "TPRR long interval last", "round-robin", "percentile",
+                         "FORA + forecast"},
 }
 
 
@@ -55,7 +57,8 @@ def test_sweep_has_every_curve_and_reference_point(executed):
     f = pd.read_csv(run_dir / "sweep.csv", keep_default_na=False)
     assert set(f.loc[f["family"] == "ablation", "curve"]) == CURVES[name]
     names = set(f["name"])
-    assert {"full compute", "fewer steps (2)", "FORA (interval 2)"} <= names
+    assert {"full compute", "fewer steps (2)", "FORA (interval 2)", "FORA + forecast(1) (interval 2)",
+            "TaylorSeer (interval 2, order 1)"} <= names  # tclab's forecasting and the tuned rival
     assert {f"peer {p}" for p in PEERS} <= names  # every registered peer, reported even if not installed
     ok = f[f["error"] == ""]
     try:
