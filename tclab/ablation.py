@@ -209,10 +209,13 @@ def predictor_variants(scorers: Sequence[str], rhos: Sequence[float], base: dict
 
 
 def block_selection_variants(selections: Sequence[str], rhos: Sequence[float], base: dict | None = None,
-                             full_end_blocks: Sequence[int] = (), full_end_selection: str = "global") -> list[Variant]:
+                             full_end_blocks: Sequence[int] = (), full_end_selection: str = "global",
+                             static_selections: Sequence[str] = ()) -> list[Variant]:
     """Which blocks: one curve per selection method (``uniform``, ``adaptive``, ``global``) and, for each
     k in ``full_end_blocks``, a curve of ``full_end_selection`` with the first and last k blocks
-    always full. One point per ``rho``."""
+    always full; for each of ``static_selections`` a curve "<selection> static shapes" (every row keeps
+    the same count per block, ``TokenCacheConfig.static_shapes``: compile-ready, see
+    ``tclab.cache.static``). One point per ``rho``."""
     base = dict(base or {})
     out = [Variant(f"{s} {_budget_label(r)}", str(s), cache={**base, "selection": str(s), "rho": float(r)},
                    knob=_budget_label(r)) for s in selections for r in rhos]
@@ -221,6 +224,11 @@ def block_selection_variants(selections: Sequence[str], rhos: Sequence[float], b
         out += [Variant(f"{curve} {_budget_label(r)}", curve,
                         cache={**base, "selection": full_end_selection, "rho": float(r),
                                "full_first_blocks": int(k), "full_last_blocks": int(k)},
+                        knob=_budget_label(r)) for r in rhos]
+    for sel in static_selections:
+        curve = f"{sel} static shapes"
+        out += [Variant(f"{curve} {_budget_label(r)}", curve,
+                        cache={**base, "selection": str(sel), "rho": float(r), "static_shapes": True},
                         knob=_budget_label(r)) for r in rhos]
     return out
 

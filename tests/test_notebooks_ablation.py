@@ -27,7 +27,8 @@ CASES = {
 CURVES = {
     "02_ablation_predictor": {"learned-static", "learned-dynamic", "oracle", "oracle-error", "staleness",
                               "staleness-learned", "prev-change", "toca", "random", "FORA + forecast"},
-    "03_ablation_block_selection": {"uniform", "adaptive", "global", "global + first/last 1 full", "FORA + forecast"},
+    "03_ablation_block_selection": {"uniform", "adaptive", "global", "global + first/last 1 full",
+                                    "global static shapes", "FORA + forecast"},
     "04_ablation_tprr": {"TPRR long interval first", "TPRR long interval last", "round-robin", "percentile",
                          "FORA + forecast"},
 }
