@@ -38,6 +38,9 @@ no context: ``tclab.steps.StepTracker`` works out the step, the run and the CFG 
 
 Decisions (scheduling, scoring, selection, index building: Python branching and host syncs) are fenced
 off from ``torch.compile`` with ``torch.compiler.disable``; the per-block tensor work is plain torch.
+With ``static_shapes=True`` (``tclab.cache.static``) every row keeps the same count per block, plans are
+built on the device without host syncs (precomputed per run for a step-static scorer such as
+``learned-static``), and a cached step has fixed shapes, so ``compile_transformer`` can capture it.
 """
 
 from __future__ import annotations
