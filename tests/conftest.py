@@ -143,3 +143,12 @@ def screenshots_dir(tmp_path) -> Path:
     d = Path(os.environ[SCREENSHOTS_ENV]) if os.environ.get(SCREENSHOTS_ENV) else tmp_path / "screenshots"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def perturbed(p, seed=0):
+    """A predictor (any module) with random (non-zero) weights, so its scores are not all 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for q in p.parameters():
+            q.copy_(torch.randn(q.shape, generator=g) * 0.5)
+    return p

@@ -34,7 +34,7 @@ from tclab.cache.train import (
 )
 from tclab.models import NULL_CLASS, LoadedDiT, PixelSpaceVAE, default_scheduler_config
 from tclab.sampling import SampleConfig, StepContext, sample
-from tests.conftest import tiny_transformer
+from tests.conftest import perturbed, tiny_transformer
 
 KINDS = ("learned-static", "learned-dynamic")
 
@@ -52,15 +52,6 @@ def inputs(tr, rows=4, seed=0):
     t = torch.randint(0, 1000, (rows,), generator=g)
     y = torch.cat([torch.randint(0, 3, (rows // 2,), generator=g), torch.full((rows - rows // 2,), NULL_CLASS)])
     return x, t, y
-
-
-def perturbed(p, seed=0):
-    """A predictor with random (non-zero) weights, so its scores are not all 0.5."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for q in p.parameters():
-            q.copy_(torch.randn(q.shape, generator=g) * 0.5)
-    return p
 
 
 # ---- the blending harness ----------------------------------------------------------------------

@@ -44,7 +44,7 @@ from tclab.cache.train import (
 )
 from tclab.models import LoadedDiT, PixelSpaceVAE, default_scheduler_config
 from tclab.steps import StepContext, running
-from tests.conftest import tiny_transformer
+from tests.conftest import perturbed, tiny_transformer
 
 NUM_STEPS = 8
 
@@ -65,14 +65,6 @@ def model() -> LoadedDiT:
 @pytest.fixture(scope="module")
 def trajs(model) -> TrajectorySet:
     return collect_trajectories(model, config(), progress=False)  # 4 trajectories (2 samples x CFG) x 8 steps
-
-
-def perturbed(p, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for q in p.parameters():
-            q.copy_(torch.randn(q.shape, generator=g) * 0.5)
-    return p
 
 
 class ConstantLogits(nn.Module):
