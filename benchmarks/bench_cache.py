@@ -157,6 +157,15 @@ def _row(label: str, flop_ratio: float, t_cached: float, t_full: float, extra: s
 # ---- (a) one cached forward --------------------------------------------------------------------------
 
 @torch.no_grad()
+def _full_compiled_row(med: dict, kv: str, rho: float, width: int, **extra) -> dict:
+    """Print and return the row of the compiled full run against the eager one (medians ``med``)."""
+    tc, te = med["full-compiled"], med["full"]
+    print(f"  {f'kv={kv} rho={rho} full-compiled':<{width}} time ratio vs full eager {tc / te:6.3f}  "
+          f"(compiled {tc * 1e3:8.1f} ms, eager {te * 1e3:8.1f} ms)", flush=True)
+    return {"label": f"kv={kv} rho={rho} full-compiled", "path": "full-compiled", "kv": kv, "rho": rho,
+            "flop_ratio": 1.0, "time_ratio": tc / te, "t_cached": tc, "t_full": te, **extra}
+
+
 def _path_variants(configs: dict, eager, compiled, device, label: str, check=None) -> tuple[dict, dict]:
     """The timed callables of each cached path: ``eager(config)``, or ``compiled(config)`` warmed up first
     (its compilation outside the timed rounds; ``check(path, fn)`` gives the largest difference from its
@@ -296,12 +305,7 @@ def bench_forward(model_spec: str, batch: int, rhos, kvs, repeats: int, device: 
                         times[name].append(dt)
             med = {name: statistics.median(v) for name, v in times.items()}
             if "full-compiled" in med:
-                tc, te = med["full-compiled"], med["full"]
-                print(f"  {f'kv={kv} rho={rho} full-compiled':<{width}} time ratio vs full eager {tc / te:6.3f}  "
-                      f"(compiled {tc * 1e3:8.1f} ms, eager {te * 1e3:8.1f} ms)", flush=True)
-                rows.append({"label": f"kv={kv} rho={rho} full-compiled", "path": "full-compiled", "kv": kv, "rho": rho,
-                             "flop_ratio": 1.0, "time_ratio": tc / te, "t_cached": tc, "t_full": te,
-                             "batch": batch, "model": m.name})
+                rows.append(_full_compiled_row(med, kv, rho, width, batch=batch, model=m.name))
             for p in paths:
                 if p not in med:
                     continue
@@ -455,11 +459,7 @@ def bench_sampling(model_spec: str | None, steps: int, batch: int, guidance: flo
             med = {k: statistics.median(v) for k, v in wall.items()}
             med_model = {k: statistics.median(v) for k, v in model_s.items()}
             if "full-compiled" in med:
-                tc, te = med["full-compiled"], med["full"]
-                print(f"  {f'kv={kv} rho={rho} full-compiled':<{width}} time ratio vs full eager {tc / te:6.3f}  "
-                      f"(compiled {tc * 1e3:8.1f} ms, eager {te * 1e3:8.1f} ms)", flush=True)
-                rows.append({"label": f"kv={kv} rho={rho} full-compiled", "path": "full-compiled", "kv": kv, "rho": rho,
-                             "flop_ratio": 1.0, "time_ratio": tc / te, "t_cached": tc, "t_full": te, "model": m.name})
+                rows.append(_full_compiled_row(med, kv, rho, width, model=m.name))
             for p in paths:
                 if p not in med:
                     continue
