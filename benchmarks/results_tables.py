@@ -5,8 +5,8 @@ conclusions RESULTS.md drew from earlier runs.
 
 Each run folder must come from notebooks 02-04 of this tclab (it reads ``sweep.csv``, ``samples.npz``
 and ``summary.json``: ``tclab.ablation.load_sweep``). Prints, per run, the sweep table (every figure with
-its interval), the leader at 2x and 3x fewer FLOPs with the curves tied with it, the timing noise floor
-and what the sample can resolve; then every claim of :data:`CLAIMS` re-tested paired on the shared
+its interval), the leader at 2x and 3x fewer FLOPs with the curves tied with it, the timing noise floor,
+what the sample can resolve and the best tclab point against the best rival at 2x and 3x (:func:`goal`); then every claim of :data:`CLAIMS` re-tested paired on the shared
 seeds. ``--first 24``: only the first 24 samples (the seeds the earlier 24-sample runs drew).
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+
+import numpy as np
 
 from tclab import ablation as A
 
@@ -96,6 +98,42 @@ def leaders(res) -> str:
     return "\n".join(out)
 
 
+def goal(res, reductions=(2, 3)) -> str:
+    """Issue 17's test: at each reduction, the best tclab configuration (an ablated point) against the best
+    rival (fewer steps, FORA, every peer) within the same FLOPs, by PSNR and by class-consistency, paired
+    on the shared seeds; and the tclab point's realisation (the goal asks for at least 0.9)."""
+    from tclab.stats import paired_proportion_difference
+
+    f = res.frame[res.frame["error"] == ""]
+    cmp = A.PairedComparer(res.samples, res.settings.confidence, res.settings.resamples, res.settings.seed)
+    rows = ["| cost | metric | best tclab point | best rival | tclab - rival [95% CI] | verdict | tclab realisation |",
+            "|---|---|---|---|---|---|---|"]
+    for r in reductions:
+        within = f[f["flop_ratio"].astype(float) <= 1 / r + 1e-9]
+        ours, rivals = within[within["family"] == "ablation"], within[within["family"].isin(["baseline", "peer"])]
+        if ours.empty or rivals.empty:
+            rows.append(f"| {r}x | - | {'none' if ours.empty else ''} | {'none' if rivals.empty else ''} | | | |")
+            continue
+        for metric, col in (("PSNR (dB)", "psnr"), ("class-consistency", "class_consistency")):
+            a = ours.loc[ours[col].astype(float).idxmax()]
+            b = rivals.loc[rivals[col].astype(float).idxmax()]
+            if col == "psnr":
+                t = cmp.test(a["name"], b["name"], "psnr")
+                d, ok = t.difference, t.distinguishable
+                diff = f"{d.estimate:+.2f} [{d.low:+.2f}, {d.high:+.2f}], p = {t.p_value:.3g}"
+            else:
+                ha, hb = cmp.values(a["name"], "class_hit"), cmp.values(b["name"], "class_hit")
+                keep = ~(np.isnan(ha) | np.isnan(hb))
+                iv = paired_proportion_difference(ha[keep], hb[keep], res.settings.confidence)
+                d, ok = iv, not (iv.low <= 0 <= iv.high)
+                diff = f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+            verdict = ("above" if ok and d.estimate > 0 else "below" if ok else "level (within noise)")
+            rows.append(f"| {r}x | {metric} | {a['name']} ({float(a[col]):.3g}, FLOPs {float(a['flop_ratio']):.3f}) | "
+                        f"{b['name']} ({float(b[col]):.3g}, FLOPs {float(b['flop_ratio']):.3f}) | {diff} | {verdict} | "
+                        f"{_cell(a['realisation'], a.get('realisation_ci_low'), a.get('realisation_ci_high'), 2)} |")
+    return "\n".join(rows)
+
+
 def claims(results: dict) -> str:
     rows = ["| run | claim (session 6, N = 24) | then | now: margin [95% CI], p | verdict |", "|---|---|---|---|---|"]
     for run, what, better, worse, then in CLAIMS:
@@ -134,6 +172,8 @@ def main() -> None:
         print(leaders(res))
         print()
         print(A.describe_resolution(A.samples_needed_table(res)))
+        print()
+        print(goal(res))
     print("\n## Earlier conclusions, re-tested\n")
     print(claims(results))
 
