@@ -228,7 +228,8 @@ def test_oracle_error_rechooses_tokens_along_the_cached_path(dit3):
     keep = torch.zeros(B, N, dtype=torch.bool)
     keep[:, :3] = True  # 3 tokens per row, the wrong ones on purpose
     counts = keep.sum(-1)
-    plan = hook._path_plan(blk, x, t, y, plan_from_counts(keep, keep.nonzero(), counts, counts.tolist(), "all"))
+    plan = hook._path_plan(blk, x, t, y, plan_from_counts(keep, keep.nonzero(), counts, counts.tolist(), "all"),
+                           state.reused_update(1))
     err = ((block_forward(blk, x, t, y) - x) - state.blocks[1].u).norm(dim=-1)  # (B, N)
     want = torch.zeros_like(keep).scatter_(1, err.topk(3, dim=-1).indices, True)
     assert torch.equal(plan.keep, want) and plan.T == 3 * B

@@ -433,16 +433,16 @@ class TokenCacheBlockHook(ModelHook):
     def _cached(self, block, x, timestep, labels) -> torch.Tensor:
         st = self.state
         b, plan, reuse = st.blocks[self.index], st.plans[self.index], st.config.reuse
+        # (B, N, C) the cached update, or its forecast to this step (tclab.cache.forecast); None for "output"
+        reused = None if reuse == "output" else st.reused_update(self.index)
         if "path" in st.needs and plan.K:  # oracle-error: the same budget, the tokens chosen along this path
-            plan = st.plans[self.index] = self._path_plan(block, x, timestep, labels, plan)
+            plan = st.plans[self.index] = self._path_plan(block, x, timestep, labels, plan,
+                                                          b.out - x if reused is None else reused)
         if b.age is not None:
             b.age = torch.where(plan.keep, 0, b.age + 1)  # (B, N)
         # (B, N, C) what non-kept tokens get; contiguous, as kept rows are written into its (B*N, C) view
         # (block 0's input comes from the patch embedding as a transposed view)
-        if reuse == "forecast":  # the update extrapolated to this step, per token (tclab.cache.forecast)
-            base = (x + st.reused_update(self.index)).contiguous()
-        else:
-            base = (x + b.u).contiguous() if reuse == "update" else b.out
+        base = b.out if reused is None else (x + reused).contiguous()
         if plan.K == 0:  # no row keeps a token: skip the block
             return base
         out_k, x_k = block_packed(block, x, plan, timestep, labels, st.config.kv)  # (T, C) each
@@ -462,11 +462,12 @@ class TokenCacheBlockHook(ModelHook):
 
 
     @torch.compiler.disable
-    def _path_plan(self, block, x, timestep, labels, plan: BlockPlan) -> BlockPlan:
+    def _path_plan(self, block, x, timestep, labels, plan: BlockPlan, reused: torch.Tensor) -> BlockPlan:
         """The plan with each row's kept count unchanged but its tokens re-chosen by the exact error of
-        reuse on this block's actual input (the cached path): the ``"path"`` need of ``oracle-error``."""
+        reusing ``reused`` (B, N, C, what a non-computed token gets, as an update) on this block's actual
+        input (the cached path): the ``"path"`` need of ``oracle-error``."""
         u_true = block_forward(block, x, timestep, labels) - x  # (B, N, C) the block on every token
-        err = (u_true.float() - self.state.reused_update(self.index, x).float()).norm(dim=-1)  # (B, N)
+        err = (u_true.float() - reused.float()).norm(dim=-1)  # (B, N)
         counts = plan.keep.sum(dim=-1)  # (B,)
         keep = rank_desc(err) < counts[:, None]  # (B, N) each row's top-count errors
         return plan_from_counts(keep, keep.nonzero(), counts, counts.cpu().tolist(), self.state.config.kv)

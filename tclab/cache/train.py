@@ -295,6 +295,17 @@ def _noise_channels(out: torch.Tensor, transformer) -> torch.Tensor:
     return out[:, : transformer.config.in_channels]
 
 
+def _row_mse(out: torch.Tensor, target: torch.Tensor, transformer) -> torch.Tensor:
+    """MSE of each row's noise prediction against ``target`` (the full output's noise channels): (B,)."""
+    return (_noise_channels(out, transformer) - target).pow(2).flatten(1).mean(1)
+
+
+def _penalty(mean_w: torch.Tensor, config: "PredictorTrainConfig") -> torch.Tensor:
+    """The compute penalty on the mean score (module docstring): ``mean(w)``, or its squared distance to
+    ``target_ratio`` with ``penalty="target"``."""
+    return mean_w if config.penalty == "mean" else (mean_w - config.target_ratio) ** 2
+
+
 # ---- training data: the model's own trajectories -----------------------------------------------------
 
 @dataclass
@@ -419,13 +430,13 @@ def compute_pair_loss(predictor: CachePredictor, transformer, batch, config: Pre
         _, cached = forward_blended(transformer, x_prev, t_prev, y, record=True)  # L x (B, N, C): step s - g
         if config.relative:
             all_cached, _ = forward_blended(transformer, x_now, t_now, y, cached=cached)  # no block runs
-            err0 = (_noise_channels(all_cached, transformer) - target).pow(2).flatten(1).mean(1)  # (B,)
+            err0 = _row_mse(all_cached, target, transformer)  # (B,)
     w = torch.sigmoid(predictor.logits_for(transformer, x_now, t_now, y))  # (B, L, N)
     out, _ = forward_blended(transformer, x_now, t_now, y, w=w, cached=cached)
-    err = (_noise_channels(out, transformer) - target).pow(2).flatten(1).mean(1)  # (B,)
+    err = _row_mse(out, target, transformer)  # (B,)
     mse = (err / (err0 + EPS)).mean() if config.relative else err.mean()
     mean_w = w.mean()
-    cost = mean_w if config.penalty == "mean" else (mean_w - config.target_ratio) ** 2
+    cost = _penalty(mean_w, config)
     return {"loss": mse + config.lam * cost, "rel_mse": mse.detach(), "mean_w": mean_w.detach()}
 
 
@@ -568,10 +579,10 @@ def compute_rollout_loss(predictor: CachePredictor, transformer, window: WindowB
         if config.relative:
             with torch.no_grad():
                 all_cached, _ = forward_blended(tr, xj, tj, yj, cached=[c[:n] for c in cache0])  # no block runs
-                err0 = (_noise_channels(all_cached, tr) - tgt).pow(2).flatten(1).mean(1)  # (n,)
+                err0 = _row_mse(all_cached, tgt, tr)  # (n,)
         w = torch.sigmoid(predictor.logits_for(tr, xj, tj, yj))  # (n, L, N)
         out, u_now = forward_blended(tr, xj, tj, yj, w=w, cached=[c[:n] for c in cache], record=True)
-        err = (_noise_channels(out, tr) - tgt).pow(2).flatten(1).mean(1)  # (n,)
+        err = _row_mse(out, tgt, tr)  # (n,)
         rel = err / (err0 + EPS) if config.relative else err
         rel_sum = rel_sum + torch.nn.functional.pad(rel, (0, B - n))
         w_sum = w_sum + torch.nn.functional.pad(w.mean((1, 2)), (0, B - n))
@@ -581,7 +592,7 @@ def compute_rollout_loss(predictor: CachePredictor, transformer, window: WindowB
     steps = length.to(rel_sum.dtype)
     mse = (rel_sum / steps).mean()
     mean_w = (w_sum / steps).mean()
-    cost = mean_w if config.penalty == "mean" else (mean_w - config.target_ratio) ** 2
+    cost = _penalty(mean_w, config)
     return {"loss": mse + config.lam * cost, "rel_mse": mse.detach(), "mean_w": mean_w.detach(),
             "cached_steps": int(length.sum())}
 
@@ -644,13 +655,12 @@ def evaluate_predictor(predictor: CachePredictor, transformer, trajs: Trajectory
     m, g = _draw_pairs(trajs, trajs.pair_rows(), num_pairs, max_gap, gen)
     x_prev, t_prev, x_now, t_now, y, target = _pair_tensors(trajs, m, g, transformer.device)
     _, cached = forward_blended(transformer, x_prev, t_prev, y, record=True)
-    err0 = (_noise_channels(forward_blended(transformer, x_now, t_now, y, cached=cached)[0], transformer)
-            - target).pow(2).flatten(1).mean(1)
+    err0 = _row_mse(forward_blended(transformer, x_now, t_now, y, cached=cached)[0], target, transformer)
 
     def rel(scores):
         keep = select_tokens(scores, rho, "global").to(scores.dtype)  # (B, L, N) 0/1
         out, _ = forward_blended(transformer, x_now, t_now, y, w=keep, cached=cached)
-        return float(((_noise_channels(out, transformer) - target).pow(2).flatten(1).mean(1) / (err0 + EPS)).mean())
+        return float((_row_mse(out, target, transformer) / (err0 + EPS)).mean())
 
     s = torch.sigmoid(predictor.logits_for(transformer, x_now, t_now, y))
     rnd = torch.rand(s.shape, generator=gen).to(s.device)
