@@ -366,6 +366,8 @@ class SweepResult:
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     timings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     noise_floor: Interval | None = None
+    #: where it ran: ``world_size``, ``backend`` and each rank's ``devices`` (``tclab.distributed.World.describe``)
+    world: dict | None = None
 
     @property
     def full_images(self) -> torch.Tensor:
@@ -445,14 +447,34 @@ def load_sweep(run_dir, first: int | None = None) -> SweepResult:
                        timings=timings, noise_floor=floor)
 
 
-def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, init_images=None):
+def _run(model, variant: Variant, labels: torch.Tensor, config: SampleConfig, init_images=None, start=None):
     detach = variant.attach(model)
     try:
         if variant.num_steps is not None:
             config = SampleConfig(**{**config.__dict__, "num_steps": variant.num_steps})
-        return sample(model, labels, config, init_images=init_images, progress=False)
+        return sample(model, labels, config, init_images=init_images, progress=False, start=start)
     finally:
         detach()
+
+
+def _quality_run(model, variant: Variant, labels: torch.Tensor, settings: SweepSettings, init_images=None,
+                 start=None) -> tuple[torch.Tensor, int]:
+    """``(images, FLOPs counted)`` of ``variant``'s quality run on ``labels`` (all of the sweep's, or one
+    shard of them with that shard's ``start``); non-finite images are an error."""
+    with count_flops() as fc:
+        res = _run(model, variant, labels, settings.sample_config(), init_images, start)
+    imgs = res.images
+    if not bool(torch.isfinite(imgs).all()):
+        raise FloatingPointError(f"{variant.name} produced non-finite images (NaN or inf in "
+                                 f"{int((~torch.isfinite(imgs)).flatten(1).any(1).sum())} of {len(imgs)}): "
+                                 "its outputs diverged, so no quality figure of it would mean anything")
+    return imgs, fc.result.flops
+
+
+def _warm_up(model, settings: SweepSettings, labels: torch.Tensor, init_images=None) -> None:
+    """First calls allocate and pick kernels; keep that out of every timed run."""
+    sample(model, labels, settings.sample_config(num_steps=2, batch_size=settings.timing_batch),
+           init_images=init_images, progress=False)
 
 
 def _time_pair(model, variant: Variant, settings: SweepSettings, labels: torch.Tensor,
@@ -543,7 +565,8 @@ def quality_columns(per_sample: Mapping[str, np.ndarray], settings: SweepSetting
 
 def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None = None, classifier=None,
               extractor=None, reference_images=None, labels: torch.Tensor | None = None,
-              init_images: torch.Tensor | None = None, lpips_model=None, progress: bool = True) -> SweepResult:
+              init_images: torch.Tensor | None = None, lpips_model=None, progress: bool = True, workers: int = 1,
+              work_dir=None) -> SweepResult:
     """Measure every variant on ``model`` (a ``LoadedDiT``); full compute is always measured first.
 
     The quality run samples ``settings.quality_samples`` class-balanced labels from noise, or the
@@ -570,11 +593,19 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     not measured are NaN. Every measured figure ``m`` has ``m_ci_low``, ``m_ci_high`` (at
     ``settings.confidence``) and, for per-sample means, ``m_n``; the per-sample values and the timings
     are in :attr:`SweepResult.samples` / :attr:`SweepResult.timings`.
+
+    ``workers > 1`` measures on that many torchrun processes of this machine (one CPU thread, or one GPU,
+    each; ``tclab.distributed``): the work is cut into (variant, shard of ``quality_batch`` samples)
+    units, each rank times its variants against full compute on its own device, and every figure is
+    then made here from the units' images and timings, so the quality columns equal one process's.
+    ``work_dir`` holds the plan, the finished units and the workers' logs (default: a temporary folder);
+    it is removed after success and kept after a failure, whose error names the rank and its log.
     """
     import pandas as pd
     from .progress import progress_bar
 
     settings = settings or SweepSettings()
+    check_workers(workers)
     if any(v.name == FULL_COMPUTE and v != full_compute() for v in variants):
         raise ValueError(f"a variant is named {FULL_COMPUTE!r} but is not plain full compute; rename it "
                          "(full compute is always measured first, as the reference)")
@@ -596,34 +627,37 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
     t_labels = labels[: settings.timing_batch]
     t_init = init_images[: settings.timing_batch] if init_images is not None else None
     ref_feats = extractor(reference_images) if extractor is not None else None
-    # warm-up: first calls allocate and pick kernels; keep that out of every timed run
-    sample(model, t_labels, settings.sample_config(num_steps=2, batch_size=settings.timing_batch),
-           init_images=t_init, progress=False)
+    if workers > 1:   # every image and timing comes from torchrun workers; the figures are made here, as below
+        measured, world = _measure_on_workers(model, variants, settings, labels, init_images, workers, work_dir,
+                                              progress)
+    else:
+        measured, world = None, {"world_size": 1, "backend": "none (one process)",
+                                 "devices": [_device_text(model.transformer.device)]}
+        _warm_up(model, settings, t_labels, t_init)
 
     rows, images, samples, timings = [], {}, {}, {}
     full_flops = None
-    bar = progress_bar(variants, desc="sweep", unit="variant", disable=not progress)
+    bar = progress_bar(variants, desc="sweep" if measured is None else "sweep: figures", unit="variant",
+                       disable=not progress)
     for v in bar:
         bar.set_postfix_str(v.name[:40])
         row = {"name": v.name, "curve": v.curve, "family": v.family, "knob": v.knob,
                "config": json.dumps(v.describe(), sort_keys=True, default=str), "error": ""}
         try:
-            with count_flops() as fc:
-                res = _run(model, v, labels, settings.sample_config(), init_images)
-            flops = fc.result.flops
+            if measured is None:
+                imgs, flops = _quality_run(model, v, labels, settings, init_images)
+            else:
+                imgs, flops = _from_workers(measured, v.name, "quality")
             if full_flops is None:
                 full_flops = flops
-            imgs = res.images
-            if not bool(torch.isfinite(imgs).all()):
-                raise FloatingPointError(f"{v.name} produced non-finite images (NaN or inf in "
-                                         f"{int((~torch.isfinite(imgs)).flatten(1).any(1).sum())} of {len(imgs)}): "
-                                         "its outputs diverged, so no quality figure of it would mean anything")
             images[v.name] = imgs
             row["gflops_per_image"] = flops / len(labels) / 1e9
             row["flop_ratio"] = flops / full_flops
             # full compute against itself: the sweep's noise floor, so it gets noise_pairs pairs
-            pairs = max(settings.timing_repeats, settings.noise_pairs) if v.name == FULL_COMPUTE else None
-            t_full, t_var = _time_pair(model, v, settings, t_labels, t_init, repeats=pairs)
+            if measured is None:
+                t_full, t_var = _time_pair(model, v, settings, t_labels, t_init, repeats=_pairs_of(v, settings))
+            else:
+                t_full, t_var = _from_workers(measured, v.name, "timing")
             timings[v.name] = {"full": t_full, "variant": t_var}
             row["t_full_s"], row["t_variant_s"] = statistics.median(t_full), statistics.median(t_var)
             ratio = ratio_ci(t_var, t_full, settings.confidence, settings.resamples, settings.seed, paired=True)
@@ -677,7 +711,154 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
              "gflops_per_image", "t_full_s", "t_variant_s", "error"]
     frame = frame[first + [c for c in frame.columns if c not in first]]
     return SweepResult(frame=frame, images=images, labels=labels, settings=settings, variants=list(variants),
-                       samples=samples, timings=timings, noise_floor=floor)
+                       samples=samples, timings=timings, noise_floor=floor, world=world)
+
+
+def _pairs_of(v: Variant, settings: SweepSettings) -> int | None:
+    """Timed pairs of ``v``: full compute against itself is the sweep's noise floor, so it gets ``noise_pairs``."""
+    return max(settings.timing_repeats, settings.noise_pairs) if v.name == FULL_COMPUTE else None
+
+
+def _device_text(device) -> str:
+    from .distributed import _device_name
+
+    return _device_name(str(device))
+
+
+# ---- the sweep on torchrun workers (tclab.distributed) ----------------------------------------------------
+#
+# Work units: ("quality", variant, shard) and ("time", variant). Shards are quality_batch samples, so each is
+# one of the batches a single process runs, with its rows of the whole run's starting noise: a shard's
+# images are those of the one-process sweep, at any world size. Phase 1 is full compute's units, phase 2
+# every other variant's, dealt round-robin; a rank times each of its variants against full compute on its
+# own device. The process that launched the workers reads the units back and makes every figure from the
+# images and timings exactly as the one-process sweep does (run_sweep), so the quality columns are equal.
+
+SWEEP_PLAN = "sweep_plan.pt"
+
+
+def sweep_units(variants: Sequence[Variant], num_samples: int, shard_size: int) -> tuple[list[tuple], int]:
+    """``(units, phase-1 count)``: full compute's quality shards and timing first (every quality unit needs
+    nothing else), then each other variant's shards and its timing."""
+    from .distributed import shard_bounds
+
+    bounds = shard_bounds(num_samples, shard_size)
+
+    def of(v: Variant) -> list[tuple]:
+        return [("quality", v.name, lo, hi) for lo, hi in bounds] + [("time", v.name)]
+
+    first = of(variants[0])
+    return first + [u for v in variants[1:] for u in of(v)], len(first)
+
+
+def _measure_on_workers(model, variants, settings, labels, init_images, workers: int, work_dir, progress: bool):
+    """Hand the sweep to ``workers`` torchrun processes (``tclab sweep-worker``) and wait; returns the
+    measurements and the world they ran on. ``work_dir`` (None: a temporary folder) keeps the plan, the
+    finished units and one log per rank; it is removed after success, kept (and named) after a failure."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .distributed import ShardFolder, launch_workers
+
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tclab-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    units, _ = sweep_units(variants, len(labels), settings.quality_batch)
+    torch.save({"model": model, "variants": list(variants), "settings": settings, "labels": labels,
+                "init_images": init_images}, work / SWEEP_PLAN)
+    folder = ShardFolder(work / "units")
+    launch_workers(workers, ["sweep-worker", str(work)], work / "logs",
+                   on_poll=folder.progress(f"sweep ({workers} workers)") if progress else None)
+    missing = folder.missing(len(units))
+    if missing:
+        raise RuntimeError(f"the workers finished but units {missing[:8]} are missing from {folder.path}")
+    world = json.loads((work / "world.json").read_text(encoding="utf-8"))
+    measured = _read_units(folder, units, variants)   # into memory, before the folder goes
+    shutil.rmtree(work, ignore_errors=True)
+    return measured, world
+
+
+def _read_units(folder, units: list[tuple], variants: Sequence[Variant]) -> dict[str, dict]:
+    """Per variant: ``quality`` (its shards' images in sample order, their FLOPs summed) and ``timing``, or the
+    ``error`` one of its units recorded."""
+    out: dict[str, dict] = {v.name: {"quality": [], "timing": None, "error": ""} for v in variants}
+    for u, unit in enumerate(units):
+        d, payload = out[unit[1]], folder.read(u)
+        if payload["error"]:
+            d["error"] = d["error"] or payload["error"]
+        elif unit[0] == "time":
+            d["timing"] = (payload["full"], payload["variant"])
+        else:
+            d["quality"].append(payload)
+    for d in out.values():
+        parts = sorted(d.pop("quality"), key=lambda p: p["lo"])
+        if not d["error"]:
+            d["quality"] = (torch.cat([p["images"] for p in parts]), sum(p["flops"] for p in parts))
+    return out
+
+
+def _from_workers(measured: dict[str, dict], name: str, key: str):
+    """What the workers measured of ``name`` (``quality`` or ``timing``); a unit's error is raised here, so
+    the point is kept with its error as in the one-process sweep."""
+    if measured[name]["error"]:
+        raise RuntimeError(measured[name]["error"])
+    return measured[name][key]
+
+
+def run_sweep_worker(work_dir, resume: bool = False) -> None:
+    """One torchrun rank of a worker sweep (``tclab sweep-worker DIR``, started by :func:`run_sweep` with
+    ``workers > 1``): runs its units of the plan in ``DIR`` and writes each to ``DIR/units``. A unit whose
+    variant fails records the error (as the one-process sweep keeps a failed point); full compute failing
+    fails the rank."""
+    from pathlib import Path
+
+    from .distributed import ShardFolder, barrier, close_world, init_world, my_units, write_atomic
+    from .sampling import sampling_start
+
+    work = Path(work_dir)
+    world = init_world()
+    try:
+        plan = torch.load(work / SWEEP_PLAN, map_location="cpu", weights_only=False)
+        model, variants, settings = plan["model"].to(world.device), plan["variants"], plan["settings"]
+        labels, init_images = plan["labels"], plan["init_images"]
+        units, first = sweep_units(variants, len(labels), settings.quality_batch)
+        by_name = {v.name: v for v in variants}
+        folder = ShardFolder(work / "units")
+        folder.start({"units": len(units), "variants": [v.name for v in variants], "samples": len(labels),
+                      "shard_size": settings.quality_batch}, world, resume)
+        described = world.describe()
+        if world.is_main:
+            write_atomic(work / "world.json", lambda f: f.write(json.dumps(described).encode()))
+        t_labels = labels[: settings.timing_batch]
+        t_init = init_images[: settings.timing_batch] if init_images is not None else None
+        _warm_up(model, settings, t_labels, t_init)
+        noise, x0 = sampling_start(model, len(labels), settings.seed, init_images)
+        done = folder.done()
+        for lo_u, hi_u in ((0, first), (first, len(units))):
+            for k in my_units(hi_u - lo_u, world):
+                u = lo_u + k
+                if u not in done:
+                    folder.write(u, _run_unit(model, by_name[units[u][1]], units[u], settings, labels, init_images,
+                                              noise, x0, t_labels, t_init))
+            barrier(world)   # phase 2's quality units are compared to full compute's images at merge time
+    finally:
+        close_world(world)
+
+
+def _run_unit(model, v: Variant, unit: tuple, settings, labels, init_images, noise, x0, t_labels, t_init) -> dict:
+    try:
+        if unit[0] == "time":
+            t_full, t_var = _time_pair(model, v, settings, t_labels, t_init, repeats=_pairs_of(v, settings))
+            return {"full": t_full, "variant": t_var, "error": ""}
+        lo, hi = unit[2], unit[3]
+        start = (noise[lo:hi], x0[lo:hi] if x0 is not None else None)
+        imgs, flops = _quality_run(model, v, labels[lo:hi], settings,
+                                   init_images[lo:hi] if init_images is not None else None, start)
+        return {"images": imgs, "flops": flops, "lo": lo, "hi": hi, "error": ""}
+    except Exception as e:
+        if v.name == FULL_COMPUTE:
+            raise
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
 
 
 def add_timing_columns(frame, floor: Interval | None) -> None:
@@ -1092,7 +1273,7 @@ def summarise_sweep(result: SweepResult, budget: float = 0.5, reductions: Sequen
              for key, cost in (("flops", "flop_ratio"), ("wall_clock", "time_ratio"))}
     resolution = samples_needed_table(result, reductions=reductions)
     summary = SweepSummary(
-        **views,
+        **views, extra={"world": dict(result.world)} if result.world is not None else {},
         settings=SweepSettingsRecord.from_dict(asdict(result.settings)),
         points=tuple(_plain_row(r) for _, r in frame.iterrows()), identity=identity,
         labels=dict(labels) if labels is not None else None,
@@ -1392,6 +1573,8 @@ class AblationStudy:
     variants: list[Variant] = field(default_factory=list)
     result: SweepResult | None = None
     summary: SweepSummary | None = None
+    #: torchrun worker processes that measure the sweep (:func:`run_sweep`); 1 = this kernel
+    workers: int = 1
 
     def plan(self, variants: Sequence[Variant], fora_intervals: Sequence[int] = (2, 3),
              fewer_steps: Sequence[int] = (25, 17), peers: Sequence[str] | str = DEFAULT_PEERS,
@@ -1414,7 +1597,10 @@ class AblationStudy:
         Returns the points that failed (``name``, ``error``; empty when every point ran)."""
         if not self.variants:
             raise RuntimeError("nothing to measure: call plan(variants) first")
-        self.result = run_sweep(self.model, self.variants, self.settings, classifier=self.classifier)
+        work = self.run.path("workers") if self.workers > 1 else None   # removed when the sweep succeeds
+        self.result = run_sweep(self.model, self.variants, self.settings, classifier=self.classifier,
+                                workers=self.workers, work_dir=work)
+        print(describe_world(self.result.world))
         frame = self.result.frame
         frame.to_csv(self.run.path("sweep.csv"), index=False)
         self.result.save_samples(self.run.path("samples.npz"))
@@ -1459,13 +1645,15 @@ class AblationStudy:
 
 def open_study(notebook: str, run_dir: str | None, model, images, labels, settings: SweepSettings,
                scorers: Sequence[str] = (), classifier: str | None = None, predictor: Any = "auto",
-               train_missing: bool = True) -> AblationStudy:
+               train_missing: bool = True, workers: int = 1) -> AblationStudy:
     """Everything an ablation notebook needs before it measures, in this order: load ``model`` (a
     ``load_dit`` spec, or a ``LoadedDiT``), load ``images`` and map its folders onto the model's
     classes (``labels``, :func:`tclab.prepare.load_images`), sample those classes (``settings.classes``,
     unless set), find (or, with ``train_missing``, train) the predictor of each learned scorer among
     ``scorers`` and the class-consistency ``classifier`` (:mod:`tclab.prepare`), and open the run folder
-    ``run_dir`` (None: a new one under reports/) for ``notebook``."""
+    ``run_dir`` (None: a new one under reports/) for ``notebook``. ``workers``: torchrun processes that
+    measure the sweep (:func:`run_sweep`; 1 = this process)."""
+    check_workers(workers)
     from . import prepare, runs
     from .models import LoadedDiT, load_dit
 
@@ -1478,4 +1666,25 @@ def open_study(notebook: str, run_dir: str | None, model, images, labels, settin
                                            guidance_scale=settings.guidance_scale, images=images, labels=labels)
     clf = prepare.classifier_for(dit, classifier, prepared.image_set, prepared.label_map, train_missing)
     run = runs.open_run(run_dir, notebook=notebook)
-    return AblationStudy(dit, prepared, settings, clf, predictors, run)
+    return AblationStudy(dit, prepared, settings, clf, predictors, run, workers=workers)
+
+
+def check_workers(workers) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1 (torchrun processes on this machine; 1 = this process), "
+                         f"got {workers!r}")
+
+
+def describe_world(world: Mapping[str, Any] | None) -> str:
+    """One sentence for a report: how many processes measured, with which backend, on which devices."""
+    if not world:
+        return "Measured in one process."
+    devices = list(world.get("devices") or [])
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d] = counts.get(d, 0) + 1
+    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
+    if world.get("world_size", 1) == 1:
+        return f"Measured in one process, on {on}."
+    return (f"Measured by {world['world_size']} torchrun workers ({world.get('backend')}), on {on}; each timed its "
+            "variants against full compute on its own device.")

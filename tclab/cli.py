@@ -211,9 +211,49 @@ def _strength_list(text: str) -> list[float]:
 
 
 def _cmd_sample(a: argparse.Namespace) -> int:
-    from .evaluate import sample_grid
+    from .evaluate import sample_grid, sample_npz
 
-    out = sample_grid(a.model, _sample_config(a), a.num_samples, a.out)
+    if a.npz is None:
+        if a.resume or a.workers != 1:
+            print("tclab sample: --resume and --workers go with --npz OUT.npz (the sharded sampler)", file=sys.stderr)
+            return 2
+        print(sample_grid(a.model, _sample_config(a), a.num_samples, a.out))
+        return 0
+    if a.workers > 1:   # torchrun on this machine, one worker per CPU thread or GPU
+        return _launch(a, ["sample", "--model", a.model, "--num-samples", str(a.num_samples), "--steps", str(a.steps),
+                           "--scheduler", a.scheduler, "--guidance", str(a.guidance), "--seed", str(a.seed),
+                           "--batch-size", str(a.batch_size), "--npz", str(Path(a.npz).resolve()),
+                           *(["--resume"] if a.resume else [])], Path(a.npz).resolve().with_name(Path(a.npz).name + ".logs"))
+    out = sample_npz(a.model, _sample_config(a), a.num_samples, a.npz, resume=a.resume)
+    if out is not None:   # rank 0 merged
+        print(out)
+    return 0
+
+
+def _cmd_sweep_worker(a: argparse.Namespace) -> int:
+    from .ablation import run_sweep_worker
+
+    run_sweep_worker(a.work_dir, resume=a.resume)
+    return 0
+
+
+def _launch(a: argparse.Namespace, worker_args: list[str], log_dir: Path) -> int:
+    """Run ``tclab <worker_args>`` under torchrun on ``a.workers`` local processes (``tclab.distributed``)."""
+    import shutil
+
+    from .distributed import WorkerFailedError, launch_workers
+
+    from .distributed import ShardFolder
+
+    watch = ShardFolder(Path(a.npz).resolve().with_name(Path(a.npz).name + ".shards")).progress(f"{a.command} "
+                                                                                                 f"({a.workers} workers)")
+    try:
+        launch_workers(a.workers, worker_args, log_dir, on_poll=watch)
+    except WorkerFailedError as e:
+        print(f"tclab {a.command}: {e}", file=sys.stderr)
+        return 1
+    shutil.rmtree(log_dir, ignore_errors=True)
+    out = Path(a.npz)
     print(out)
     return 0
 
@@ -369,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
         s.add_argument("--out", default=f"reports/{name}",
                        help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
+        if name == "sample":
+            s.add_argument("--npz", metavar="OUT.npz", default=None,
+                           help="instead of a grid: write the samples to OUT.npz in the ADM evaluator's layout (arr_0 "
+                                "uint8 NHWC, plus labels), sample i of class i %% K with noise seeded by (seed, i), so "
+                                "the file is the same at any world size; shards under torchrun (see README)")
+            s.add_argument("--resume", action="store_true",
+                           help="with --npz: continue a run that stopped, skipping the shards it finished")
+            s.add_argument("--workers", type=int, default=1,
+                           help="with --npz: start torchrun with this many worker processes on this machine "
+                                "(default 1: this process; under your own torchrun leave it at 1)")
         if name == "evaluate":
             s.add_argument("--classifier", default=None, help="classifier weights (default: the shipped one for "
                                                               "shapes-dit, else the one of --images)")
@@ -384,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --sdedit-from: comma-separated, each in (0, 1]")
             s.add_argument("--per-class", type=int, default=16, help="with --sdedit-from: images per class")
         s.set_defaults(func=func)
+    s = sub.add_parser("sweep-worker", help="one torchrun rank of a sweep measured with workers > 1 (started by "
+                                            "tclab itself: run_sweep(..., workers=N), notebooks' workers parameter)")
+    s.add_argument("work_dir", help="the sweep's work folder (its sweep_plan.pt)")
+    s.add_argument("--resume", action="store_true", help="skip the units already finished in the folder")
+    s.set_defaults(func=_cmd_sweep_worker)
     s = sub.add_parser("runs", help="run folders: `runs clean` marks the leftovers of dead runs as failed")
     rsub = s.add_subparsers(dest="runs_command", required=True)
     s = rsub.add_parser("clean", help="mark every staged run whose process is gone as FAILED (listed in index.html); "
@@ -427,8 +482,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     # ValueError: the configs (SampleConfig, TokenCacheConfig, ...) refuse bad values with it, naming the field.
     # TypeError is not here: outside the checks that raise the classes above it means a bug.
-    return (ModelSpecError, ImageSetError, LabelSpecError, ParameterError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, _json.JSONDecodeError, yaml.YAMLError, ValueError)
+    return (ModelSpecError, ImageSetError, LabelSpecError, ParameterError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError, _json.JSONDecodeError, yaml.YAMLError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

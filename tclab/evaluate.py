@@ -75,6 +75,78 @@ def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: st
     return _finish(stage, final) / "grid.png"
 
 
+def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path, resume: bool = False,
+               shard_size: int | None = None, progress: bool = True) -> Path | None:
+    """Sample ``num_samples`` images into ``out`` (``.npz``, the ADM evaluator's layout: ``arr_0`` uint8
+    (N, H, W, 3), plus ``labels``), sharded over the torchrun ranks this process belongs to
+    (:mod:`tclab.distributed`; alone it is the one rank).
+
+    Sample ``i`` has class ``i % K`` (K = the model's classes; 1000 for an ImageNet DiT: 50 of each in
+    50,000) and noise from its own generator seeded by ``(config.seed, i)``
+    (:func:`tclab.sampling.per_sample_noise`), so the file is byte-identical at any world size. Units are
+    shards of ``shard_size`` samples (default ``config.batch_size``), finished ones written atomically to
+    ``<out>.shards/``; ``resume`` skips those. Rank 0 merges when every shard is there, writes ``out``
+    atomically (and ``<out>.json``: model, settings, world) and removes the shards; it returns ``out``, the
+    other ranks None. An existing ``out`` is never overwritten."""
+    import numpy as np
+
+    from .data import images_to_uint8
+    from .distributed import ShardFolder, barrier, close_world, init_world, my_units, shard_bounds, write_atomic
+    from .progress import progress_bar
+    from .sampling import per_sample_noise
+
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--npz {out}: give a file name ending in .npz (the ADM evaluator's format)")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; it is never overwritten: choose another name or delete it")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    world = init_world()
+    try:
+        model = load_dit(model_spec).to(world.device)
+        labels = balanced_labels(num_samples, model.num_classes)
+        bounds = shard_bounds(num_samples, shard_size or config.batch_size)
+        folder = ShardFolder(out.with_name(out.name + ".shards"))
+        plan = {"model": model.identity(), "config": config.__dict__, "num_samples": num_samples,
+                "units": len(bounds), "labels": "i % num_classes", "num_classes": model.num_classes,
+                "noise": "per sample, seeded (seed, i)"}
+        folder.start(plan, world, resume)
+        t0 = time.perf_counter()
+        mine = [u for u in my_units(len(bounds), world) if u not in folder.done()]
+        bar = progress_bar(total=len(bounds), initial=len(folder.done()), desc=f"sampling (rank {world.rank})",
+                           unit="shard", disable=not (progress and world.is_main))
+        for u in mine:
+            lo, hi = bounds[u]
+            res = sample(model, labels[lo:hi], config, progress=False,
+                         start=(per_sample_noise(model, config.seed, range(lo, hi)), None))
+            folder.write(u, {"arr": images_to_uint8(res.images), "labels": labels[lo:hi].numpy(), "lo": lo, "hi": hi})
+            bar.n = len(folder.done())
+            bar.refresh()
+        bar.close()
+        described = world.describe()   # every rank takes part: it gathers the devices
+        barrier(world)
+        if not world.is_main:
+            return None
+        missing = folder.missing(len(bounds))
+        if missing:
+            raise RuntimeError(f"shards {missing[:8]}{'...' if len(missing) > 8 else ''} of {len(bounds)} are missing "
+                               f"from {folder.path}; nothing was merged: run again with --resume")
+        parts = [folder.read(u) for u in range(len(bounds))]
+        arr = np.concatenate([p_["arr"] for p_ in parts])
+        labs = np.concatenate([p_["labels"] for p_ in parts])
+        write_atomic(out, lambda f: np.savez(f, arr_0=arr, labels=labs))
+        info = {"model": model.identity(), "config": config.__dict__, "num_samples": num_samples,
+                "shape": list(arr.shape), "labels": "i % num_classes", "num_classes": model.num_classes,
+                "noise": "per sample, seeded (seed, i): identical at any world size",
+                **described, "seconds": round(time.perf_counter() - t0, 1), "resumed": resume}
+        write_atomic(out.with_name(out.name + ".json"), lambda f: f.write(json.dumps(info, indent=2).encode()))
+        folder.remove()
+        return out
+    finally:
+        close_world(world)
+
+
 def _classifier_and_classes(model, classifier_path: str | None, images: str | Path | None, labels, limit=None):
     """The classifier and the class ids to evaluate: a given file, else the shipped one for the embedded
     classes, else the classifier of ``images`` and its label map (trained now and kept in the artefact

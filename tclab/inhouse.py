@@ -43,7 +43,7 @@ import torch
 
 from . import runs
 from .ablation import (FULL_COMPUTE, SweepResult, SweepSettings, Variant, best_under_budget, check_budget,
-                       finite_or_none, interval_text, noise_floor_note, run_sweep)
+                       describe_world, finite_or_none, interval_text, noise_floor_note, run_sweep)
 from .analysis import observation_findings, to_plain
 from .cache import TokenCacheConfig
 from .metrics import FID_FLOOR_RULE
@@ -395,19 +395,19 @@ def _candidate_variants(candidates: Sequence[Mapping[str, Any]]) -> list[Variant
 
 
 def measure_candidates(model, candidates: Sequence[Mapping[str, Any]], settings: SweepSettings, budget: float,
-                       classifier=None, progress: bool = False) -> tuple[dict | None, SweepResult]:
+                       classifier=None, progress: bool = False, workers: int = 1) -> tuple[dict | None, SweepResult]:
     """Measure ``candidates`` (dicts of TokenCacheConfig fields) against full compute on ``model``'s own
     class-balanced samples (``settings.quality_samples`` of them, from noise, as the ablation
     notebooks do) and pick :func:`tclab.ablation.best_under_budget` (highest PSNR with FLOP ratio
     <= ``budget``). Returns ``(best row or None, the sweep)``. Bad candidates raise before anything runs."""
     variants = _candidate_variants(candidates)
-    result = run_sweep(model, variants, settings, classifier=classifier, progress=progress)
+    result = run_sweep(model, variants, settings, classifier=classifier, progress=progress, workers=workers)
     return best_under_budget(result.frame, budget), result
 
 
 def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str | Path, budget: float = 0.5,
               candidates: Sequence[Mapping[str, Any]] = DEFAULT_CANDIDATES, settings: SweepSettings | None = None,
-              classifier=None, progress: bool = True) -> Recommendation:
+              classifier=None, progress: bool = True, workers: int = 1) -> Recommendation:
     """Decide which TokenCache setting the report measures.
 
     Args:
@@ -422,6 +422,7 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
         settings: sampling and measurement of the fallback sweep (its ``num_steps`` also checks that a
             percentile schedule from an ablation run fits).
         classifier: class-consistency classifier for the fallback sweep (or None).
+        workers: torchrun processes that measure the fallback sweep (``tclab.ablation.run_sweep``).
 
     Returns a :class:`Recommendation` whose ``source``, ``origin`` and ``reason`` say which path was
     taken and why. When even the candidates miss the budget, the cheapest candidate that ran is
@@ -468,7 +469,8 @@ def recommend(model, recommendation: str | Mapping[str, Any], reports_dir: str |
            f"none of the {len(considered)} ablation run(s) in {reports_dir} offers a TokenCache setting of this model "
            f"within FLOP ratio {budget:g} (each run and its verdict are listed below)")
     variants = _candidate_variants(candidates)  # refuse bad candidates before the sweep runs
-    pick, result = measure_candidates(model, [v.cache for v in variants], settings, budget, classifier, progress)
+    pick, result = measure_candidates(model, [v.cache for v in variants], settings, budget, classifier, progress,
+                                      workers)
     frame = result.frame
     ok = frame[(frame["name"] != FULL_COMPUTE) & (frame["error"].fillna("") == "")]
     within = pick is not None
@@ -552,7 +554,8 @@ class InhouseMeasurement:
                  f"{sdedit_steps(st.num_steps, st.sdedit_strength)} of {st.num_steps} {st.scheduler} steps, "
                  f"guidance {st.guidance_scale:g}, seed {st.seed}",
                  f"wall-clock: median of {st.timing_repeats} interleaved (full compute, cached) run(s) of "
-                 f"{st.timing_batch} image(s) each, in this process"]
+                 f"{st.timing_batch} image(s) each, full compute re-run beside the cached runs",
+                 describe_world(self.result.world)]
         if isinstance(rec.get("fid_extractor"), str):
             lines.append(f"FID/KID feature space: {rec['fid_extractor']}"
                          + ("" if rec.get("fid_comparable") else ": NOT comparable to published FID"))
@@ -696,7 +699,7 @@ class InhouseMeasurement:
 
 def measure_on_images(model, rec: Recommendation, settings: SweepSettings, images, classifier=None,
                       extractor=None, reference_images: torch.Tensor | None = None,
-                      progress: bool = True) -> InhouseMeasurement:
+                      progress: bool = True, workers: int = 1) -> InhouseMeasurement:
     """SDEdit every image of ``images`` (an ImageSet from :func:`tclab.prepare.select_images`) with full compute and with
     the recommendation, in one ``tclab.ablation.run_sweep`` harness: FLOPs counted on what ran,
     wall-clock of ``settings.timing_batch`` images (median of ``settings.timing_repeats`` interleaved
@@ -711,7 +714,7 @@ def measure_on_images(model, rec: Recommendation, settings: SweepSettings, image
         reference_images = images.images
     result = run_sweep(model, [rec.variant(cache)], settings, classifier=classifier, extractor=extractor,
                        reference_images=reference_images if extractor is not None else None,
-                       labels=images.labels, init_images=images.images, progress=progress)
+                       labels=images.labels, init_images=images.images, progress=progress, workers=workers)
     row = result.frame[result.frame["name"] == rec.variant_name].iloc[0]
     if row["error"]:
         raise RuntimeError(f"the recommended setting {rec.name!r} failed on the in-house images: {row['error']}. "

@@ -102,6 +102,36 @@ def _check_labels(model: LoadedDiT, labels: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def sampling_start(model: LoadedDiT, n: int, seed: int, init_images: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(noise, x0)`` of an ``n``-sample call of :func:`sample`: one generator seeded with ``seed`` draws
+    the noise of all ``n`` rows at once (as DiTPipeline), then encodes ``init_images`` (SDEdit) with the
+    same generator; ``x0`` is None without them. On the model's device."""
+    device, dtype = model.transformer.device, model.transformer.dtype
+    shape = (n, model.latent_channels, model.latent_size, model.latent_size)
+    generator = torch.Generator(device).manual_seed(seed)
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    x0 = model.encode(init_images.to(device), generator=generator) if init_images is not None else None
+    return noise, x0
+
+
+def per_sample_noise(model: LoadedDiT, seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """The starting noise of samples ``indices`` of a run seeded ``seed``, each from its own CPU generator
+    seeded by ``(seed, i)``: sample ``i``'s noise depends on the seed and ``i`` only, not on how many samples
+    the run has, how they are batched or which process draws them (``tclab sample --npz``, sharded over
+    torchrun ranks). (N, C, L, L) on the model's device."""
+    import hashlib
+
+    shape = (model.latent_channels, model.latent_size, model.latent_size)
+    rows = []
+    for i in indices:
+        key = int.from_bytes(hashlib.sha256(f"tclab-noise:{seed}:{int(i)}".encode()).digest()[:8], "little") >> 1
+        rows.append(torch.randn(shape, generator=torch.Generator("cpu").manual_seed(key)))
+    noise = torch.stack(rows) if rows else torch.zeros((0, *shape))
+    return noise.to(model.transformer.device, model.transformer.dtype)
+
+
+@torch.no_grad()
 def sample(
     model: LoadedDiT,
     class_labels: Sequence[int] | torch.Tensor,
@@ -109,26 +139,32 @@ def sample(
     init_images: torch.Tensor | None = None,
     progress: bool = True,
     on_step: Callable[[StepContext, torch.Tensor], None] | None = None,
+    start: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> SampleResult:
     """Sample one image per label (or denoise ``init_images`` with SDEdit). See the module docstring.
 
     ``on_step(ctx, latents)`` is called after every step with the (conditional) latents.
+    ``start``: ``(noise, x0)``, the starting noise of each row and (with ``init_images``) the encoded
+    images; default :func:`sampling_start` of this call. A shard of a larger run passes its rows of the
+    whole run's start (``tclab.distributed``), so its samples are those of the whole run.
     """
     from .progress import progress_bar
 
     tr = model.transformer
-    device, dtype = tr.device, tr.dtype
+    device = tr.device
     labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
     _check_labels(model, labels)
     n = len(labels)
-    shape = (n, model.latent_channels, model.latent_size, model.latent_size)
-    generator = torch.Generator(device).manual_seed(config.seed)
-    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    x0 = None
-    if init_images is not None:
-        if len(init_images) != n:
-            raise ValueError(f"{len(init_images)} init_images but {n} class labels; give one label per image")
-        x0 = model.encode(init_images.to(device), generator=generator)
+    if init_images is not None and len(init_images) != n:
+        raise ValueError(f"{len(init_images)} init_images but {n} class labels; give one label per image")
+    if start is None:
+        start = sampling_start(model, n, config.seed, init_images)
+    noise, x0 = start
+    if len(noise) != n or (init_images is not None and (x0 is None or len(x0) != n)):
+        raise ValueError(f"start: {len(noise)} noise rows for {n} class labels; give one row per label "
+                         "(and the encoded init_images with them, as sampling_start returns)")
+    noise = noise.to(device)
+    x0 = x0.to(device) if init_images is not None else None
     cfg = config.guidance_scale > 1
     outs, all_t, t_model = [], [], 0.0
     start = time.perf_counter()
