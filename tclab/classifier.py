@@ -206,13 +206,15 @@ def _mapped_subset(image_set, label_map):
     return sub, [label_map.class_name_of(c) for c in ids], ids
 
 
-def class_consistency(classifier: ShapesClassifier, images: torch.Tensor, labels: torch.Tensor,
-                      model_class_names: list[str] | None = None) -> dict:
+def class_consistency(classifier: ShapesClassifier, images: torch.Tensor | None, labels: torch.Tensor,
+                      model_class_names: list[str] | None = None, predictions: torch.Tensor | None = None) -> dict:
     """Fraction of ``images`` classified as their conditioning ``labels`` (model class ids), overall and
     per class, over the images whose label the classifier knows (``n``; ``n_unknown`` were left out).
 
     ``model_class_names`` (the generator's class order) is checked against a classifier without
     ``class_ids`` (outputs = the model's classes in order), so a label index means the same class to both.
+    ``predictions``: the classifier's ids of the images whose label it knows, made already (e.g. shard by
+    shard on several processes, ``tclab.evaluate``); ``images`` is then not needed.
     """
     if (classifier.class_ids is None and model_class_names is not None
             and list(model_class_names) != classifier.class_names):
@@ -222,7 +224,7 @@ def class_consistency(classifier: ShapesClassifier, images: torch.Tensor, labels
     known = classifier.knows(labels)
     if not bool(known.any()):
         return {"accuracy": None, "per_class": {}, "n": 0, "n_unknown": int(len(labels))}
-    pred = classifier.predict_ids(images[known])
+    pred = classifier.predict_ids(images[known]) if predictions is None else torch.as_tensor(predictions).cpu()
     lab = labels[known]
     hit = (pred == lab).float()
     name_of = dict(zip(classifier.model_class_ids, classifier.class_names))

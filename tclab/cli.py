@@ -272,6 +272,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         return 0
     result = evaluate_class_consistency(a.model, _sample_config(a), a.num_samples, a.out, a.classifier,
                                         images=a.images, labels=a.labels)
+    if result is None:   # a torchrun rank other than 0: rank 0 merges and prints
+        return 0
     print(json.dumps({k: result[k] for k in ("class_consistency", "per_class", "seconds")}, indent=2))
     print(result["out"])
     return 0

@@ -78,7 +78,7 @@ def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: st
 def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path, resume: bool = False,
                shard_size: int | None = None, progress: bool = True) -> Path | None:
     """Sample ``num_samples`` images into ``out`` (``.npz``, the ADM evaluator's layout: ``arr_0`` uint8
-    (N, H, W, 3), plus ``labels``), sharded over the torchrun ranks this process belongs to
+    (N, H, W, 3), and the labels in ``arr_1``; :func:`tclab.metrics.export_adm_npz`), sharded over the torchrun ranks this process belongs to
     (:mod:`tclab.distributed`; alone it is the one rank).
 
     Sample ``i`` has class ``i % K`` (K = the model's classes; 1000 for an ImageNet DiT: 50 of each in
@@ -91,6 +91,7 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
     import numpy as np
 
     from .data import images_to_uint8
+    from .metrics import export_adm_npz
     from .distributed import ShardFolder, barrier, close_world, init_world, my_units, shard_bounds, write_atomic
     from .progress import progress_bar
     from .sampling import per_sample_noise
@@ -135,7 +136,7 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
         parts = [folder.read(u) for u in range(len(bounds))]
         arr = np.concatenate([p_["arr"] for p_ in parts])
         labs = np.concatenate([p_["labels"] for p_ in parts])
-        write_atomic(out, lambda f: np.savez(f, arr_0=arr, labels=labs))
+        export_adm_npz(arr, out, labels=labs)   # arr_0 images, arr_1 labels: as ADM's sampling script writes them
         info = {"model": model.identity(), "config": config.__dict__, "num_samples": num_samples,
                 "shape": list(arr.shape), "labels": "i % num_classes", "num_classes": model.num_classes,
                 "noise": "per sample, seeded (seed, i): identical at any world size",
@@ -174,27 +175,60 @@ def _classifier_and_classes(model, classifier_path: str | None, images: str | Pa
 
 def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path,
                                classifier_path: str | None = None, images: str | Path | None = None,
-                               labels="auto") -> dict:
+                               labels="auto") -> dict | None:
     """Sample ``num_samples`` images balanced over the classes the classifier knows (with ``images``:
-    the model classes its folders map to, :mod:`tclab.labels`) and measure class-consistency."""
+    the model classes its folders map to, :mod:`tclab.labels`) and measure class-consistency.
+
+    Sharded over the torchrun ranks this process belongs to (:mod:`tclab.distributed`; alone it is the
+    one rank): each rank samples and classifies its shards of ``config.batch_size`` samples, each shard
+    with its rows of the whole run's starting noise, so the figures are the same at any world size. Rank 0
+    prepares the classifier first (the others then read it), merges the predictions, writes the folder
+    and returns the result; the other ranks return None."""
     from .classifier import class_consistency
+    from .distributed import all_gather, barrier, close_world, init_world, my_units, shard_bounds
+    from .sampling import sampling_start
 
-    model = load_dit(model_spec)
-    clf, ids, _ = _classifier_and_classes(model, classifier_path, images, labels)
-    labels_t = torch.tensor(ids, dtype=torch.long)[balanced_labels(num_samples, len(ids))]
-
-    def build(stage: Path) -> dict:
+    world = init_world()
+    try:
+        model = load_dit(model_spec).to(world.device)
+        if not world.is_main:
+            barrier(world)   # rank 0 trains a missing classifier into the artefact store first
+        clf, ids, _ = _classifier_and_classes(model, classifier_path, images, labels)
+        if world.is_main:
+            barrier(world)
+        labels_t = torch.tensor(ids, dtype=torch.long)[balanced_labels(num_samples, len(ids))]
+        known = clf.knows(labels_t)
+        grid_n = 8 * len(ids)
         t0 = time.perf_counter()
-        res = sample(model, labels_t, config)
-        cc = class_consistency(clf, res.images, labels_t, model.class_names)
-        save_grid(res.images[: 8 * len(ids)], stage / "grid.png", nrow=len(ids),
-                  scale=max(1, 128 // model.resolution))
-        return {"class_consistency": cc["accuracy"], "per_class": cc["per_class"], "n": cc["n"],
-                "classes": ids, "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(res.seconds, 1),
-                "classifier": str(classifier_path or ("shipped" if images is None else "artefact store")),
-                "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(), "config": config.__dict__}
+        noise, _ = sampling_start(model, num_samples, config.seed)
+        bounds = shard_bounds(num_samples, config.batch_size)
+        mine, seconds = [], 0.0
+        for u in my_units(len(bounds), world):
+            lo, hi = bounds[u]
+            res = sample(model, labels_t[lo:hi], config, start=(noise[lo:hi], None), progress=world.is_main)
+            seconds += res.seconds
+            k = known[lo:hi]
+            pred = clf.predict_ids(res.images[k]) if bool(k.any()) else torch.zeros(0, dtype=torch.long)
+            mine.append({"lo": lo, "pred": pred, "grid": res.images[: max(0, grid_n - lo)]})
+        parts = sorted((p for rank_parts in all_gather(world, mine) for p in rank_parts), key=lambda p: p["lo"])
+        described = world.describe()
+        if not world.is_main:
+            return None
+        cc = class_consistency(clf, None, labels_t, model.class_names,
+                               predictions=torch.cat([p["pred"] for p in parts]))
 
-    return _run_into_new_folder(out, model.name, build)
+        def build(stage: Path) -> dict:
+            save_grid(torch.cat([p["grid"] for p in parts])[:grid_n], stage / "grid.png", nrow=len(ids),
+                      scale=max(1, 128 // model.resolution))
+            return {"class_consistency": cc["accuracy"], "per_class": cc["per_class"], "n": cc["n"],
+                    "classes": ids, "seconds": round(time.perf_counter() - t0, 1), "sampling_seconds": round(seconds, 1),
+                    "classifier": str(classifier_path or ("shipped" if images is None else "artefact store")),
+                    "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(), "config": config.__dict__,
+                    **described}
+
+        return _run_into_new_folder(out, model.name, build)
+    finally:
+        close_world(world)
 
 
 DEFAULT_SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)

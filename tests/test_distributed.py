@@ -36,7 +36,7 @@ def _tclab(*args, cwd, check=True, env=None) -> subprocess.CompletedProcess:
 
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as z:
-        return z["arr_0"], z["labels"]
+        return z["arr_0"], z["arr_1"]
 
 
 def test_units_are_dealt_round_robin_and_shards_cover_every_sample():
@@ -97,15 +97,18 @@ def test_sample_npz_is_byte_identical_at_one_and_two_ranks(latent_model, tmp_pat
     assert np.abs(_npz(tmp_path / "b3.npz")[0].astype(int) - a).max() <= 1
 
 
-def test_sample_npz_never_overwrites_and_names_its_options(tmp_path):
+def test_sample_npz_never_overwrites_and_names_its_options(tmp_path, monkeypatch, capsys):
+    from tclab.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "s.npz").write_bytes(b"a good result")
-    out = _tclab("sample", "--num-samples", "2", "--steps", "2", "--npz", "s.npz", cwd=tmp_path, check=False)
-    assert out.returncode == 2 and "never overwritten" in out.stderr
-    assert (tmp_path / "s.npz").read_bytes() == b"a good result"
-    out = _tclab("sample", "--num-samples", "2", "--npz", "s.png", cwd=tmp_path, check=False)
-    assert out.returncode == 2 and "ending in .npz" in out.stderr
-    out = _tclab("sample", "--num-samples", "2", "--workers", "2", cwd=tmp_path, check=False)
-    assert out.returncode == 2 and "go with --npz" in out.stderr
+    assert main(["sample", "--num-samples", "2", "--steps", "2", "--npz", "s.npz"]) == 2
+    assert "never overwritten" in capsys.readouterr().err and (tmp_path / "s.npz").read_bytes() == b"a good result"
+    assert main(["sample", "--num-samples", "2", "--npz", "s.png"]) == 2
+    assert "ending in .npz" in capsys.readouterr().err
+    assert main(["sample", "--num-samples", "2", "--workers", "2"]) == 2
+    assert "go with --npz" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
 
 
 def _worker_pid(launcher: subprocess.Popen, rank: int) -> int | None:
@@ -198,3 +201,16 @@ def test_a_failing_point_is_kept_with_its_error_on_workers():
     row = result.frame.set_index("name").loc["missing predictor"]
     assert "nonexistent" in row["error"] and np.isnan(row["psnr"])
     assert result.frame.set_index("name").loc["full compute", "error"] == ""
+
+
+def test_evaluate_gives_the_same_class_consistency_at_one_and_two_ranks(tmp_path):
+    args = ["evaluate", "--num-samples", "12", "--steps", "4", "--batch-size", "4", "--out"]
+    _tclab(*args, "one", cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tclab", *args, "two"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (one,), (two,) = (list((tmp_path / d).glob("*/result.json")) for d in ("one", "two"))
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["class_consistency"], a["per_class"], a["n"]) == (b["class_consistency"], b["per_class"], b["n"])
+    assert a["n"] == 12 and (a["world_size"], b["world_size"], b["backend"]) == (1, 2, "gloo")
+    assert (one.parent / "grid.png").stat().st_size > 0 and (two.parent / "grid.png").stat().st_size > 0
