@@ -78,317 +78,50 @@ output tensors in place after returning (true of diffusers' blocks).
 digits: fine for the change ratios, but ``cos`` near 1 is quantised to steps of 4.9e-4 (cosines of
 0.9995 and 0.99999 become the same number) and ratios above 65504 (only when ``||x|| ~ 0``)
 become ``inf``; use it for large sweeps that do not study direction stability.
+
+**Records that outgrow memory.** ``stream_to=FOLDER`` writes each batch, when it finishes, to a
+*record store* (:mod:`tclab.record_store`: one ``.npy`` + JSON manifest per batch and rank, written
+atomically, plus each rank's metadata) and keeps nothing of it in RAM, so a study over thousands of
+samples needs the memory of one batch. Rows carry their *global* sample index (``sample_offset=lo``
+for a rank recording samples ``[lo, hi)``), so several torchrun ranks can write into one folder at
+once (``rank=``) and read back in sample order. ``open_record(FOLDER)`` reads lazily:
+``.select(steps=, blocks=, samples=, branch=)`` is an in-memory ``TokenChangeRecord`` of just that part
+(every analysis function takes it), ``.mean_over`` and ``.to_frame`` work chunk by chunk, and
+``merge_record_stores`` joins folders by hard links::
+
+    with record_token_changes(model.transformer, model_identity=model.identity(),
+                              stream_to=run_dir / "changes", rank=rank, sample_offset=lo) as rec:
+        sample(model, labels[lo:hi], SampleConfig(num_steps=50))
+    store = open_record(run_dir / "changes")        # or rec.store; rec.record is refused
+    store.mean_over("update_change")                # (steps, blocks), streamed
+    store.select(blocks=[3], samples=range(100))    # a TokenChangeRecord of block 3, samples 0..99
+
+A batch is written when the next one starts (or the ``with`` block ends), in the transformer's
+pre-hook: one device->host copy as before, then the chunk's bytes at disk speed, once per batch. The
+record class itself, its ``save``/``load`` and the store live in :mod:`tclab.record_store` (numpy
+only, no torch); this module re-exports them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
+# the record itself and its stores live in tclab.record_store (which needs no torch); re-exported here
+from .record_store import (AXES, BRANCHES, MEASURES, RecordStore, RecordStoreWriter, TokenChangeRecord,
+                           _json_dict, merge_record_stores, open_record, quiet_nan_warnings)
 from .steps import NULL_CLASS, StepTracker, bind_model_call, dit_blocks
 
-MEASURES = ("out_change", "update_change", "update_ratio", "cos")
-BRANCHES = ("cond", "uncond")
-AXES = ("step", "block", "sample", "token")
+__all__ = ["AXES", "BRANCHES", "MEASURES", "RecordStore", "RecordStoreWriter", "TokenChangeRecord",
+           "TokenChangeRecorder", "merge_record_stores", "open_record", "quiet_nan_warnings", "record_token_changes"]
+
 _OUT, _UPD, _RATIO, _COS = range(4)  # slot of each measure in the per-step device buffer
-_FORMAT = "tclab.TokenChangeRecord"
-_FORMAT_VERSION = 1
-
-
-# ---- the record -------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class TokenChangeRecord:
-    """Per-token change measures of one recording, arrays indexed ``[step, block, sample, token]``.
-
-    The *sample* axis holds the transformer's batch rows in the order they ran (for CFG batches,
-    both halves); ``branch``, ``sample_id`` and ``class_labels`` say what each row is. Methods that
-    take ``sample=`` mean the sample id (shared by a conditional row and its unconditional twin) and
-    pick the row with ``branch=``.
-
-    Attributes:
-        out_change, update_change, update_ratio, cos: (S, L, R, N) float32 (or float16) arrays; the
-            three change measures are NaN at step 0 (see the module docstring for definitions).
-        steps: (S,) int64 step indices 0..S-1 (0 = first executed, noisiest step).
-        timesteps: (S,) float64 scheduler timestep value ``t`` of each step (NaN if unknown).
-        grid: (H, W) token grid, N = H * W; token ``i`` sits at row ``i // W``, column ``i % W``.
-        class_labels: (R,) int64 class each row's sample was asked for (-1 when none was given).
-        branch: (R,) ``'cond'`` / ``'uncond'``.
-        sample_id: (R,) int64 sample number; a CFG pair shares it.
-        eps: the epsilon of the denominators.
-        model_identity, data_identity: JSON-able provenance dicts (tuples become lists).
-        step_source: ``'sampler'`` (tclab's StepContext), ``'forward-count'`` (fallback) or both.
-    """
-
-    out_change: np.ndarray
-    update_change: np.ndarray
-    update_ratio: np.ndarray
-    cos: np.ndarray
-    steps: np.ndarray
-    timesteps: np.ndarray
-    grid: tuple[int, int]
-    class_labels: np.ndarray
-    branch: np.ndarray
-    sample_id: np.ndarray
-    eps: float = 1e-6
-    model_identity: dict = field(default_factory=dict)
-    data_identity: dict = field(default_factory=dict)
-    step_source: str = "sampler"
-
-    def __post_init__(self) -> None:
-        self.grid = (int(self.grid[0]), int(self.grid[1]))
-        self.steps = np.asarray(self.steps, dtype=np.int64)
-        self.timesteps = np.asarray(self.timesteps, dtype=np.float64)
-        self.class_labels = np.asarray(self.class_labels, dtype=np.int64)
-        self.branch = np.asarray(self.branch, dtype="<U6")
-        self.sample_id = np.asarray(self.sample_id, dtype=np.int64)
-        self.eps = float(self.eps)
-        shape = self.out_change.shape
-        for m in MEASURES:
-            a = getattr(self, m)
-            if a.ndim != 4 or a.shape != shape:
-                raise ValueError(f"measure {m!r} has shape {a.shape}; every measure must be (steps, blocks, "
-                                 f"samples, tokens) = {shape}")
-        s, _, r, n = shape
-        if len(self.steps) != s or len(self.timesteps) != s:
-            raise ValueError(f"{len(self.steps)} steps and {len(self.timesteps)} timesteps for {s} recorded steps")
-        if not (len(self.class_labels) == len(self.branch) == len(self.sample_id) == r):
-            raise ValueError(f"row metadata lengths (class_labels {len(self.class_labels)}, branch "
-                             f"{len(self.branch)}, sample_id {len(self.sample_id)}) must all equal the {r} rows")
-        if self.grid[0] * self.grid[1] != n:
-            raise ValueError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} tokens but the arrays have {n}")
-        bad = set(self.branch.tolist()) - set(BRANCHES)
-        if bad:
-            raise ValueError(f"unknown branch value(s) {sorted(bad)}; rows are 'cond' or 'uncond'")
-        self.model_identity = _json_dict("model_identity", self.model_identity)
-        self.data_identity = _json_dict("data_identity", self.data_identity)
-
-    # -- sizes --
-    @property
-    def num_steps(self) -> int:
-        return self.out_change.shape[0]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.out_change.shape[1]
-
-    @property
-    def num_rows(self) -> int:
-        return self.out_change.shape[2]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.out_change.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the four measure arrays."""
-        return sum(getattr(self, m).nbytes for m in MEASURES)
-
-    # -- selection --
-    def measure(self, name: str) -> np.ndarray:
-        """The (S, L, R, N) array of measure ``name`` (one of ``MEASURES``)."""
-        if name not in MEASURES:
-            raise ValueError(f"unknown measure {name!r}; choose one of {list(MEASURES)}")
-        return getattr(self, name)
-
-    def rows(self, branch: str = "cond") -> np.ndarray:
-        """Row indices of ``branch`` ('cond' or 'uncond'), ordered by sample id."""
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r} (the halves are never mixed)")
-        idx = np.flatnonzero(self.branch == branch)
-        if len(idx) == 0:
-            have = sorted(set(self.branch.tolist()))
-            hint = " (no CFG batch was recorded: guidance_scale <= 1)" if branch == "uncond" else ""
-            raise ValueError(f"no {branch!r} rows in this record{hint}; it has {have}")
-        return idx[np.argsort(self.sample_id[idx], kind="stable")]
-
-    def select(self, measure: str, branch: str = "cond") -> np.ndarray:
-        """(S, L, samples, N) values of one branch, samples ordered by sample id."""
-        return self.measure(measure)[:, :, self.rows(branch)]
-
-    def _axes(self, axes: str | Sequence[str]) -> tuple[int, ...]:
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        bad = [a for a in axes if a not in AXES]
-        if bad:
-            raise ValueError(f"unknown axis {bad}; axes are {list(AXES)}")
-        return tuple(AXES.index(a) for a in axes)
-
-    def mean_over(self, measure: str, axes: str | Sequence[str] = ("sample", "token"),
-                  branch: str = "cond") -> np.ndarray:
-        """NaN-ignoring mean of ``measure`` over ``axes`` for one branch, in float64.
-
-        The default gives the (steps, blocks) matrix: row ``s`` is step index ``s`` (see
-        ``timesteps`` for ``t``); step 0 is NaN for the change measures.
-        """
-        with np.errstate(invalid="ignore"), quiet_nan_warnings():
-            return np.nanmean(self.select(measure, branch), axis=self._axes(axes), dtype=np.float64)
-
-    def quantile_over(self, measure: str, q: float | Sequence[float], axes: str | Sequence[str] = ("sample", "token"),
-                      branch: str = "cond") -> np.ndarray:
-        """NaN-ignoring quantile(s) ``q`` of ``measure`` over ``axes`` (e.g. the spread over tokens of
-        each step x block cell: tokencache.md observation 1). Leading axis = ``q`` when it is a list."""
-        a = self.select(measure, branch).astype(np.float32, copy=False)
-        with quiet_nan_warnings():
-            return np.nanquantile(a, q, axis=self._axes(axes))
-
-    def row_of(self, sample: int, branch: str = "cond") -> int:
-        """The row index of sample id ``sample`` in ``branch``."""
-        rows = self.rows(branch)
-        hit = rows[self.sample_id[rows] == sample]
-        if len(hit) == 0:
-            ids = self.sample_id[rows]
-            raise ValueError(f"no {branch!r} row for sample {sample}; this record's {branch!r} samples are "
-                             f"{ids.min()}..{ids.max()} ({len(ids)} rows)")
-        return int(hit[0])
-
-    def token_map(self, measure: str, step: int, block: int, sample: int = 0, branch: str = "cond") -> np.ndarray:
-        """(H, W) map of ``measure`` over the token grid at step index ``step`` (not t), block ``block``."""
-        if not 0 <= step < self.num_steps:
-            raise ValueError(f"step {step} out of range: this record has step indices 0..{self.num_steps - 1} "
-                             "(pass a step index, not a timestep value)")
-        if not -self.num_blocks <= block < self.num_blocks:
-            raise ValueError(f"block {block} out of range: the model has {self.num_blocks} blocks")
-        row = self.row_of(sample, branch)
-        return self.measure(measure)[step, block, row].reshape(self.grid)  # (H, W), row-major as PatchEmbed
-
-    def to_frame(self, measures: Sequence[str] | None = None, branch: str | None = "cond"):
-        """Tidy ``pandas.DataFrame``, one row per (step, block, sample, token).
-
-        Columns: ``step`` (index), ``t`` (timestep value), ``block``, ``sample`` (sample id, shared by
-        CFG twins, so cond and uncond frames join on it), ``branch``, ``class_label``, ``token``,
-        ``token_row``, ``token_col``, then the measures (float32). ``branch=None`` returns both
-        branches, labelled. Step 0 rows are kept (NaN change measures). Size: S*L*samples*N rows,
-        e.g. 358 k rows per sample for DiT-XL/2 at 50 steps: select ``measures`` and a branch.
-        """
-        import pandas as pd
-
-        measures = list(MEASURES) if measures is None else [measures] if isinstance(measures, str) else list(measures)
-        for m in measures:
-            self.measure(m)
-        if branch is None:
-            rows = np.concatenate([self.rows(b) for b in BRANCHES if (self.branch == b).any()])
-        else:
-            rows = self.rows(branch)
-        s, nb, n = self.num_steps, self.num_blocks, self.num_tokens
-        shape = (s, nb, len(rows), n)
-
-        def col(values, axis):  # broadcast a 1-D per-axis vector over the 4-D index, flattened
-            v = np.asarray(values)
-            view = [1, 1, 1, 1]
-            view[axis] = len(v)
-            return np.broadcast_to(v.reshape(view), shape).ravel()
-
-        tok = np.arange(n, dtype=np.int32)
-        cols = {
-            "step": col(self.steps.astype(np.int32), 0),
-            "t": col(self.timesteps, 0),
-            "block": col(np.arange(nb, dtype=np.int32), 1),
-            "sample": col(self.sample_id[rows], 2),
-            "branch": col(self.branch[rows].astype(object), 2),
-            "class_label": col(self.class_labels[rows], 2),
-            "token": col(tok, 3),
-            "token_row": col(tok // self.grid[1], 3),
-            "token_col": col(tok % self.grid[1], 3),
-        }
-        for m in measures:
-            cols[m] = self.measure(m)[:, :, rows].astype(np.float32, copy=False).ravel()
-        return pd.DataFrame(cols)
-
-    # -- persistence --
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the record to ``path`` as one ``.npz`` file (the name is used exactly as given).
-
-        Why npz and not parquet: the data are dense 4-D arrays, which npz stores as they are (dtype
-        and bits exact, float16 included, NaN included) and reads back without a reshape; a tidy
-        parquet table would repeat 9 index columns per value (about 10x the bytes) -- build it with
-        ``to_frame()`` when a table is wanted. Metadata (grid, eps, identities, step source) go in a
-        JSON string inside the same file, so the file is self-describing and loads without pickle.
-        The write goes to a temporary name first and is then renamed: no half-written records.
-        """
-        path = Path(path)
-        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "grid": list(self.grid), "eps": self.eps,
-                "model_identity": self.model_identity, "data_identity": self.data_identity,
-                "step_source": self.step_source, "axes": list(AXES), "measures": list(MEASURES)}
-        arrays = {m: getattr(self, m) for m in MEASURES}
-        arrays.update(steps=self.steps, timesteps=self.timesteps, class_labels=self.class_labels,
-                      branch=self.branch, sample_id=self.sample_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta_json=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TokenChangeRecord":
-        """Read a record written by :meth:`save` (no pickle is involved)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no token-change record at {path}")
-        with np.load(path, allow_pickle=False) as z:
-            if "meta_json" not in z.files:
-                raise ValueError(f"{path} is an npz file but not a TokenChangeRecord (no meta_json entry)")
-            meta = json.loads(str(z["meta_json"]))
-            if meta.get("format") != _FORMAT or meta.get("version", 0) > _FORMAT_VERSION:
-                raise ValueError(f"{path} holds format {meta.get('format')!r} version {meta.get('version')}; "
-                                 f"this tclab reads {_FORMAT!r} up to version {_FORMAT_VERSION}")
-            arrays = {k: z[k] for k in (*MEASURES, "steps", "timesteps", "class_labels", "branch", "sample_id")}
-        return cls(**arrays, grid=tuple(meta["grid"]), eps=meta["eps"], model_identity=meta["model_identity"],
-                   data_identity=meta["data_identity"], step_source=meta["step_source"])
-
-    def __eq__(self, other) -> bool:
-        """Exact equality: same dtypes, same values (NaN equals NaN), same metadata."""
-        if not isinstance(other, TokenChangeRecord):
-            return NotImplemented
-        for name in (*MEASURES, "steps", "timesteps", "class_labels", "branch", "sample_id"):
-            a, b = getattr(self, name), getattr(other, name)
-            if a.dtype != b.dtype or a.shape != b.shape:
-                return False
-            if not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
-                return False
-        return (self.grid == other.grid and self.eps == other.eps and self.step_source == other.step_source
-                and self.model_identity == other.model_identity and self.data_identity == other.data_identity)
-
-    __hash__ = None  # mutable arrays: not hashable
-
-    def __repr__(self) -> str:
-        counts = {b: int((self.branch == b).sum()) for b in BRANCHES}
-        return (f"TokenChangeRecord(steps={self.num_steps}, blocks={self.num_blocks}, rows={self.num_rows} "
-                f"{counts}, grid={self.grid}, dtype={self.out_change.dtype}, step_source={self.step_source!r}, "
-                f"model={self.model_identity.get('name', '?')!r})")
-
-
-@contextmanager
-def quiet_nan_warnings():
-    """Silence numpy's warnings about all-NaN slices: step 0 of the change measures is NaN by design."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Mean of empty slice")
-        warnings.filterwarnings("ignore", message="All-NaN slice")
-        yield
-
-
-def _json_dict(name: str, d: dict | None) -> dict:
-    """``d`` as JSON will give it back (tuples -> lists), so save/load round-trips exactly."""
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise TypeError(f"{name} must be a dict, got {type(d).__name__}")
-    try:
-        return json.loads(json.dumps(d, allow_nan=True))
-    except TypeError as e:
-        raise TypeError(f"{name} must hold only JSON values (str, number, bool, None, list, dict): {e}; "
-                        "convert paths and arrays with str() / .tolist() first") from None
 
 
 # ---- finding the blocks -----------------------------------------------------------------------
@@ -446,13 +179,15 @@ _A, _DX, _DU, _NOUT, _NIN = range(5)
 
 
 class TokenChangeRecorder:
-    """State of one :func:`record_token_changes` context; ``.record`` is the result after it ends.
+    """State of one :func:`record_token_changes` context; ``.record`` is the result after it ends
+    (``.store`` when it streamed to disk).
 
     Not created directly: use ``with record_token_changes(transformer) as recorder``.
     """
 
     def __init__(self, transformer: torch.nn.Module, eps: float = 1e-6, model_identity: dict | None = None,
-                 data_identity: dict | None = None, storage_dtype: torch.dtype = torch.float32):
+                 data_identity: dict | None = None, storage_dtype: torch.dtype = torch.float32,
+                 stream_to: str | os.PathLike | None = None, rank: int = 0, sample_offset: int = 0):
         self.blocks = dit_blocks(transformer, "record_token_changes")
         self.grid = _token_grid(transformer)
         if not eps > 0:
@@ -473,10 +208,23 @@ class TokenChangeRecorder:
         self._run: _RunState | None = None
         self._chunks: list[dict] = []  # finished batches: values (S_r, L, 4, R_r, N) + row metadata
         self._ref_t: list[float] = []  # t of each step index, shared by all batches of the record
-        self._next_id = 0
+        if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+            raise ValueError(f"sample_offset must be an int >= 0 (the global index of the first sample), "
+                             f"got {sample_offset!r}")
+        self._next_id = sample_offset  # sample_id of the next batch's first sample
         self._in_forward = False
         self._closed = False
         self._record: TokenChangeRecord | None = None
+        self.stream_to = None if stream_to is None else Path(stream_to)
+        self._writer: RecordStoreWriter | None = None  # set: finished batches go to disk, not to _chunks
+        if self.stream_to is not None:
+            self._writer = RecordStoreWriter(
+                self.stream_to, rank, grid=self.grid, num_blocks=len(self.blocks),
+                dtype="float16" if storage_dtype == torch.float16 else "float32", eps=self.eps,
+                model_identity=self.model_identity, data_identity=self.data_identity)
+        elif rank != 0:
+            raise ValueError(f"rank={rank} names this process's files in a record store; it needs stream_to=FOLDER "
+                             "(an in-memory record has no files): pass stream_to, or drop rank")
 
     # -- attach / detach --
     def _attach(self) -> None:
@@ -490,18 +238,21 @@ class TokenChangeRecorder:
             self._detach()
             raise
 
-    def _detach(self) -> None:
+    def _detach(self, finished: bool = True) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._in_forward = False
         self._closed = True
+        if not finished and self._writer is not None:
+            self._run = None  # the `with` block raised: a batch cut short is not streamed (re-record it)
         self._finish_run()
 
     # -- results --
     @property
     def record(self) -> TokenChangeRecord:
         """The finished record (available once the ``with`` block has ended)."""
+        self._refuse_if_streamed("record")
         if not self._closed:
             raise RuntimeError("the record is complete only after the `with record_token_changes(...)` block "
                                "ends; call recorder.result() for a snapshot of what ran so far")
@@ -511,6 +262,7 @@ class TokenChangeRecorder:
 
     def result(self) -> TokenChangeRecord:
         """A record of everything recorded so far (all finished batches plus the running one)."""
+        self._refuse_if_streamed("result()")
         chunks = list(self._chunks)
         if self._run is not None and self._run.steps_done:
             chunks.append(self._chunk_of(self._run, copy=True))
@@ -538,6 +290,25 @@ class TokenChangeRecorder:
             step_source="+".join(sources),
         )
 
+    @property
+    def store(self) -> RecordStore:
+        """The record store this recording streams to, opened for lazy reading (its finished batches;
+        with several ranks writing into the folder, theirs too)."""
+        if self._writer is None:
+            raise RuntimeError("this recording is held in memory (no stream_to=...): use recorder.record")
+        return open_record(self.stream_to)
+
+    @property
+    def written(self) -> list[Path]:
+        """Manifests of the chunks this recorder has written (empty without ``stream_to``)."""
+        return [] if self._writer is None else list(self._writer.written)
+
+    def _refuse_if_streamed(self, what: str) -> None:
+        if self._writer is not None:
+            raise RuntimeError(f"this recording streamed its batches to {self.stream_to} and keeps none in memory, "
+                               f"so it has no recorder.{what}; read it with recorder.store or "
+                               f"tclab.record.open_record({str(self.stream_to)!r}), and .select(...) a part")
+
     # -- runs (batches) --
     def _chunk_of(self, run: _RunState, copy: bool) -> dict:
         v = run.buf[: run.steps_done]  # (S_r, L, 4, R_r, N)
@@ -548,8 +319,19 @@ class TokenChangeRecorder:
 
     def _finish_run(self) -> None:
         if self._run is not None and self._run.steps_done:
-            self._chunks.append(self._chunk_of(self._run, copy=False))
+            chunk = self._chunk_of(self._run, copy=False)
+            if self._writer is None:
+                self._chunks.append(chunk)
+            else:
+                self._stream(chunk)
         self._run = None
+
+    def _stream(self, chunk: dict) -> None:
+        """Write a finished batch to the store; nothing of it stays in memory."""
+        v = chunk["values"]  # (S_r, L, 4, R_r, N)
+        self._writer.write_chunk(v.transpose(2, 0, 1, 3, 4), sample_id=chunk["ids"], branch=chunk["branch"],
+                                 class_labels=chunk["labels"], step_source=chunk["source"],
+                                 timesteps=[math.nan if t is None else t for t in self._ref_t])
 
     def _start_run(self, key, source, x: torch.Tensor, labels, cfg: bool, batch: int, num_steps: int | None):
         self._finish_run()
@@ -717,8 +499,9 @@ class TokenChangeRecorder:
 
 @contextmanager
 def record_token_changes(transformer: torch.nn.Module, eps: float = 1e-6, model_identity: dict | None = None,
-                         data_identity: dict | None = None, *,
-                         storage_dtype: torch.dtype = torch.float32) -> Iterator[TokenChangeRecorder]:
+                         data_identity: dict | None = None, *, storage_dtype: torch.dtype = torch.float32,
+                         stream_to: str | os.PathLike | None = None, rank: int = 0,
+                         sample_offset: int = 0) -> Iterator[TokenChangeRecorder]:
     """Record ``out_change``, ``update_change``, ``update_ratio`` and ``cos`` of every block and token
     while the ``with`` block samples; see the module docstring for definitions and choices.
 
@@ -731,17 +514,28 @@ def record_token_changes(transformer: torch.nn.Module, eps: float = 1e-6, model_
             JSON values only. Without ``model_identity`` the class, block count and grid are stored.
         storage_dtype: ``torch.float32`` (default) or ``torch.float16`` for large sweeps (halves memory,
             quantises ``cos`` near 1; the computation is float32 either way).
+        stream_to: a folder: write each batch to this record store (``tclab.record_store``) when it
+            finishes and keep none in memory; read it with ``recorder.store`` / ``open_record(folder)``.
+            A batch cut short by an exception is not written. Default None: the record is held in memory.
+        rank: with ``stream_to``, this process's rank (its files are ``rankNNNNN*``; several ranks may
+            write into one folder at once).
+        sample_offset: the global index of the first sample recorded here: rows get ``sample_id``
+            ``sample_offset, sample_offset + 1, ...`` (a rank recording samples [lo, hi) passes lo).
 
     Yields:
-        a ``TokenChangeRecorder``; after the block, ``recorder.record`` is the ``TokenChangeRecord``.
+        a ``TokenChangeRecorder``; after the block, ``recorder.record`` is the ``TokenChangeRecord``
+        (``recorder.store`` the ``RecordStore`` when streaming).
 
     The hooks are removed when the block ends, whatever happens inside it. Several batches (the
     sampler's chunks, several ``sample`` or pipeline calls) append rows; they must share the
     step -> t mapping.
     """
-    recorder = TokenChangeRecorder(transformer, eps, model_identity, data_identity, storage_dtype)
+    recorder = TokenChangeRecorder(transformer, eps, model_identity, data_identity, storage_dtype,
+                                   stream_to=stream_to, rank=rank, sample_offset=sample_offset)
     recorder._attach()
+    finished = False
     try:
         yield recorder
+        finished = True
     finally:
-        recorder._detach()
+        recorder._detach(finished)
