@@ -763,18 +763,23 @@ def _measure_on_workers(model, variants, settings, labels, init_images, workers:
 
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tclab-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    units, _ = sweep_units(variants, len(labels), settings.quality_batch)
+    units, first = sweep_units(variants, len(labels), settings.quality_batch)
     torch.save({"model": model, "variants": list(variants), "settings": settings, "labels": labels,
                 "init_images": init_images}, work / SWEEP_PLAN)
     folder = ShardFolder(work / "units")
+    t0 = time.perf_counter()
     launch_workers(workers, ["sweep-worker", str(work)], work / "logs",
                    on_poll=folder.progress(f"sweep ({workers} workers)") if progress else None)
+    seconds = time.perf_counter() - t0
     missing = folder.missing(len(units))
     if missing:
         raise RuntimeError(f"the workers finished but units {missing[:8]} are missing from {folder.path}")
     world = json.loads((work / "world.json").read_text(encoding="utf-8"))
     measured = _read_units(folder, units, variants)   # into memory, before the folder goes
     shutil.rmtree(work, ignore_errors=True)
+    # what the sweep cost, for the cost model of N devices (benchmarks/bench_workers.py)
+    world["seconds"] = {"launch_to_end": round(seconds, 2), "phase_1_units": first,
+                        "units": measured.pop("")["unit_seconds"]}
     return measured, world
 
 
@@ -782,15 +787,17 @@ def _read_units(folder, units: list[tuple], variants: Sequence[Variant]) -> dict
     """Per variant: ``quality`` (its shards' images in sample order, their FLOPs summed) and ``timing``, or the
     ``error`` one of its units recorded."""
     out: dict[str, dict] = {v.name: {"quality": [], "timing": None, "error": ""} for v in variants}
+    out[""] = {"unit_seconds": []}   # each unit's (kind, variant, seconds), in unit order
     for u, unit in enumerate(units):
         d, payload = out[unit[1]], folder.read(u)
+        out[""]["unit_seconds"].append([unit[0], unit[1], round(payload["seconds"], 3)])
         if payload["error"]:
             d["error"] = d["error"] or payload["error"]
         elif unit[0] == "time":
             d["timing"] = (payload["full"], payload["variant"])
         else:
             d["quality"].append(payload)
-    for d in out.values():
+    for d in (out[v.name] for v in variants):
         parts = sorted(d.pop("quality"), key=lambda p: p["lo"])
         if not d["error"]:
             d["quality"] = (torch.cat([p["images"] for p in parts]), sum(p["flops"] for p in parts))
@@ -846,19 +853,23 @@ def run_sweep_worker(work_dir, resume: bool = False) -> None:
 
 
 def _run_unit(model, v: Variant, unit: tuple, settings, labels, init_images, noise, x0, t_labels, t_init) -> dict:
+    t0 = time.perf_counter()
     try:
         if unit[0] == "time":
             t_full, t_var = _time_pair(model, v, settings, t_labels, t_init, repeats=_pairs_of(v, settings))
-            return {"full": t_full, "variant": t_var, "error": ""}
-        lo, hi = unit[2], unit[3]
-        start = (noise[lo:hi], x0[lo:hi] if x0 is not None else None)
-        imgs, flops = _quality_run(model, v, labels[lo:hi], settings,
-                                   init_images[lo:hi] if init_images is not None else None, start)
-        return {"images": imgs, "flops": flops, "lo": lo, "hi": hi, "error": ""}
+            out = {"full": t_full, "variant": t_var, "error": ""}
+        else:
+            lo, hi = unit[2], unit[3]
+            start = (noise[lo:hi], x0[lo:hi] if x0 is not None else None)
+            imgs, flops = _quality_run(model, v, labels[lo:hi], settings,
+                                       init_images[lo:hi] if init_images is not None else None, start)
+            out = {"images": imgs, "flops": flops, "lo": lo, "hi": hi, "error": ""}
     except Exception as e:
         if v.name == FULL_COMPUTE:
             raise
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
+        out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
+    out["seconds"] = time.perf_counter() - t0   # the unit's cost, for the scale-out cost model
+    return out
 
 
 def add_timing_columns(frame, floor: Interval | None) -> None:

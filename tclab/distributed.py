@@ -277,20 +277,34 @@ def launch_workers(workers: int, module_args: Sequence[str], log_dir: str | Path
         env.setdefault("OMP_NUM_THREADS", "1")   # one thread per worker on a CPU machine
     with open(launcher_log, "wb") as out:
         proc = subprocess.Popen(worker_command(workers, module_args, log_dir), stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, preexec_fn=_die_with_parent)
         try:
             while proc.poll() is None:
                 if on_poll is not None:
                     on_poll()
                 time.sleep(poll_seconds)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+        except BaseException:   # an interrupt or a stop: torchrun passes SIGTERM on to its workers
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             raise
     if on_poll is not None:
         on_poll()
     if proc.returncode != 0:
         raise _failure(proc.returncode, launcher_log, log_dir)
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child, before it starts: on Linux, ask for SIGTERM when the launching process dies (even
+    by SIGKILL), so no worker outlives the kernel or command that started it. Elsewhere nothing is done."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _failure(code: int, launcher_log: Path, log_dir: Path) -> WorkerFailedError:

@@ -21,8 +21,8 @@ LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "t
 LAYERS = [
     ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
                 "tclab.cache.schedule", "tclab.cache.select", "tclab.cache.static", "tclab.cache.forecast",
-                "tclab.stats"]),
-    ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data"]),
+                "tclab.stats", "tclab.record_store"]),
+    ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data", "tclab.distributed"]),
     ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
     ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",
                 "tclab.cache.scorers", "tclab.cache.methods", "tclab.cache.hooks", "tclab.cache.predictor",
@@ -31,7 +31,7 @@ LAYERS = [
     ("run folders", ["tclab.runs", "tclab.runs.*"]),
     ("studies", ["tclab.analysis", "tclab.prepare", "tclab.evaluate", "tclab.ablation", "tclab.sweep_summary",
                  "tclab.inhouse", "tclab.plots", "tclab.explore"]),
-    ("front ends", ["tclab.jobs", "tclab.cli"]),
+    ("front ends", ["tclab.jobs", "tclab.cli", "tclab.__main__"]),
 ]
 
 

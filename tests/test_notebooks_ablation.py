@@ -20,8 +20,9 @@ TINY = {"num_steps": 4, "quality_samples": 3, "timing_batch": 1, "timing_repeats
 CASES = {
     "02_ablation_predictor": {"rhos": [0.5, 0.1]},
     "03_ablation_block_selection": {"rhos": [0.5, 0.1]},
+    # 04 measures its sweep on two torchrun workers (gloo, one CPU thread each)
     "04_ablation_tprr": {"tprr": [[2, 1, 0.5], [1, 2, 0.5]], "round_robin": [2], "percentile": [2],
-                         "importance_samples": 1},
+                         "importance_samples": 1, "workers": 2},
 }
 # the curves each notebook must measure (its ablated variants) with the defaults of its other parameters
 CURVES = {
@@ -108,3 +109,16 @@ def test_summary_agrees_with_the_saved_sweep(executed):
     if h["winner_at_2x_flops"] is None:
         assert any(x.verdict == "not measured" and x.group == "at 2x fewer FLOPs" for x in first.findings)
     assert s["identity"]["images_manifest_sha256"]
+
+
+def test_the_report_states_where_the_sweep_ran(executed):
+    name, run_dir = executed
+    world = json.loads((run_dir / "summary.json").read_text())["world"]
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    workers = CASES[name].get("workers", 1)
+    assert world["world_size"] == workers and len(world["devices"]) == workers
+    if workers > 1:
+        assert world["backend"] == "gloo" and f"Measured by {workers} torchrun workers (gloo)" in html
+        assert not (run_dir / "workers").exists()   # the workers' plan, units and logs go once merged
+    else:
+        assert "Measured in one process" in html
