@@ -14,9 +14,9 @@ configurations run interleaved, round by round:
 
 Speed-up = time of a 1-worker configuration / time of 2 workers; efficiency = speed-up / 2 against
 the 1-thread baseline. The cost model for N devices is then written out from the per-unit seconds the
-2-worker run recorded (``summary.json`` -> ``world.seconds``): the same round-robin deal as
-``tclab.distributed.my_units``, phase 1 (full compute) then phase 2, plus the measured fixed cost
-(start-up and merge).
+2-worker run recorded (``summary.json`` -> ``world.seconds``): each device takes the next unit when it
+is free (as ``ShardFolder.claimed``), plus the measured fixed cost (start-up and merge); once as
+measured, once with the units' slow-down from sharing this machine's two cores divided out.
 """
 
 from __future__ import annotations
@@ -63,25 +63,33 @@ def run_once(params: dict, workers: int, omp: str | None, reports: Path) -> dict
 
 
 def makespan(seconds: list[float], n: int) -> float:
-    """The busiest rank's seconds when units are dealt round-robin to ``n`` ranks (``my_units``)."""
-    return max(sum(seconds[r::n]) for r in range(n)) if seconds else 0.0
+    """When the last of ``n`` devices is done if each takes the next unit when it is free, in unit order (what
+    ``ShardFolder.claimed`` does)."""
+    free = [0.0] * n
+    for t in seconds:
+        i = free.index(min(free))
+        free[i] += t
+    return max(free)
 
 
-def cost_model(world: dict, ns=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+def cost_model(world: dict, alone_s: float | None = None, ns=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+    """Predicted sweep seconds on N devices from the per-unit seconds of a worker run: the fixed cost (start-up,
+    model load, warm-up: launch-to-end minus the busiest worker's units) plus the claim schedule's makespan.
+    ``alone_s``: the sweep's time in one process with one worker's resources; the units' sum over it is the
+    slow-down the workers suffered from sharing the machine, divided out in ``predicted_s_alone`` (devices
+    that share nothing, e.g. one GPU each)."""
     sec = world["seconds"]
     units = [u[2] for u in sec["units"]]
-    first = sec["phase_1_units"]
-    p1, p2 = units[:first], units[first:]
-    busy = makespan(p1, world["world_size"]) + makespan(p2, world["world_size"])
-    fixed = sec["launch_to_end"] - busy      # start-up (interpreters, model load, warm-up) and the barriers
+    fixed = sec["launch_to_end"] - makespan(units, world["world_size"])
+    share = sum(units) / alone_s if alone_s else 1.0
     rows = []
     for n in ns:
-        t = fixed + makespan(p1, n) + makespan(p2, n)
-        rows.append({"devices": n, "predicted_s": round(t, 1), "of_which_fixed_s": round(fixed, 1),
-                     "speedup_vs_1": None})
-    t1 = rows[0]["predicted_s"]
-    for r in rows:
-        r["speedup_vs_1"] = round(t1 / r["predicted_s"], 2)
+        rows.append({"devices": n, "predicted_s": round(fixed + makespan(units, n), 1),
+                     "predicted_s_alone": round(fixed + makespan([u / share for u in units], n), 1),
+                     "of_which_fixed_s": round(fixed, 1)})
+    for key in ("predicted_s", "predicted_s_alone"):
+        for r in rows:
+            r[key.replace("predicted", "speedup")] = round(rows[0][key] / r[key], 2)
     return rows
 
 
@@ -110,14 +118,18 @@ def main() -> None:
         print(f"{k:28s} {med[k]:8.1f} {nb[k]:11.1f} {s:22.2f} {s / 2:11.2f}" if k != "2 workers" else
               f"{k:28s} {med[k]:8.1f} {nb[k]:11.1f} {'':>22s} {'':>11s}")
     world = results["2 workers"][-1]["world"]
-    model = cost_model(world)
-    print("\ncost model from the 2-worker run's per-unit seconds (round-robin deal, fixed cost as measured):")
-    for row in model:
-        print(f"  {row['devices']:3d} devices: {row['predicted_s']:7.1f} s (fixed {row['of_which_fixed_s']:.1f} s), "
-              f"speed-up {row['speedup_vs_1']:.2f}")
     units = [u[2] for u in world["seconds"]["units"]]
-    print(f"  {len(units)} units, {sum(units):.1f} unit-seconds in all; the longest unit {max(units):.1f} s bounds "
-          "the sweep at any number of devices")
+    alone = med["1 worker, 1 thread"]
+    model = cost_model(world, alone)
+    print(f"\ncost model from the 2-worker run's {len(units)} units ({sum(units):.1f} unit-seconds; the sweep took "
+          f"{alone:.1f} s in one 1-thread process, so sharing 2 cores slowed each unit {sum(units) / alone:.2f}x; "
+          f"the longest unit, {max(units):.1f} s, bounds the sweep at any number of devices):")
+    print(f"  {'devices':>7s} {'as measured (s)':>16s} {'speed-up':>9s} {'devices that share nothing (s)':>31s} "
+          f"{'speed-up':>9s}")
+    for row in model:
+        print(f"  {row['devices']:7d} {row['predicted_s']:16.1f} {row['speedup_s']:9.2f} {row['predicted_s_alone']:31.1f} "
+              f"{row['speedup_s_alone']:9.2f}")
+    print(f"  (each includes the fixed {model[0]['of_which_fixed_s']:.1f} s of start-up and merge)")
     if a.json:
         Path(a.json).write_text(json.dumps({"results": results, "median_sweep_s": med, "cost_model": model}, indent=1))
 

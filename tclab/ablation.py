@@ -727,28 +727,25 @@ def _device_text(device) -> str:
 
 # ---- the sweep on torchrun workers (tclab.distributed) ----------------------------------------------------
 #
-# Work units: ("quality", variant, shard) and ("time", variant). Shards are quality_batch samples, so each is
+# Work units: ("time", variant) and ("quality", variant, shard). Shards are quality_batch samples, so each is
 # one of the batches a single process runs, with its rows of the whole run's starting noise: a shard's
-# images are those of the one-process sweep, at any world size. Phase 1 is full compute's units, phase 2
-# every other variant's, dealt round-robin; a rank times each of its variants against full compute on its
-# own device. The process that launched the workers reads the units back and makes every figure from the
-# images and timings exactly as the one-process sweep does (run_sweep), so the quality columns are equal.
+# images are those of the one-process sweep, at any world size. No unit needs another's result, so each
+# rank claims the next unclaimed unit when it is free (tclab.distributed.ShardFolder.claim), the timing
+# units (the longest) first; a rank times its variants against full compute on its own device. The
+# process that launched the workers reads the units back and makes every figure from the images and
+# timings exactly as the one-process sweep does (run_sweep), so the quality columns are equal.
 
 SWEEP_PLAN = "sweep_plan.pt"
 
 
-def sweep_units(variants: Sequence[Variant], num_samples: int, shard_size: int) -> tuple[list[tuple], int]:
-    """``(units, phase-1 count)``: full compute's quality shards and timing first (every quality unit needs
-    nothing else), then each other variant's shards and its timing."""
+def sweep_units(variants: Sequence[Variant], num_samples: int, shard_size: int) -> list[tuple]:
+    """Every unit of a worker sweep, in the order the ranks claim them: each variant's timing (full compute's,
+    the noise floor, first), then each variant's quality shards."""
     from .distributed import shard_bounds
 
     bounds = shard_bounds(num_samples, shard_size)
-
-    def of(v: Variant) -> list[tuple]:
-        return [("quality", v.name, lo, hi) for lo, hi in bounds] + [("time", v.name)]
-
-    first = of(variants[0])
-    return first + [u for v in variants[1:] for u in of(v)], len(first)
+    return ([("time", v.name) for v in variants]
+            + [("quality", v.name, lo, hi) for v in variants for lo, hi in bounds])
 
 
 def _measure_on_workers(model, variants, settings, labels, init_images, workers: int, work_dir, progress: bool):
@@ -763,7 +760,7 @@ def _measure_on_workers(model, variants, settings, labels, init_images, workers:
 
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="tclab-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    units, first = sweep_units(variants, len(labels), settings.quality_batch)
+    units = sweep_units(variants, len(labels), settings.quality_batch)
     torch.save({"model": model, "variants": list(variants), "settings": settings, "labels": labels,
                 "init_images": init_images}, work / SWEEP_PLAN)
     folder = ShardFolder(work / "units")
@@ -778,8 +775,7 @@ def _measure_on_workers(model, variants, settings, labels, init_images, workers:
     measured = _read_units(folder, units, variants)   # into memory, before the folder goes
     shutil.rmtree(work, ignore_errors=True)
     # what the sweep cost, for the cost model of N devices (benchmarks/bench_workers.py)
-    world["seconds"] = {"launch_to_end": round(seconds, 2), "phase_1_units": first,
-                        "units": measured.pop("")["unit_seconds"]}
+    world["seconds"] = {"launch_to_end": round(seconds, 2), "units": measured.pop("")["unit_seconds"]}
     return measured, world
 
 
@@ -819,7 +815,7 @@ def run_sweep_worker(work_dir, resume: bool = False) -> None:
     fails the rank."""
     from pathlib import Path
 
-    from .distributed import ShardFolder, barrier, close_world, init_world, my_units, write_atomic
+    from .distributed import ShardFolder, close_world, init_world, write_atomic
     from .sampling import sampling_start
 
     work = Path(work_dir)
@@ -828,7 +824,7 @@ def run_sweep_worker(work_dir, resume: bool = False) -> None:
         plan = torch.load(work / SWEEP_PLAN, map_location="cpu", weights_only=False)
         model, variants, settings = plan["model"].to(world.device), plan["variants"], plan["settings"]
         labels, init_images = plan["labels"], plan["init_images"]
-        units, first = sweep_units(variants, len(labels), settings.quality_batch)
+        units = sweep_units(variants, len(labels), settings.quality_batch)
         by_name = {v.name: v for v in variants}
         folder = ShardFolder(work / "units")
         folder.start({"units": len(units), "variants": [v.name for v in variants], "samples": len(labels),
@@ -840,14 +836,9 @@ def run_sweep_worker(work_dir, resume: bool = False) -> None:
         t_init = init_images[: settings.timing_batch] if init_images is not None else None
         _warm_up(model, settings, t_labels, t_init)
         noise, x0 = sampling_start(model, len(labels), settings.seed, init_images)
-        done = folder.done()
-        for lo_u, hi_u in ((0, first), (first, len(units))):
-            for k in my_units(hi_u - lo_u, world):
-                u = lo_u + k
-                if u not in done:
-                    folder.write(u, _run_unit(model, by_name[units[u][1]], units[u], settings, labels, init_images,
-                                              noise, x0, t_labels, t_init))
-            barrier(world)   # phase 2's quality units are compared to full compute's images at merge time
+        for u in folder.claimed(len(units), world):
+            folder.write(u, _run_unit(model, by_name[units[u][1]], units[u], settings, labels, init_images, noise, x0,
+                                      t_labels, t_init))
     finally:
         close_world(world)
 

@@ -230,6 +230,21 @@ def _cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_record(a: argparse.Namespace) -> int:
+    from .evaluate import record_to_store
+
+    out = record_to_store(a.model, _sample_config(a), a.num_samples, a.out, resume=a.resume)
+    if out is not None:   # rank 0, once every shard is in
+        from .record import open_record
+
+        store = open_record(out)
+        print(f"{store.num_samples} samples, {store.num_steps} steps, {store.num_blocks} blocks, {store.num_tokens} "
+              f"tokens: {store.nbytes / 2**20:.1f} MiB in {len(store.chunks)} chunk(s) from rank(s) {store.ranks}; "
+              "read it with tclab.record.open_record(FOLDER)")
+        print(out)
+    return 0
+
+
 def _cmd_sweep_worker(a: argparse.Namespace) -> int:
     from .ablation import run_sweep_worker
 
@@ -396,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_flops)
 
     for name, func, helptext in (("sample", _cmd_sample, "sample a class-balanced grid and save it"),
-                                 ("evaluate", _cmd_evaluate, "class-consistency of generated samples")):
+                                 ("evaluate", _cmd_evaluate, "class-consistency of generated samples"),
+                                 ("record", _cmd_record, "record every block's token changes into an on-disk record "
+                                                         "store, a batch at a time (sharded under torchrun)")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--model", default="shapes-dit",
                        help="'shapes-dit' (default), a local diffusers folder, or an untrained preset")
@@ -409,8 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="classifier-free guidance scale; 1 turns it off (default: %(default)s)")
         s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: %(default)s)")
         s.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
-        s.add_argument("--out", default=f"reports/{name}",
-                       help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
+        if name == "record":
+            s.add_argument("--out", required=True, help="the record store folder to write (new or empty)")
+            s.add_argument("--resume", action="store_true", help="continue a recording that stopped: skip the "
+                                                                 "shards whose samples the store holds")
+        else:
+            s.add_argument("--out", default=f"reports/{name}",
+                           help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
         if name == "sample":
             s.add_argument("--npz", metavar="OUT.npz", default=None,
                            help="instead of a grid: write the samples to OUT.npz in the ADM evaluator's layout (arr_0 "

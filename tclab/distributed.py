@@ -7,8 +7,10 @@ tclab runs under the launcher the field already uses (``torchrun``, as the DiT r
 
 Every process ("rank") reads its place from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``) with :func:`init_world`; outside torchrun it is rank 0 of 1 and no process group is
-made. The work is cut into **units** (a shard of samples; for sweeps a (variant, shard) pair) that
-are dealt round-robin (:func:`my_units`): unit ``u`` is rank ``u % world_size``'s. A unit's result
+made. The work is cut into **units** (a shard of samples; for sweeps a (variant, shard) pair). Where
+the units are kept on disk, each rank claims the next free one when it is free
+(:meth:`ShardFolder.claimed`), so uneven units and resumed runs balance themselves; otherwise they are
+dealt round-robin (:func:`my_units`): unit ``u`` is rank ``u % world_size``'s. A unit's result
 never depends on which rank ran it or how many ranks there are, because a unit is a whole number of
 the batches one process would run and its noise is the whole run's (``tclab.sampling``): so results
 are byte-identical at any world size.
@@ -176,6 +178,8 @@ class ShardFolder:
                 diff = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k), default=str)))
                 return (f"--resume: the run in {self.path} was started with other settings ({', '.join(diff)} "
                         "differ); resume with the same settings, or delete the folder to start again")
+            for claim in self.path.glob("unit-*.claim"):   # the claims of the ranks that stopped: free again
+                claim.unlink()
             return None
         if self.path.exists() and any(self.path.iterdir()):
             return f"{self.path} exists and is not a tclab shard folder (no plan.json); choose another output"
@@ -189,6 +193,25 @@ class ShardFolder:
     def missing(self, num_units: int) -> list[int]:
         done = self.done()
         return [u for u in range(num_units) if u not in done]
+
+    def claim_path(self, u: int) -> Path:
+        return self.path / f"unit-{u:06d}.claim"
+
+    def claimed(self, num_units: int, world: World):
+        """The units this rank runs, one at a time: each not finished and not claimed by another rank when this
+        one is free is claimed (a file made with ``O_EXCL``, atomic on a local or shared filesystem) and
+        yielded; so fast ranks take more units, and a resumed run shares what is left whatever the world size.
+        Results never depend on which rank ran a unit."""
+        for u in range(num_units):
+            if self.unit_path(u).exists():
+                continue
+            try:
+                fd = os.open(self.claim_path(u), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(world.rank).encode())
+            os.close(fd)
+            yield u
 
     def write(self, u: int, payload: dict) -> Path:
         return write_atomic(self.unit_path(u), lambda f: torch.save(payload, f))

@@ -1,4 +1,6 @@
-"""Sample grids and the class-consistency evaluation of a model (``tclab sample`` / ``tclab evaluate``).
+"""Sampling a model at scale: sample grids, ``--npz`` files for FID, class-consistency, token-change
+records (``tclab sample`` / ``tclab evaluate`` / ``tclab record``), sharded over torchrun ranks where
+they run under torchrun (:mod:`tclab.distributed`).
 
 ``evaluate_sdedit_consistency`` (``tclab evaluate --sdedit-from DIR``) is the diagnosis behind a low
 figure: it noises real images of each class to several strengths and denoises them conditioned on
@@ -92,7 +94,7 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
 
     from .data import images_to_uint8
     from .metrics import export_adm_npz
-    from .distributed import ShardFolder, barrier, close_world, init_world, my_units, shard_bounds, write_atomic
+    from .distributed import ShardFolder, barrier, close_world, init_world, shard_bounds, write_atomic
     from .progress import progress_bar
     from .sampling import per_sample_noise
 
@@ -114,10 +116,9 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
                 "noise": "per sample, seeded (seed, i)"}
         folder.start(plan, world, resume)
         t0 = time.perf_counter()
-        mine = [u for u in my_units(len(bounds), world) if u not in folder.done()]
         bar = progress_bar(total=len(bounds), initial=len(folder.done()), desc=f"sampling (rank {world.rank})",
                            unit="shard", disable=not (progress and world.is_main))
-        for u in mine:
+        for u in folder.claimed(len(bounds), world):
             lo, hi = bounds[u]
             res = sample(model, labels[lo:hi], config, progress=False,
                          start=(per_sample_noise(model, config.seed, range(lo, hi)), None))
@@ -143,6 +144,61 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
                 **described, "seconds": round(time.perf_counter() - t0, 1), "resumed": resume}
         write_atomic(out.with_name(out.name + ".json"), lambda f: f.write(json.dumps(info, indent=2).encode()))
         folder.remove()
+        return out
+    finally:
+        close_world(world)
+
+
+def record_to_store(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path, resume: bool = False,
+                    progress: bool = True) -> Path | None:
+    """Record the token changes of ``num_samples`` samples from noise into the record store ``out``
+    (:mod:`tclab.record_store`), sharded over the torchrun ranks this process belongs to: each rank
+    records its shards of ``config.batch_size`` samples, one streamed chunk each (the memory of one batch,
+    whatever ``num_samples``), sample ``i`` with class ``i % K`` and noise seeded by ``(config.seed, i)``
+    as in :func:`sample_npz`, so the store reads back the same at any world size. ``resume`` skips the
+    shards whose samples the store holds already; without it an existing store is refused. Rank 0 returns
+    ``out`` once every shard is in, the other ranks None. ``tclab record``."""
+    from .distributed import barrier, close_world, init_world, my_units, shard_bounds
+    from .progress import progress_bar
+    from .record import open_record, record_token_changes
+    from .record_store import StoreError
+    from .sampling import per_sample_noise
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} exists and is not empty; it is never overwritten: pass --resume to continue a "
+                              "recording that stopped, or choose another folder")
+    world = init_world()
+    try:
+        model = load_dit(model_spec).to(world.device)
+        labels = balanced_labels(num_samples, model.num_classes)
+        bounds = shard_bounds(num_samples, config.batch_size)
+        done: set[int] = set()
+        if resume and out.is_dir() and any(out.iterdir()):
+            try:
+                done = {int(i) for i in open_record(out).sample_id}
+            except StoreError as e:
+                if "no committed chunk" not in str(e):
+                    raise
+        barrier(world)   # every rank has read what is done before any writes more
+        todo = [u for u in my_units(len(bounds), world) if not set(range(*bounds[u])) <= done]
+        bar = progress_bar(total=len(todo), desc=f"recording (rank {world.rank})", unit="shard",
+                           disable=not (progress and world.is_main))
+        for u in todo:
+            lo, hi = bounds[u]
+            with record_token_changes(model.transformer, model_identity=model.identity(), stream_to=out,
+                                      rank=world.rank, sample_offset=lo):
+                sample(model, labels[lo:hi], config, progress=False,
+                       start=(per_sample_noise(model, config.seed, range(lo, hi)), None))
+            bar.update(1)
+        bar.close()
+        barrier(world)
+        if not world.is_main:
+            return None
+        have = {int(i) for i in open_record(out).sample_id}
+        if have != set(range(num_samples)):
+            raise RuntimeError(f"{out} lacks samples {sorted(set(range(num_samples)) - have)[:8]} after every rank "
+                               "finished; run again with --resume")
         return out
     finally:
         close_world(world)

@@ -214,3 +214,23 @@ def test_evaluate_gives_the_same_class_consistency_at_one_and_two_ranks(tmp_path
     assert (a["class_consistency"], a["per_class"], a["n"]) == (b["class_consistency"], b["per_class"], b["n"])
     assert a["n"] == 12 and (a["world_size"], b["world_size"], b["backend"]) == (1, 2, "gloo")
     assert (one.parent / "grid.png").stat().st_size > 0 and (two.parent / "grid.png").stat().st_size > 0
+
+
+def test_a_record_streamed_by_two_ranks_reads_back_as_one_ranks(latent_model, tmp_path):
+    from tclab.record import open_record
+
+    args = ["record", "--model", str(latent_model), "--num-samples", "5", "--steps", "3", "--batch-size", "2"]
+    _tclab(*args, "--out", "one", cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tclab", *args, "--out", "two"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = open_record(tmp_path / "one"), open_record(tmp_path / "two")
+    assert (one.ranks, two.ranks, len(two.chunks)) == ([0], [0, 1], 3)   # shards [0, 2), [2, 4), [4, 5)
+    assert one.select() == two.select() and one.num_samples == 5
+    assert np.isfinite(one.select().update_change[1:]).all()
+    # resumed over a finished store: nothing is recorded twice
+    _tclab(*args, "--out", "two", "--resume", cwd=tmp_path)
+    assert len(open_record(tmp_path / "two").chunks) == 3
+    refused = _tclab(*args, "--out", "two", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
