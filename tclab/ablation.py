@@ -730,7 +730,7 @@ def _device_text(device) -> str:
 # Work units: ("time", variant) and ("quality", variant, shard). Shards are quality_batch samples, so each is
 # one of the batches a single process runs, with its rows of the whole run's starting noise: a shard's
 # images are those of the one-process sweep, at any world size. No unit needs another's result, so each
-# rank claims the next unclaimed unit when it is free (tclab.distributed.ShardFolder.claim), the timing
+# rank claims the next unclaimed unit when it is free (tclab.distributed.ShardFolder.claimed), the timing
 # units (the longest) first; a rank times its variants against full compute on its own device. The
 # process that launched the workers reads the units back and makes every figure from the images and
 # timings exactly as the one-process sweep does (run_sweep), so the quality columns are equal.
@@ -772,32 +772,32 @@ def _measure_on_workers(model, variants, settings, labels, init_images, workers:
     if missing:
         raise RuntimeError(f"the workers finished but units {missing[:8]} are missing from {folder.path}")
     world = json.loads((work / "world.json").read_text(encoding="utf-8"))
-    measured = _read_units(folder, units, variants)   # into memory, before the folder goes
+    measured, unit_seconds = _read_units(folder, units, variants)   # into memory, before the folder goes
     shutil.rmtree(work, ignore_errors=True)
     # what the sweep cost, for the cost model of N devices (benchmarks/bench_workers.py)
-    world["seconds"] = {"launch_to_end": round(seconds, 2), "units": measured.pop("")["unit_seconds"]}
+    world["seconds"] = {"launch_to_end": round(seconds, 2), "units": unit_seconds}
     return measured, world
 
 
-def _read_units(folder, units: list[tuple], variants: Sequence[Variant]) -> dict[str, dict]:
-    """Per variant: ``quality`` (its shards' images in sample order, their FLOPs summed) and ``timing``, or the
-    ``error`` one of its units recorded."""
+def _read_units(folder, units: list[tuple], variants: Sequence[Variant]) -> tuple[dict[str, dict], list]:
+    """``(per variant, unit seconds)``: per variant ``quality`` (its shards' images in sample order, their FLOPs
+    summed) and ``timing``, or the ``error`` one of its units recorded; each unit's ``[kind, variant, seconds]``."""
     out: dict[str, dict] = {v.name: {"quality": [], "timing": None, "error": ""} for v in variants}
-    out[""] = {"unit_seconds": []}   # each unit's (kind, variant, seconds), in unit order
+    seconds = []
     for u, unit in enumerate(units):
         d, payload = out[unit[1]], folder.read(u)
-        out[""]["unit_seconds"].append([unit[0], unit[1], round(payload["seconds"], 3)])
+        seconds.append([unit[0], unit[1], round(payload["seconds"], 3)])
         if payload["error"]:
             d["error"] = d["error"] or payload["error"]
         elif unit[0] == "time":
             d["timing"] = (payload["full"], payload["variant"])
         else:
             d["quality"].append(payload)
-    for d in (out[v.name] for v in variants):
+    for d in out.values():
         parts = sorted(d.pop("quality"), key=lambda p: p["lo"])
         if not d["error"]:
             d["quality"] = (torch.cat([p["images"] for p in parts]), sum(p["flops"] for p in parts))
-    return out
+    return out, seconds
 
 
 def _from_workers(measured: dict[str, dict], name: str, key: str):

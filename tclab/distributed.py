@@ -93,6 +93,9 @@ def init_world(device: str | None = None) -> World:
         raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them): {e}") from None
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and local >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start at most "
+                         "that many workers per machine (torchrun --nproc_per_node, or workers)")
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     backend = None
