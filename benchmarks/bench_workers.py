@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,11 @@ def main() -> None:
     ap.add_argument("--preset", default=str(ROOT / "notebooks" / "params" / "02_smoke.yaml"))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--from-json", default=None, help="print the tables of an earlier run's --json file; run nothing")
     a = ap.parse_args()
+    if a.from_json:
+        report(json.loads(Path(a.from_json).read_text())["results"])
+        return
     params = yaml.safe_load(Path(a.preset).read_text())
     results: dict[str, list[dict]] = {k: [] for k in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="tclab-bench-workers-") as tmp:
@@ -108,10 +113,19 @@ def main() -> None:
                 results[name].append(res)
                 print(f"round {r + 1}: {name:28s} sweep {res['sweep_s']:7.1f} s   notebook {res['notebook_s']:7.1f} s"
                       f"   ({res['points']} points)", flush=True)
-    med = {k: sorted(x["sweep_s"] for x in v)[len(v) // 2] for k, v in results.items()}
-    nb = {k: sorted(x["notebook_s"] for x in v)[len(v) // 2] for k, v in results.items()}
+    report(results, a.json)
+
+
+def report(results: dict[str, list[dict]], json_out: str | None = None) -> None:
+    rounds = len(results["2 workers"])
+    for r in range(rounds):   # the speed-up of each round: its configurations ran one after another
+        two_r = results["2 workers"][r]["sweep_s"]
+        print(f"round {r + 1}: 2 workers against " + ", ".join(
+            f"{k}: {results[k][r]['sweep_s'] / two_r:.2f}x" for k in CONFIGS if k != "2 workers"))
+    med = {k: statistics.median(x["sweep_s"] for x in v) for k, v in results.items()}
+    nb = {k: statistics.median(x["notebook_s"] for x in v) for k, v in results.items()}
     two = med["2 workers"]
-    print(f"\nnotebook 02 smoke sweep on {os.cpu_count()} cores (median of {a.rounds} round(s)):")
+    print(f"\nnotebook 02 smoke sweep on {os.cpu_count()} cores (median of {rounds} round(s)):")
     print(f"{'configuration':28s} {'sweep s':>8s} {'notebook s':>11s} {'speed-up of 2 workers':>22s} {'efficiency':>11s}")
     for k in CONFIGS:
         s = med[k] / two
@@ -130,8 +144,8 @@ def main() -> None:
         print(f"  {row['devices']:7d} {row['predicted_s']:16.1f} {row['speedup_s']:9.2f} {row['predicted_s_alone']:31.1f} "
               f"{row['speedup_s_alone']:9.2f}")
     print(f"  (each includes the fixed {model[0]['of_which_fixed_s']:.1f} s of start-up and merge)")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"results": results, "median_sweep_s": med, "cost_model": model}, indent=1))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"results": results, "median_sweep_s": med, "cost_model": model}, indent=1))
 
 
 if __name__ == "__main__":

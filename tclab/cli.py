@@ -274,8 +274,21 @@ def _launch(a: argparse.Namespace, worker_args: list[str], log_dir: Path) -> int
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_class_consistency, evaluate_sdedit_consistency
+    from .evaluate import evaluate_class_consistency, evaluate_distribution, evaluate_sdedit_consistency
 
+    if (a.fid is None) != (a.reference is None):
+        print("tclab evaluate: --fid SAMPLES.npz and --reference REF.npz go together", file=sys.stderr)
+        return 2
+    if a.fid:
+        result = evaluate_distribution(a.fid, a.reference, a.out, inception=a.inception, classifier=a.classifier,
+                                       shard_size=a.batch_size, seed=a.seed)
+        if result is None:   # a torchrun rank other than 0
+            return 0
+        fid = f"{result['fid']:.4f}" if result["fid"] is not None else result["fid_reason"]
+        print(f"FID {fid}; KID {result['kid']:.5f} (std {result['kid_std']:.5f}); {result['n_samples']} samples, "
+              f"{result['n_reference']} reference images; features: {result['extractor']['name']}")
+        print(result["out"])
+        return 0
     if a.sdedit_from:
         result = evaluate_sdedit_consistency(a.model, a.sdedit_from, _sample_config(a), a.out, a.strengths,
                                              a.per_class, a.classifier, labels=a.labels)
@@ -457,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--strengths", type=_strength_list, default="0.3,0.5,0.7,0.85,1.0",
                            help="with --sdedit-from: comma-separated, each in (0, 1]")
             s.add_argument("--per-class", type=int, default=16, help="with --sdedit-from: images per class")
+            s.add_argument("--fid", metavar="SAMPLES.npz", default=None,
+                           help="instead of sampling: FID and KID of these images (ADM layout, e.g. from `tclab sample "
+                                "--npz`) against --reference; sharded under torchrun, --batch-size images a shard")
+            s.add_argument("--reference", metavar="REF.npz", default=None, help="with --fid: the reference images")
+            s.add_argument("--inception", metavar="FILE", default=None,
+                           help="with --fid: the FID InceptionV3 weights, a local file (pt_inception-2015-12-05-"
+                                "6726825d.pth); default: the small classifier's features, NOT comparable to published FID")
         s.set_defaults(func=func)
     s = sub.add_parser("sweep-worker", help="one torchrun rank of a sweep measured with workers > 1 (started by "
                                             "tclab itself: run_sweep(..., workers=N), notebooks' workers parameter)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -200,6 +201,109 @@ def record_to_store(model_spec: str, config: SampleConfig, num_samples: int, out
             raise RuntimeError(f"{out} lacks samples {sorted(set(range(num_samples)) - have)[:8]} after every rank "
                                "finished; run again with --resume")
         return out
+    finally:
+        close_world(world)
+
+
+@contextmanager
+def _npz_images_file(path: str | Path):
+    """The ``arr_0`` member of an ADM-layout ``.npz``, opened and checked: yields ``(file at the first row,
+    shape)``."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e}); give the samples written by `tclab sample --npz` "
+                         "or the ADM evaluator's reference batch") from None
+    with zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{path} has no arr_0 (it holds {zf.namelist()[:4]}); the ADM layout keeps the images "
+                             "in arr_0 as (N, H, W, 3) uint8")
+        if zf.getinfo("arr_0.npy").compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path} is compressed (np.savez_compressed); write it with np.savez to read it in "
+                             "parts")
+        with zf.open("arr_0.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+                raise ValueError(f"{path}: arr_0 is {dtype} {shape}; the ADM layout is (N, H, W, 3) uint8")
+            yield f, shape
+
+
+def npz_length(path: str | Path) -> int:
+    """How many images an ADM-layout ``.npz`` holds (from its header; nothing else is read)."""
+    with _npz_images_file(path) as (_, shape):
+        return shape[0]
+
+
+def npz_images(path: str | Path, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of an ADM-layout ``.npz`` (``arr_0``: (N, H, W, 3) uint8) as (n, 3, H, W) in [-1, 1],
+    read without loading the rest (a 50,000-image 256 px set is 9.8 GB); ``hi`` None = to the end. The
+    member must be uncompressed (``np.savez``, as ADM and tclab write it)."""
+    import numpy as np
+
+    with _npz_images_file(path) as (f, shape):
+        hi = shape[0] if hi is None else min(hi, shape[0])
+        row = int(np.prod(shape[1:]))
+        f.seek(f.tell() + lo * row)
+        a = np.frombuffer(f.read((hi - lo) * row), dtype=np.uint8).reshape(hi - lo, *shape[1:])
+    return torch.from_numpy(a.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1   # (n, 3, H, W)
+
+
+def evaluate_distribution(samples: str | Path, reference: str | Path, out: str | Path, inception: str | Path | None = None,
+                          classifier: str | Path | None = None, shard_size: int = 500, kid_subset_size: int = 1000,
+                          seed: int = 0) -> dict | None:
+    """FID and KID of the images in the ``.npz`` ``samples`` against those of ``reference`` (ADM layout both),
+    in the feature space of ``inception`` (the FID InceptionV3 from a local file: comparable to published
+    FID given their protocol) or of the small classifier (``classifier``, default the shipped one; labelled
+    NOT comparable). Sharded over the torchrun ranks this process belongs to: each rank extracts the
+    features of its shards of ``shard_size`` images of both files, read in parts (:func:`npz_images`),
+    and rank 0 gathers them in order, computes FID and KID (:mod:`tclab.metrics`), writes ``result.json``
+    into a new folder under ``out`` and returns the result; the other ranks return None. The features of
+    an image do not depend on the world size, so neither does the result."""
+    import numpy as np
+
+    from .distributed import all_gather, close_world, init_world, my_units, shard_bounds
+    from .features import ClassifierFeatures, InceptionV3Features
+    from .metrics import fid_floor_reason, frechet_distance, kernel_inception_distance
+    from .progress import progress_bar
+
+    sizes = {name: npz_length(path) for name, path in (("samples", samples), ("reference", reference))}
+    world = init_world()
+    try:
+        extractor = (InceptionV3Features(inception, device=world.device) if inception is not None
+                     else ClassifierFeatures(classifier))
+        t0 = time.perf_counter()
+        jobs = [(name, lo, hi) for name, path in (("samples", samples), ("reference", reference))
+                for lo, hi in shard_bounds(sizes[name], shard_size)]
+        mine = my_units(len(jobs), world)
+        bar = progress_bar(total=len(mine), desc=f"features (rank {world.rank})", unit="shard",
+                           disable=not world.is_main)
+        feats = {}
+        for u in mine:
+            name, lo, hi = jobs[u]
+            feats[u] = extractor(npz_images(samples if name == "samples" else reference, lo, hi)).astype(np.float32)
+            bar.update(1)
+        bar.close()
+        gathered = {u: f for part in all_gather(world, feats) for u, f in part.items()}
+        described = world.describe()
+        if not world.is_main:
+            return None
+        fa = np.concatenate([gathered[u] for u, j in enumerate(jobs) if j[0] == "samples"]).astype(np.float64)
+        fb = np.concatenate([gathered[u] for u, j in enumerate(jobs) if j[0] == "reference"]).astype(np.float64)
+        reason = fid_floor_reason(len(fa), len(fb), fa.shape[1])
+        kid = kernel_inception_distance(fa, fb, subset_size=kid_subset_size, seed=seed)
+        result = {"fid": None if reason else frechet_distance(fa, fb), "fid_reason": reason or "",
+                  "kid": kid["mean"], "kid_std": kid["std"], "kid_subsets": kid["subsets"],
+                  "kid_subset_size": kid["subset_size"], "n_samples": len(fa), "n_reference": len(fb),
+                  "samples": str(Path(samples).resolve()), "reference": str(Path(reference).resolve()),
+                  "extractor": extractor.identity(), "seconds": round(time.perf_counter() - t0, 1), **described}
+        return _run_into_new_folder(out, "fid", lambda stage: result)
     finally:
         close_world(world)
 

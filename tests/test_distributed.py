@@ -234,3 +234,31 @@ def test_a_record_streamed_by_two_ranks_reads_back_as_one_ranks(latent_model, tm
     assert len(open_record(tmp_path / "two").chunks) == 3
     refused = _tclab(*args, "--out", "two", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+
+def test_fid_and_kid_of_npz_files_are_the_same_at_one_and_two_ranks(tmp_path):
+    from tclab.evaluate import npz_images, npz_length
+    from tclab.metrics import export_adm_npz
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (150, 32, 32, 3), dtype=np.uint8)
+    export_adm_npz(ref, tmp_path / "ref.npz")
+    export_adm_npz(np.clip(ref[:140].astype(int) + rng.integers(-40, 40, (140, 32, 32, 3)), 0, 255).astype(np.uint8),
+                   tmp_path / "samples.npz")
+    # read in parts, without the rest of the file: the same rows as a whole load
+    assert npz_length(tmp_path / "ref.npz") == 150
+    part = npz_images(tmp_path / "ref.npz", 37, 41)
+    assert part.shape == (4, 3, 32, 32) and torch.equal(part, torch.from_numpy(ref[37:41]).permute(0, 3, 1, 2).float()
+                                                        / 127.5 - 1)
+    args = ["evaluate", "--fid", "samples.npz", "--reference", "ref.npz", "--batch-size", "32"]
+    _tclab(*args, "--out", "one", cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tclab", *args, "--out", "two"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (a,), (b,) = ([json.loads(p.read_text()) for p in (tmp_path / d).glob("*/result.json")] for d in ("one", "two"))
+    assert a["fid"] == b["fid"] and a["kid"] == b["kid"] and a["fid"] > 0 and (a["n_samples"], a["n_reference"]) == (140, 150)
+    assert "NOT comparable" in a["extractor"]["name"] and (a["world_size"], b["world_size"]) == (1, 2)
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=ref)
+    refused = _tclab("evaluate", "--fid", "packed.npz", "--reference", "ref.npz", "--out", "x", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "compressed" in refused.stderr and not (tmp_path / "x").exists()
