@@ -45,8 +45,8 @@ from .cache.methods import method_config
 from .cache.peers import PEERS, peer_names
 from .labels import balanced_labels
 from .metrics import count_flops, distribution_quality, mse, psnr, ssim
-from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, ReportSummary, format_number,
-                     key_numbers_from)
+from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, ReportSummary, describe_devices,
+                     format_number, key_numbers_from)
 from .sampling import SampleConfig, sample
 from .stats import Interval, bootstrap_ci, noise_floor, paired_difference, ratio_ci, samples_needed, wilson_interval
 from .sweep_summary import POINT_KEYS, CostView, SweepIdentity, SweepSettingsRecord, SweepSummary
@@ -1681,11 +1681,7 @@ def describe_world(world: Mapping[str, Any] | None) -> str:
     """One sentence for a report: how many processes measured, with which backend, on which devices."""
     if not world:
         return "Measured in one process."
-    devices = list(world.get("devices") or [])
-    counts: dict[str, int] = {}
-    for d in devices:
-        counts[d] = counts.get(d, 0) + 1
-    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
+    on = describe_devices(world)
     if world.get("world_size", 1) == 1:
         return f"Measured in one process, on {on}."
     return (f"Measured by {world['world_size']} torchrun workers ({world.get('backend')}), on {on}; each timed its "

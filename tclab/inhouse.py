@@ -825,7 +825,8 @@ def summarise_report(model, image_set, used, redundancy: dict, rec: Recommendati
                 "images_used_manifest_sha256": used.manifest_hash(), "images_used": len(used),
                 "labels_sha256": label_map.sha256() if label_map is not None else None}
     labels = label_map.to_dict() if label_map is not None else None
-    out = to_plain({"headline": head, "details": details, "labels": labels, "identity": identity})
+    out = to_plain({"headline": head, "details": details, "labels": labels, "identity": identity,
+                    "world": measured.result.world})   # where it was measured (tclab.distributed)
     out["report"] = inhouse_report(out).to_dict()
     return out
 

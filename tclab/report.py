@@ -366,8 +366,15 @@ def _short(sha: Any, n: int = 12) -> str:
     return str(sha)[:n] if sha else "-"
 
 
+def describe_devices(world: Mapping[str, Any]) -> str:
+    """The devices of a run's ranks, counted: "2 x cpu (1 thread)", "8 x cuda:0 (NVIDIA H200)"."""
+    devices = [str(d) for d in world.get("devices") or []]
+    return ", ".join(f"{n} x {d}" if n > 1 else d for d, n in
+                     {d: devices.count(d) for d in dict.fromkeys(devices)}.items()) or "-"
+
+
 def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov: Mapping[str, Any],
-                   run_name: str) -> list[tuple[str, str]]:
+                   run_name: str, world: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     rows = []
     model = params.get("model")
     if model is not None or identity.get("model_weights_sha256"):
@@ -389,6 +396,9 @@ def _identity_rows(params: Mapping[str, Any], identity: Mapping[str, Any], prov:
         parts += [f"{params['num_steps']} steps"] if params.get("num_steps") is not None else []
         parts += [f"guidance {params['guidance_scale']:g}"] if isinstance(params.get("guidance_scale"), (int, float)) else []
         rows.append(("sampling", ", ".join(parts)))
+    if world and isinstance(world.get("world_size"), int):   # where the sweep ran (tclab.distributed)
+        rows.append(("measured on", (f"{world['world_size']} torchrun workers ({world.get('backend')}): " if
+                                     world["world_size"] > 1 else "one process: ") + describe_devices(world)))
     if identity.get("labels_sha256"):
         rows.append(("labels", f"{params.get('labels', 'auto')}  (mapping {_short(identity.get('labels_sha256'))})"))
     start = str(prov.get("start_utc") or "")
@@ -534,7 +544,8 @@ def render_report(executed: str | Path, out: str | Path, *, summary: Mapping[str
         first.append('<p class="meta">This run wrote no findings (no <code>report</code> entry in '
                      "<code>summary.json</code>).</p>")
     id_rows = "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in
-                      _identity_rows(params, identity, prov, run_name or Path(str(out)).parent.name))
+                      _identity_rows(params, identity, prov, run_name or Path(str(out)).parent.name,
+                                     summary.get("world") if isinstance(summary.get("world"), Mapping) else None))
     first.insert(1, f'<dl class="identity">{id_rows}</dl>')
     if report_summary is not None and report_summary.key_numbers:
         first.append(_key_numbers_html(report_summary.key_numbers))
