@@ -263,7 +263,9 @@ def test_sweep_summary_round_trips_through_its_file(summary, tmp_path):
     d = summary.to_dict()
     assert d["version"] == SCHEMA_VERSION and list(d) == [
         "version", "headline", "flops", "wall_clock", "best_under_budget", "settings", "points", "identity",
-        "report", "labels", "noise_floor", "resolution"]   # the order summary.json has always had, the version first
+        "report", "labels", "noise_floor", "resolution", "world"]   # the order summary.json has always had, the
+    # version first; then where the sweep ran (tclab.distributed), which the report's identity rows show
+    assert d["world"]["world_size"] == 1 and d["world"]["backend"] == "none (one process)"
     assert d["best_under_budget"] == d["flops"]["best_under_budget"] and d["headline"] == summary.headline
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(d, indent=2))
