@@ -631,8 +631,9 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
         measured, world = _measure_on_workers(model, variants, settings, labels, init_images, workers, work_dir,
                                               progress)
     else:
-        measured, world = None, {"world_size": 1, "backend": "none (one process)",
-                                 "devices": [_device_text(model.transformer.device)]}
+        from .distributed import World
+
+        measured, world = None, World(device=str(model.transformer.device)).describe()
         _warm_up(model, settings, t_labels, t_init)
 
     rows, images, samples, timings = [], {}, {}, {}
@@ -717,12 +718,6 @@ def run_sweep(model, variants: Sequence[Variant], settings: SweepSettings | None
 def _pairs_of(v: Variant, settings: SweepSettings) -> int | None:
     """Timed pairs of ``v``: full compute against itself is the sweep's noise floor, so it gets ``noise_pairs``."""
     return max(settings.timing_repeats, settings.noise_pairs) if v.name == FULL_COMPUTE else None
-
-
-def _device_text(device) -> str:
-    from .distributed import _device_name
-
-    return _device_name(str(device))
 
 
 # ---- the sweep on torchrun workers (tclab.distributed) ----------------------------------------------------

@@ -256,9 +256,7 @@ def _launch(a: argparse.Namespace, worker_args: list[str], log_dir: Path) -> int
     """Run ``tclab <worker_args>`` under torchrun on ``a.workers`` local processes (``tclab.distributed``)."""
     import shutil
 
-    from .distributed import WorkerFailedError, launch_workers
-
-    from .distributed import ShardFolder
+    from .distributed import ShardFolder, WorkerFailedError, launch_workers
 
     watch = ShardFolder(Path(a.npz).resolve().with_name(Path(a.npz).name + ".shards")).progress(f"{a.command} "
                                                                                                  f"({a.workers} workers)")

@@ -39,7 +39,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,6 +46,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+# one atomic write for every file a rank leaves; re-exported here for the callers of tclab.distributed
+from .files import write_atomic  # noqa: F401
 
 #: How long a rank waits for the others at a barrier before giving up (a hung rank; torchrun stops
 #: every rank at once when one dies, so a normal failure never waits this long).
@@ -246,27 +248,6 @@ class ShardFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def write_atomic(path: str | Path, write: Callable[[Any], None]) -> Path:
-    """``write(binary file)`` into a temporary file beside ``path``, then rename it into place: ``path`` is
-    either its old content or the whole new one, never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # as a plain open() would make it (mkstemp makes 0600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---- launching workers on this machine --------------------------------------------------------------------

@@ -66,6 +66,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .files import write_atomic
+
 MEASURES = ("out_change", "update_change", "update_ratio", "cos")
 BRANCHES = ("cond", "uncond")
 AXES = ("step", "block", "sample", "token")
@@ -390,25 +392,9 @@ def chunk_name(rank: int, chunk: int) -> str:
     return f"rank{rank:05d}-chunk{chunk:06d}"
 
 
-def _atomic_write(path: Path, write: Callable) -> Path:
-    """Write ``path`` all at once: ``write(f)`` into a hidden temporary file of the same folder, flush
-    it to disk, rename it over ``path``. A reader sees the old file, the new one, or none; never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _write_json(path: Path, obj: dict) -> Path:
     text = json.dumps(obj, indent=1, allow_nan=True).encode()
-    return _atomic_write(path, lambda f: f.write(text))
+    return write_atomic(path, lambda f: f.write(text))
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -548,7 +534,7 @@ class RecordStoreWriter:
             raise StoreError(f"{data} already exists: another process is writing rank {self.rank} into "
                              f"{self.path}; every process needs its own rank")
         _write_json(self.meta_path, m)  # first: a committed chunk always finds its t mapping
-        _atomic_write(data, lambda f: _save_npy(f, values))
+        write_atomic(data, lambda f: _save_npy(f, values))
         _write_json(manifest, {"format": STORE_FORMAT, "version": STORE_VERSION, "rank": self.rank,
                                "chunk": self.next_chunk, "data": data.name, "shape": list(values.shape),
                                "dtype": values.dtype.name, "step_source": str(step_source),
@@ -975,7 +961,7 @@ def _place(src: Path, dst: Path, mode: str) -> None:
             os.replace(src, dst)
         else:
             with open(src, "rb") as f:
-                _atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
+                write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
     except OSError as e:
         if mode == "copy":
             raise

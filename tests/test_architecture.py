@@ -21,7 +21,7 @@ LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "t
 LAYERS = [
     ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
                 "tclab.cache.schedule", "tclab.cache.select", "tclab.cache.static", "tclab.cache.forecast",
-                "tclab.stats", "tclab.record_store"]),
+                "tclab.stats", "tclab.record_store", "tclab.files"]),
     ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data", "tclab.distributed"]),
     ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
     ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",
