@@ -77,6 +77,73 @@ def _cmd_runs_clean(a: argparse.Namespace) -> int:
     return 0
 
 
+def _reports(a: argparse.Namespace) -> Path:
+    from .runs import _find_reports_dir
+
+    reports = Path(a.reports) if a.reports else _find_reports_dir()
+    if not reports.is_dir():
+        raise FileNotFoundError(f"reports folder {reports} does not exist; pass --reports DIR (the folder your runs "
+                                "are in) or set $TCLAB_REPORTS_DIR")
+    return reports
+
+
+def _run_filter(a: argparse.Namespace):
+    from .runs import RunFilter
+
+    return RunFilter(notebook=a.notebook, model=a.model, images=a.images, tag=a.tag, status=a.status,
+                     since=a.since, until=a.until)
+
+
+def _cmd_runs_list(a: argparse.Namespace) -> int:
+    from .runs import rows, table
+    from .runs.views import list_text
+
+    reports = _reports(a)
+    if a.csv or a.parquet:
+        frame = table(reports, filter=_run_filter(a))
+        frame = frame.head(a.limit) if a.limit else frame
+        for out, write in ((a.csv, frame.to_csv), (a.parquet, frame.to_parquet)):
+            if out:
+                write(out, index=False)
+                print(out)
+        return 0
+    found = rows(reports, filter=_run_filter(a))[: a.limit or None]
+    if a.json:
+        print(json.dumps(found, indent=2, default=str))
+    else:
+        print(list_text(found, str(reports)))
+    return 0
+
+
+def _cmd_runs_show(a: argparse.Namespace) -> int:
+    from .runs import find_run
+    from .runs.views import show_text
+
+    reports = _reports(a)
+    row = find_run(reports, a.run)
+    print(json.dumps(row, indent=2, default=str) if a.json else show_text(row, str(reports)))
+    return 0
+
+
+def _cmd_runs_compare(a: argparse.Namespace) -> int:
+    from .runs import find_run
+    from .runs.views import compare_text
+
+    reports = _reports(a)
+    print(compare_text(find_run(reports, a.run_a), find_run(reports, a.run_b)))
+    return 0
+
+
+def _cmd_runs_rebuild(a: argparse.Namespace) -> int:
+    from .runs import rebuild, rows, write_index
+
+    reports = _reports(a)
+    out = rebuild(reports)
+    write_index(reports)
+    print(f"{len(rows(reports))} run(s) in {out}; index.html rewritten from it")
+    return 0
+
+
 def _cmd_artefacts(a: argparse.Namespace) -> int:
     from .artefacts import list_artefacts, tclab_home
 
@@ -223,8 +290,10 @@ def _cmd_sample(a: argparse.Namespace) -> int:
         return _launch(a, ["sample", "--model", a.model, "--num-samples", str(a.num_samples), "--steps", str(a.steps),
                            "--scheduler", a.scheduler, "--guidance", str(a.guidance), "--seed", str(a.seed),
                            "--batch-size", str(a.batch_size), "--npz", str(Path(a.npz).resolve()),
-                           *(["--resume"] if a.resume else [])], Path(a.npz).resolve().with_name(Path(a.npz).name + ".logs"))
-    out = sample_npz(a.model, _sample_config(a), a.num_samples, a.npz, resume=a.resume)
+                           *(["--resume"] if a.resume else []),
+                           *(["--out", str(Path(a.out).resolve())] if a.out else [])],
+                       Path(a.npz).resolve().with_name(Path(a.npz).name + ".logs"))
+    out = sample_npz(a.model, _sample_config(a), a.num_samples, a.npz, resume=a.resume, reports_dir=a.out)
     if out is not None:   # rank 0 merged
         print(out)
     return 0
@@ -442,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue a recording that stopped: skip the "
                                                                  "shards whose samples the store holds")
         else:
-            s.add_argument("--out", default=f"reports/{name}",
-                           help="parent folder; each run writes a new timestamped folder in it (default: %(default)s)")
+            s.add_argument("--out", default=None,
+                           help="reports folder: each run writes a new run folder <UTC>_<command>_<model> there, "
+                                "listed in its index.html and run table (default: as `tclab run`)")
         if name == "sample":
             s.add_argument("--npz", metavar="OUT.npz", default=None,
                            help="instead of a grid: write the samples to OUT.npz in the ADM evaluator's layout (arr_0 "
@@ -481,18 +551,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("work_dir", help="the sweep's work folder (its sweep_plan.pt)")
     s.add_argument("--resume", action="store_true", help="skip the units already finished in the folder")
     s.set_defaults(func=_cmd_sweep_worker)
-    s = sub.add_parser("runs", help="run folders: `runs clean` marks the leftovers of dead runs as failed")
-    rsub = s.add_subparsers(dest="runs_command", required=True)
-    s = rsub.add_parser("clean", help="mark every staged run whose process is gone as FAILED (listed in index.html); "
-                                      "live runs are left alone")
-    s.add_argument("--reports", help="reports folder (default: as `tclab run`)")
-    s.set_defaults(func=_cmd_runs_clean)
+    _add_runs_parser(sub)
 
     s = sub.add_parser("artefacts", help="list the Cache Predictors and classifiers trained for your models and "
                                          "image sets ($TCLAB_HOME)")
     s.set_defaults(func=_cmd_artefacts)
     _add_schedule_parser(sub)
     return p
+
+
+def _add_runs_parser(sub) -> None:
+    s = sub.add_parser("runs", help="the run table (reports/runs.sqlite): list, show, compare runs; rebuild it; "
+                                    "clean the leftovers of dead runs")
+    rsub = s.add_subparsers(dest="runs_command", required=True)
+    reports_help = "reports folder (default: as `tclab run`: $TCLAB_REPORTS_DIR, else reports/ of this project)"
+    s = rsub.add_parser("list", help="the runs, newest first, with their headline figures (filter with the options)")
+    s.add_argument("--reports", help=reports_help)
+    s.add_argument("--notebook", help="a notebook's stem or number (01, 05_inhouse_report) or a command (evaluate)")
+    s.add_argument("--model", help="part of the model spec, or the start of its weights hash")
+    s.add_argument("--images", help="part of the image-set spec, or the start of its manifest hash")
+    s.add_argument("--tag", help="the run's tag (a scheduled job's name)")
+    s.add_argument("--status", choices=("ok", "failed", "running", "unknown"))
+    s.add_argument("--since", metavar="DATE", help="started on or after, UTC: YYYY-MM-DD[THH:MM]")
+    s.add_argument("--until", metavar="DATE", help="started before (a date: up to its end), UTC")
+    s.add_argument("--limit", type=int, default=0, help="at most this many (newest first)")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="the rows as JSON")
+    out.add_argument("--csv", metavar="FILE", help="write the table (one column per parameter and figure) as CSV")
+    out.add_argument("--parquet", metavar="FILE", help="write it as Parquet")
+    s.set_defaults(func=_cmd_runs_list)
+    s = rsub.add_parser("show", help="everything the table holds about one run: figures, parameters, variants")
+    s.add_argument("run", help="its folder name, or a part of it only this run has (e.g. its start time)")
+    s.add_argument("--reports", help=reports_help)
+    s.add_argument("--json", action="store_true", help="as JSON")
+    s.set_defaults(func=_cmd_runs_show)
+    s = rsub.add_parser("compare", help="two runs side by side: models, differing parameters, headline figures, B - A")
+    s.add_argument("run_a", help="run A (folder name or a unique part of it)")
+    s.add_argument("run_b", help="run B")
+    s.add_argument("--reports", help=reports_help)
+    s.set_defaults(func=_cmd_runs_compare)
+    s = rsub.add_parser("rebuild", help="recreate runs.sqlite from the run folders (and index.html from it)")
+    s.add_argument("--reports", help=reports_help)
+    s.set_defaults(func=_cmd_runs_rebuild)
+    s = rsub.add_parser("clean", help="mark every staged run whose process is gone as FAILED (listed in index.html); "
+                                      "live runs are left alone")
+    s.add_argument("--reports", help=reports_help)
+    s.set_defaults(func=_cmd_runs_clean)
 
 
 def _cmd_schedule_run(a: argparse.Namespace) -> int:

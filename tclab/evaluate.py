@@ -7,14 +7,15 @@ figure: it noises real images of each class to several strengths and denoises th
 their own class, so the strength at which a class stops surviving shows which noise levels the model
 has not learned for it.
 
-Each call writes a new folder ``<out>/<UTC timestamp>_<model>/`` (built aside, renamed when
-complete, so a failed call never leaves half a result and never touches an earlier one).
+Each call (but ``record_to_store``, which writes a record store) writes a new run folder
+``<reports>/<UTC start>_<command>_<tag>/`` like a notebook's, with provenance (:func:`_publish`,
+:func:`tclab.runs.command_run`): built aside, renamed when complete, so a failed call never leaves
+half a result and never touches an earlier one; it appears in the run table and index.html.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -27,59 +28,64 @@ from .models import load_dit
 from .sampling import SampleConfig, sample, save_grid
 
 
-def _new_folder(out: str | Path, model_name: str) -> tuple[Path, Path]:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    safe = model_name.replace("/", "-").replace("@", "-")
-    final = Path(out) / f"{stamp}_{safe}"
-    stage = Path(out) / f".{final.name}.partial"
-    stage.mkdir(parents=True, exist_ok=False)
-    return stage, final
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
-def _finish(stage: Path, final: Path) -> Path:
-    n = 1
-    target = final
-    while target.exists():  # two runs in the same second: never overwrite
-        target = final.with_name(f"{final.name}-{n}")
-        n += 1
-    stage.rename(target)
-    return target
+def _model_identity(model) -> dict:
+    return {"model": model.name, "model_weights_sha256": model.meta.get("weights_sha256")}
 
 
-def _run_into_new_folder(out: str | Path, model_name: str, build) -> dict:
-    """``build(stage)`` fills a staged folder and returns the result; it is saved as ``result.json``, the
-    folder is renamed into place and the result gets ``out``. On any failure the stage is removed."""
-    stage, final = _new_folder(out, model_name)
-    try:
-        result = build(stage)
-        (stage / "result.json").write_text(json.dumps(result, indent=2))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    result["out"] = str(_finish(stage, final))
+def _publish(out: str | Path | None, command: str, tag: str, parameters: dict, identity: dict, build, figures,
+             start: datetime) -> dict:
+    """Run ``build(folder) -> result`` into a new run folder ``<out>/<UTC start>_<command>_<tag>/``
+    (``out`` None: the reports folder ``tclab run`` uses) via :func:`tclab.runs.command_run`: it holds
+    ``result.json`` (the whole result), ``summary.json`` (``figures(result)``, a list of ``(key, label,
+    value, unit)``, as the headline the run table and index.html show; ``identity``), ``params.yaml`` and
+    ``provenance.json``, and is built aside, so a failed call leaves nothing and never touches an
+    earlier run. The result gets ``out``: the folder."""
+    from . import runs
+
+    def fill(run) -> dict:
+        result = build(run.dir)
+        (run.dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        numbers = figures(result)
+        run.write_summary({"headline": {k: v for k, _, v, _ in numbers}, "identity": identity,
+                           "report": {"key_numbers": [{"key": k, "label": label, "value": v, "unit": unit}
+                                                      for k, label, v, unit in numbers]}})
+        return result
+
+    folder, result = runs.command_run(command, parameters, fill, reports_dir=out, tag=tag, start=start)
+    result["out"] = str(folder)
     return result
 
 
-def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path) -> Path:
-    """Sample a class-balanced grid (one column per class) and write ``grid.png`` + ``samples.json``."""
+def sample_grid(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path | None = None) -> Path:
+    """Sample a class-balanced grid (one column per class) into a new run folder (:func:`_publish`; ``out``
+    None: the reports folder) with ``grid.png`` and ``samples.json``; returns the grid's path."""
+    start = _now()
     model = load_dit(model_spec)
     labels = balanced_labels(num_samples, model.num_classes if model.class_names else 8)
-    stage, final = _new_folder(out, model.name)
-    try:
+
+    def build(stage: Path) -> dict:
         res = sample(model, labels, config)
         ncol = len(model.class_names) if model.class_names else 8
         save_grid(res.images, stage / "grid.png", nrow=ncol, scale=max(1, 128 // model.resolution))
         info = {"model": model.identity(), "config": config.__dict__, "labels": labels.tolist(),
                 "seconds": round(res.seconds, 2), "column_classes": model.class_names}
         (stage / "samples.json").write_text(json.dumps(info, indent=2))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return _finish(stage, final) / "grid.png"
+        return {"num_samples": num_samples, "seconds": info["seconds"]}
+
+    result = _publish(out, "sample", model.name, {"model": model_spec, "num_samples": num_samples, **config.__dict__},
+                      _model_identity(model), build,
+                      lambda r: [("num_samples", "samples", r["num_samples"], ""),
+                                 ("seconds", "sampling time", r["seconds"], "s")], start)
+    return Path(result["out"]) / "grid.png"
 
 
 def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str | Path, resume: bool = False,
-               shard_size: int | None = None, progress: bool = True) -> Path | None:
+               shard_size: int | None = None, progress: bool = True,
+               reports_dir: str | Path | None = None) -> Path | None:
     """Sample ``num_samples`` images into ``out`` (``.npz``, the ADM evaluator's layout: ``arr_0`` uint8
     (N, H, W, 3), and the labels in ``arr_1``; :func:`tclab.metrics.export_adm_npz`), sharded over the torchrun ranks this process belongs to
     (:mod:`tclab.distributed`; alone it is the one rank).
@@ -89,8 +95,9 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
     (:func:`tclab.sampling.per_sample_noise`), so the file is byte-identical at any world size. Units are
     shards of ``shard_size`` samples (default ``config.batch_size``), finished ones written atomically to
     ``<out>.shards/``; ``resume`` skips those. Rank 0 merges when every shard is there, writes ``out``
-    atomically (and ``<out>.json``: model, settings, world) and removes the shards; it returns ``out``, the
-    other ranks None. An existing ``out`` is never overwritten."""
+    atomically (and ``<out>.json``: model, settings, world), removes the shards and records the run in a
+    run folder of ``reports_dir`` (default: the reports folder ``tclab run`` uses; :func:`_publish`); it
+    returns ``out``, the other ranks None. An existing ``out`` is never overwritten."""
     import numpy as np
 
     from .data import images_to_uint8
@@ -99,6 +106,7 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
     from .progress import progress_bar
     from .sampling import per_sample_noise
 
+    start = _now()
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"--npz {out}: give a file name ending in .npz (the ADM evaluator's format)")
@@ -145,6 +153,12 @@ def sample_npz(model_spec: str, config: SampleConfig, num_samples: int, out: str
                 **described, "seconds": round(time.perf_counter() - t0, 1), "resumed": resume}
         write_atomic(out.with_name(out.name + ".json"), lambda f: f.write(json.dumps(info, indent=2).encode()))
         folder.remove()
+        params = {"model": model_spec, "num_samples": num_samples, **config.__dict__, "npz": str(out.resolve()),
+                  "shard_size": shard_size or config.batch_size, "resume": resume}
+        _publish(reports_dir, "sample-npz", model.name, params, _model_identity(model),
+                 lambda stage: {**info, "npz": str(out.resolve())},
+                 lambda r: [("num_samples", "samples", r["num_samples"], ""), ("seconds", "time", r["seconds"], "s"),
+                            ("npz", "file", r["npz"], "")], start)
         return out
     finally:
         close_world(world)
@@ -273,6 +287,7 @@ def evaluate_distribution(samples: str | Path, reference: str | Path, out: str |
     from .metrics import fid_floor_reason, frechet_distance, kernel_inception_distance
     from .progress import progress_bar
 
+    start = _now()
     sizes = {name: npz_length(path) for name, path in (("samples", samples), ("reference", reference))}
     world = init_world()
     try:
@@ -303,7 +318,13 @@ def evaluate_distribution(samples: str | Path, reference: str | Path, out: str |
                   "kid_subset_size": kid["subset_size"], "n_samples": len(fa), "n_reference": len(fb),
                   "samples": str(Path(samples).resolve()), "reference": str(Path(reference).resolve()),
                   "extractor": extractor.identity(), "seconds": round(time.perf_counter() - t0, 1), **described}
-        return _run_into_new_folder(out, "fid", lambda stage: result)
+        params = {"samples": str(samples), "reference": str(reference), "inception": inception and str(inception),
+                  "classifier": classifier and str(classifier), "shard_size": shard_size,
+                  "kid_subset_size": kid_subset_size, "seed": seed}
+        return _publish(out, "evaluate-fid", "inception" if inception is not None else "classifier-features", params,
+                        {}, lambda stage: result,
+                        lambda r: [("fid", "FID", r["fid"], ""), ("kid", "KID", r["kid"], ""),
+                                   ("n_samples", "samples", r["n_samples"], "")], start)
     finally:
         close_world(world)
 
@@ -348,12 +369,13 @@ def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_sample
     from .distributed import all_gather, barrier, close_world, init_world, my_units, shard_bounds
     from .sampling import sampling_start
 
+    start = _now()
     world = init_world()
     try:
         model = load_dit(model_spec).to(world.device)
         if not world.is_main:
             barrier(world)   # rank 0 trains a missing classifier into the artefact store first
-        clf, ids, _ = _classifier_and_classes(model, classifier_path, images, labels)
+        clf, ids, prepared = _classifier_and_classes(model, classifier_path, images, labels)
         if world.is_main:
             barrier(world)
         labels_t = torch.tensor(ids, dtype=torch.long)[balanced_labels(num_samples, len(ids))]
@@ -386,7 +408,16 @@ def evaluate_class_consistency(model_spec: str, config: SampleConfig, num_sample
                     "classifier_val_accuracy": clf.val_accuracy, "model": model.identity(), "config": config.__dict__,
                     **described}
 
-        return _run_into_new_folder(out, model.name, build)
+        identity = _model_identity(model)
+        if prepared is not None:
+            identity["images_manifest_sha256"] = prepared.image_set.manifest_hash()
+        params = {"model": model_spec, "num_samples": num_samples, **config.__dict__,
+                  "classifier": classifier_path, "images": images and str(images),
+                  "labels": labels if isinstance(labels, str) else str(labels)}
+        return _publish(out, "evaluate", model.name, params, identity, build,
+                        lambda r: [("class_consistency", "class-consistency", r["class_consistency"], "%"),
+                                   ("n", "samples classified", r["n"], ""), ("seconds", "time", r["seconds"], "s")],
+                        start)
     finally:
         close_world(world)
 
@@ -407,6 +438,7 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
 
     from .classifier import class_consistency
 
+    start = _now()
     strengths = [float(x) for x in strengths]
     if not strengths or any(not 0.0 < x <= 1.0 for x in strengths):
         raise ValueError(f"strengths {strengths}: give one or more values in (0, 1]")
@@ -442,7 +474,14 @@ def evaluate_sdedit_consistency(model_spec: str, images: str | Path, config: Sam
                 "model": model.identity(), "config": config.__dict__,
                 "classifier": str(classifier_path or "shipped or artefact store")}
 
-    return _run_into_new_folder(out, model.name, build)
+    identity = {**_model_identity(model), "images_manifest_sha256": prepared.image_set.manifest_hash()}
+    params = {"model": model_spec, "images": str(images), **config.__dict__, "strengths": strengths,
+              "per_class": per_class, "classifier": classifier_path,
+              "labels": labels if isinstance(labels, str) else str(labels)}
+    return _publish(out, "evaluate-sdedit", model.name, params, identity, build,
+                    lambda r: [("real_images", "class-consistency of the real images", r["real_images"], "%"),
+                               *((f"class_consistency_at_{row['strength']:g}", f"at strength {row['strength']:g}",
+                                  row["class_consistency"], "%") for row in (r["rows"][0], r["rows"][-1]))], start)
 
 
 def _plot_sdedit(rows: list[dict], class_names: list[str], path: Path, model_name: str) -> None:

@@ -51,7 +51,7 @@ from .prepare import select_images  # noqa: F401 (re-exported: its home was here
 from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, KeyNumber, ReportSummary,
                      key_numbers_from, verdict_of)
 from .stats import paired_proportion_difference, samples_needed
-from .sweep_summary import SweepSummary, SweepSummaryError
+from .sweep_summary import SweepSettingsRecord
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
 ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
@@ -282,17 +282,16 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
                                  notebooks: Sequence[str] = ABLATION_NOTEBOOKS) -> tuple[dict | None, list[dict]]:
     """The best TokenCache setting the ablation notebooks found for this model within ``budget``.
 
-    Reads the run folders of ``notebooks`` in ``reports_dir`` (``tclab.runs.list_runs``). Per
-    notebook, only the **most recent successful** run of this model at this report's ``num_steps``
-    counts (runs at another step count are ignored; ``provenance.json``
-    status ``ok`` and ``summary.json`` ``identity.model_weights_sha256 == weights_sha256``): older runs
-    are superseded, since code and settings move on. Each summary is read as a
-    :class:`tclab.sweep_summary.SweepSummary` (written by ``tclab.ablation.summarise_sweep``; one it
-    cannot read is ignored, the reason in its verdict). Its ``best_under_budget`` is eligible when its
-    ``config.cache`` is a TokenCache setting (not null: not a baseline or peer) that still validates,
-    its ``flop_ratio <= budget`` and it has a PSNR; a ``percentile`` schedule must also have been
-    measured for ``num_steps`` steps. Among eligible points the highest PSNR wins (ties: the lower FLOP
-    ratio).
+    Reads the run table of ``reports_dir`` (``tclab.runs.rows``: the rows of ``notebooks``, each with the
+    point its sweep recommended, ``best_under_budget``). Per notebook, only the **most
+    recent successful** run of this model at this report's ``num_steps`` counts (runs at another step
+    count are ignored; status ``ok`` and weights hash ``model_sha256 == weights_sha256``): older runs are
+    superseded, since code and settings move on. A sweep whose summary.json the table could not read as
+    a :class:`tclab.sweep_summary.SweepSummary` is ignored, the reason in its verdict. Its recommended
+    point is eligible when its ``config.cache`` is a TokenCache setting (not null: not a baseline or
+    peer) that still validates, its ``flop_ratio <= budget`` and it has a PSNR; a ``percentile``
+    schedule must also have been measured for ``num_steps`` steps. Among eligible points the highest
+    PSNR wins (ties: the lower FLOP ratio).
 
     Returns ``(best, considered)``: ``best`` is ``{"run", "notebook", "name", "cache", "flop_ratio",
     "time_ratio", "psnr", "class_consistency", "settings"}`` (``settings``: the run's
@@ -303,26 +302,21 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
     considered: list[dict] = []
     eligible: list[dict] = []
     newest: dict[str, str] = {}
-    for info in runs.list_runs(reports_dir):  # newest first
-        if info.notebook not in notebooks:
+    for info in runs.rows(reports_dir):   # newest first
+        if info["notebook"] not in notebooks:
             continue
-        path = info.path / "summary.json"
-        try:
-            summary, unreadable = SweepSummary.from_dict(runs.read_json(path), source=path), None
-        except SweepSummaryError as e:
-            summary, unreadable = SweepSummary.from_dict({}), str(e)
-        best = summary.best_under_budget
-        row = {"run": info.path.name, "notebook": info.notebook, "status": info.status,
-               "name": best.name if best else None,
-               "flop_ratio": finite_or_none(best.flop_ratio) if best else None,
-               "psnr": finite_or_none(best.psnr) if best else None}
+        best = info["best_under_budget"]
+        row = {"run": info["run"], "notebook": info["notebook"], "status": info["status"],
+               "name": best["name"] if best else None,
+               "flop_ratio": finite_or_none(best["flop_ratio"]) if best else None,
+               "psnr": finite_or_none(best["psnr"]) if best else None}
         considered.append(row)
-        sha = summary.identity.model_weights_sha256 if summary.identity else None
-        if info.status != "ok":
-            row["verdict"] = f"ignored: run status {info.status!r}, not 'ok'"
+        sha = info["model_sha256"]
+        if info["status"] != "ok":
+            row["verdict"] = f"ignored: run status {info['status']!r}, not 'ok'"
             continue
-        if unreadable:
-            row["verdict"] = f"ignored: {unreadable}"
+        if info["summary_error"]:
+            row["verdict"] = f"ignored: {info['summary_error']}"
             continue
         if weights_sha256 is None:
             row["verdict"] = "ignored: this model has no weights hash (an untrained preset), so no run can be matched"
@@ -333,17 +327,18 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
         if sha != weights_sha256:
             row["verdict"] = f"ignored: another model (weights {_short(sha)}, this model {_short(weights_sha256)})"
             continue
-        run_steps = summary.settings.num_steps if summary.settings else None
+        settings = SweepSettingsRecord.from_dict(info["settings"], complete=False) if info["settings"] else None
+        run_steps = settings.num_steps if settings else None
         if num_steps is not None and run_steps is not None and run_steps != num_steps:
             # a setting's cost and quality depend on the step count: a quick run at other settings
             # (a smoke preset, the test suite) must neither be chosen nor hide a matching older run
             row["verdict"] = f"ignored: sampled with {run_steps} steps, this report samples {num_steps}"
             continue
-        if info.notebook in newest:
-            row["verdict"] = f"ignored: superseded by the newer run {newest[info.notebook]} of the same notebook"
+        if info["notebook"] in newest:
+            row["verdict"] = f"ignored: superseded by the newer run {newest[info['notebook']]} of the same notebook"
             continue
-        newest[info.notebook] = info.path.name
-        cache = best.cache if best else None
+        newest[info["notebook"]] = info["run"]
+        cache = (best["config"] or {}).get("cache") if best else None
         if best is None:
             row["verdict"] = "not eligible: its sweep had no TokenCache point within its own budget"
         elif cache is None:
@@ -363,10 +358,10 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
                 row["verdict"] = f"not eligible: {e}"
                 continue
             row["verdict"] = "eligible"
-            eligible.append({"run": info.path.name, "notebook": info.notebook, "name": best.name, "cache": cache,
-                             "flop_ratio": row["flop_ratio"], "time_ratio": finite_or_none(best.time_ratio),
-                             "psnr": row["psnr"], "class_consistency": finite_or_none(best.class_consistency),
-                             "settings": summary.settings})
+            eligible.append({"run": info["run"], "notebook": info["notebook"], "name": best["name"],
+                             "cache": dict(cache), "flop_ratio": row["flop_ratio"],
+                             "time_ratio": finite_or_none(best["time_ratio"]), "psnr": row["psnr"],
+                             "class_consistency": finite_or_none(best["class_consistency"]), "settings": settings})
     if not eligible:
         return None, considered
     chosen = sorted(eligible, key=lambda e: (-e["psnr"], e["flop_ratio"]))[0]

@@ -21,7 +21,7 @@ LEAVES = ("tclab.steps", "tclab.report", "tclab.env", "tclab.cache.registry", "t
 LAYERS = [
     ("leaves", ["tclab.env", "tclab.steps", "tclab.anatomy", "tclab.report", "tclab.cache.registry",
                 "tclab.cache.schedule", "tclab.cache.select", "tclab.cache.static", "tclab.cache.forecast",
-                "tclab.stats", "tclab.record_store", "tclab.files"]),
+                "tclab.stats", "tclab.record_store", "tclab.files", "tclab.sweep_summary"]),
     ("ground", ["tclab.progress", "tclab.shapes", "tclab.paths", "tclab.data", "tclab.distributed"]),
     ("models", ["tclab.models", "tclab.labels", "tclab.classifier", "tclab.artefacts"]),
     ("engine", ["tclab.sampling", "tclab.record", "tclab.train_dit", "tclab.cache", "tclab.cache.config",
@@ -29,7 +29,7 @@ LAYERS = [
                 "tclab.cache.peers", "tclab.cache.peers.*"]),
     ("measurement", ["tclab.metrics", "tclab.features", "tclab.lpips", "tclab.cache.train"]),
     ("run folders", ["tclab.runs", "tclab.runs.*"]),
-    ("studies", ["tclab.analysis", "tclab.prepare", "tclab.evaluate", "tclab.ablation", "tclab.sweep_summary",
+    ("studies", ["tclab.analysis", "tclab.prepare", "tclab.evaluate", "tclab.ablation",
                  "tclab.inhouse", "tclab.plots", "tclab.explore"]),
     ("front ends", ["tclab.jobs", "tclab.cli", "tclab.__main__"]),
 ]

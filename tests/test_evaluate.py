@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tclab import runs
 from tclab.cli import main
 from tclab.evaluate import evaluate_class_consistency, evaluate_sdedit_consistency
 from tclab.sampling import SampleConfig
@@ -16,9 +17,19 @@ def test_class_consistency_writes_one_complete_folder(tmp_path):
     res = evaluate_class_consistency("shapes-dit", SampleConfig(num_steps=2, batch_size=12), 12, tmp_path)
     assert 0.0 <= res["class_consistency"] <= 1.0 and res["n"] == 12
     assert set(res["per_class"]) == {"cross", "disc", "ring", "square", "star", "triangle"}
-    (folder,) = tmp_path.iterdir()
-    assert str(folder) == res["out"] and sorted(p.name for p in folder.iterdir()) == ["grid.png", "result.json"]
+    (folder,) = (p for p in tmp_path.iterdir() if p.is_dir())   # beside it: index.html and the run table
+    assert folder.name.endswith("_evaluate_shapes-dit") and str(folder) == res["out"]
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "params.yaml", "provenance.json", "result.json",
+                                                        "summary.json"]
     assert json.loads((folder / "result.json").read_text())["class_consistency"] == res["class_consistency"]
+    # self-describing like a notebook's run: provenance, and a row in the run table and on the index
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["status"] == "ok" and prov["command"] == "evaluate" and prov["parameters"]["num_samples"] == 12
+    assert prov["identity"]["model_weights_sha256"] and prov["duration_s"] > 0
+    (row,) = runs.rows(tmp_path)
+    assert row["notebook"] == "evaluate" and row["kind"] == "command" and row["model"] == "shapes-dit"
+    assert row["headline"]["class_consistency"] == res["class_consistency"]
+    assert folder.name in (tmp_path / "index.html").read_text()
 
 
 def test_sdedit_of_barely_noised_real_images_keeps_their_class(tmp_path):

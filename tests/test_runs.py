@@ -182,7 +182,7 @@ def test_index_lists_runs_newest_first_with_status_and_change(executed):
 def test_no_staging_leftovers(executed):
     staging = executed.reports / runs.STAGING_DIRNAME
     assert not staging.exists() or not any(staging.iterdir())
-    assert {p.name for p in executed.reports.iterdir()} - {".index.lock"} == {  # the lock target stays, like a flock's
+    assert {p.name for p in executed.reports.iterdir()} - {".index.lock"} == {"runs.sqlite",  # the lock target stays
         "index.html", executed.good.name, executed.second.name, executed.failed.name}
 
 

@@ -4,6 +4,7 @@ Every experiment in tclab ends up as one folder under ``reports/``::
 
     reports/
       index.html                                   # all runs, newest first (rewritten after every run)
+      runs.sqlite                                  # the run table: one row per run, per sweep variant
       20250614T103015Z_01_token_changes_smoke/     # <UTC start>_<notebook stem>_<tag>
         01_token_changes.ipynb                     # the executed notebook (outputs included)
         report.html                                # the same, rendered without code cells
@@ -15,7 +16,7 @@ Every experiment in tclab ends up as one folder under ``reports/``::
         error.txt                                  # the exception, plain text
         ...                                        # whatever it wrote before it failed
 
-Two ways to make a run folder:
+Three ways to make a run folder:
 
 * ``tclab run NOTEBOOK -p NAME VALUE`` (or :func:`run_notebook`) executes the notebook with
   papermill. The folder is built aside in ``reports/.staging/`` and renamed into place only when
@@ -23,6 +24,11 @@ Two ways to make a run folder:
   and a failure becomes a clearly marked ``*_FAILED`` folder.
 * "Run All" in JupyterLab: the notebook's ``run_dir`` parameter is ``None``, so
   :func:`open_run` makes a fresh ``reports/<time>_<stem>_interactive/`` folder itself.
+* A command (``tclab evaluate``, ``tclab sample``) calls :func:`command_run`: the same folder, named
+  ``<time>_<command>_<tag>``, with ``command`` in provenance.json where a notebook run has ``notebook``.
+
+Every run that ends is synced into the run table ``reports/runs.sqlite`` (:mod:`.run_table`), and
+index.html is rendered from that table.
 
 How a notebook cooperates (the cells, in order; see also ``docs`` and the house style)::
 
@@ -52,7 +58,8 @@ The package, one module per job; a module imports only those above it in this li
     parameters.py   the parameters cell, -p/-f values and files, notebook and preset names
     origin.py       provenance: clock, git commit, environment, the provenance record, parameters_hash
     layout.py       a run folder's names (staging, _FAILED, report.html, ...) and its JSON files
-    index.py        RunInfo, read_run, list_runs, render_index, write_index: reports/index.html
+    index.py        RunInfo, read_run, list_runs, render_index: a run folder as the index reads it, the page
+    run_table.py    the run table reports/runs.sqlite (sync, rebuild, table, find_run) and write_index from it
     folder.py       RunContext and open_run, the reports folder, marking dead runs' leftovers
     execution.py    run_notebook: papermill, staging, signals and timeouts, report.html, atomic publish
 
@@ -74,11 +81,12 @@ from .origin import KEY_PACKAGES, environment, git_state, parameters_hash, prove
 from .layout import (  # noqa: F401
     FAILED_SUFFIX, KERNEL_LOG, PROGRESS_LOG, REPORT_NAME, STAGING_DIRNAME, _safe_name, read_json)
 from .index import (  # noqa: F401
-    INDEX_FIGURES, RUN_STATUSES, RunInfo, _href, format_duration, format_figure, list_runs, read_run, render_index,
-    write_index)
+    INDEX_FIGURES, RUN_STATUSES, RunInfo, _href, format_duration, format_figure, list_runs, read_run, render_index)
+from .run_table import (  # noqa: F401
+    TABLE_NAME, RunFilter, RunTableError, find_run, rebuild, rows, run_rows, sync, table, table_path, write_index)
 from .folder import (  # noqa: F401
     MIN_FREE_BYTES, REPORTS_DIR_ENV, STAGING_GRACE_S, RunContext, _find_reports_dir, check_reports_writable,
-    clean_dead_runs, open_run)
+    clean_dead_runs, command_run, open_run)
 from .execution import (  # noqa: F401
     RunFailedError, RunStopped, RunTimeout, _stoppable, render_html, run_notebook)
 
@@ -89,5 +97,5 @@ __all__ = [
     "parse_parameter_value", "load_parameters",
     "parameters_hash", "resolve_notebook", "resolve_params_file", "project_notebooks_dir", "PROJECT_ROOT",
     "run_notebook", "open_run", "provenance", "environment", "git_state",
-    "list_runs", "write_index", "render_html",
+    "list_runs", "write_index", "render_html", "table", "find_run", "sync", "rebuild", "RunFilter", "RunTableError",
 ]

@@ -28,7 +28,7 @@ import yaml
 from ..paths import PROJECT_ROOT
 from ..report import render_report
 from .folder import _find_reports_dir, check_reports_writable, clean_dead_runs
-from .index import write_index
+from .run_table import write_index
 from .layout import (_KERNEL_ENV_FILE, _PID_FILE, _TIME_FORMAT, FAILED_SUFFIX, KERNEL_LOG, PROGRESS_LOG, REPORT_NAME,
                      STAGING_DIRNAME, _safe_name, _unique_path, _write_json, read_json)
 from .origin import _iso, _utc_now, parameters_hash, provenance

@@ -11,6 +11,7 @@ the folder, so it imports :mod:`.index`; it never imports :mod:`.execution`.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .index import write_index
+from .run_table import write_index
 from .layout import (_KERNEL_ENV_FILE, _PID_FILE, _TIME_FORMAT, FAILED_SUFFIX, STAGING_DIRNAME, _safe_name,
                      _unique_path, _write_json, read_json)
 from .origin import _iso, _utc_now, environment, provenance
@@ -114,19 +115,7 @@ class RunContext:
 
 
 from ..env import REPORTS_DIR_ENV  # noqa: E402,F401 (where `tclab run` writes unless told)
-
-
-def _find_reports_dir(start: Path | None = None) -> Path:
-    """``$TCLAB_REPORTS_DIR`` when set (the test suite points it at a temporary folder, so executing
-    the notebooks there never adds runs to your reports), else ``reports/`` at the project root: the
-    nearest folder up from ``start`` with pyproject.toml or .git."""
-    if os.environ.get(REPORTS_DIR_ENV):
-        return Path(os.environ[REPORTS_DIR_ENV])
-    here = (start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
-            return d / "reports"
-    return here / "reports"
+from .layout import _find_reports_dir  # noqa: E402,F401 (its home is layout; used here and re-exported)
 
 
 def _interactive_notebook_name() -> str | None:
@@ -190,6 +179,47 @@ def open_run(run_dir: str | os.PathLike | None = None, *, notebook: str | None =
         status="running", mode="interactive", run=d.name, notebook=nb_path, tag=tag,
         parameters=_plain(used), start_utc=_iso(start), end_utc=None))
     return RunContext(dir=d, managed=False, notebook=nb_path, reports_dir=reports)
+
+
+def command_run(command: str, parameters: Mapping[str, Any], fill, *, reports_dir: str | os.PathLike | None = None,
+                tag: str = "cli", start: _dt.datetime | None = None) -> tuple[Path, Any]:
+    """A run folder for a command (``tclab evaluate``, ``tclab sample``), like a notebook's: ``fill(run)``
+    writes into ``run`` (a :class:`RunContext`; it ends with ``run.write_summary(...)``) and returns the
+    command's result; tclab adds ``params.yaml`` and ``provenance.json`` (``command``, ``parameters``,
+    times, identity) and publishes ``<reports>/<UTC start>_<command>_<tag>/`` into the run table and
+    index.html. Built aside in ``<reports>/.staging/`` and renamed into place when complete; if ``fill``
+    raises, the staged folder is removed and nothing is published. Returns (the folder, the result).
+    ``start``: when the command began (default now), so the duration counts its whole work."""
+    reports = Path(reports_dir) if reports_dir is not None else _find_reports_dir()
+    check_reports_writable(reports)
+    start = start or _utc_now()
+    name = f"{start.strftime(_TIME_FORMAT)}_{_safe_name(command, 'command')}_{_safe_name(tag, 'tag')}"
+    staging = _unique_path(reports / STAGING_DIRNAME / name)
+    staging.mkdir(parents=True)
+    (staging / _PID_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        result = fill(RunContext(dir=staging, managed=True, reports_dir=reports))
+        summary = read_json(staging / "summary.json")
+        used = _plain(dict(parameters))
+        (staging / "params.yaml").write_text(yaml.safe_dump(used, sort_keys=False))
+        final = _unique_path(reports / name)
+        end = _utc_now()
+        _write_json(staging / "provenance.json", provenance(
+            status="ok", run=final.name, mode="command", command=command, tag=tag, parameters=used,
+            start_utc=_iso(start), end_utc=_iso(end), duration_s=round((end - start).total_seconds(), 3),
+            identity=summary.get("identity", {})))
+        (staging / _PID_FILE).unlink()
+        os.rename(staging, final)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            (reports / STAGING_DIRNAME).rmdir()   # only if empty: another run may be staging
+    write_index(reports)
+    return final, result
 
 
 #: Free space a reports folder must have before a run starts (a run writes figures, records, notebooks).

@@ -3,8 +3,8 @@
 Owns reading a run folder defensively into :class:`RunInfo` (:func:`read_run`, :func:`list_runs`;
 a corrupt file never raises), the figures each run shows (``tclab.report.KeyNumber``, picked from
 summary.json), the comparison with the previous good run of the same notebook and tag, and
-rendering and atomically rewriting the page (:func:`render_index`, :func:`write_index`). Reads
-folders through :mod:`.layout`; never writes into a run folder.
+rendering the page (:func:`render_index`; :func:`tclab.runs.run_table.write_index` writes it from
+the run table). Reads folders through :mod:`.layout`; never writes into a run folder.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def read_run(d: Path) -> RunInfo:
     prov = _read_json_noting(d / "provenance.json", problems)
     summary = _read_json_noting(d / "summary.json", problems)
     status = _text(prov.get("status")) or ("failed" if d.name.endswith(FAILED_SUFFIX) else "unknown")
-    nb = _text(prov.get("notebook"))
+    nb = _text(prov.get("notebook")) or _text(prov.get("command"))   # a notebook run, or tclab evaluate/sample
     params = _dict(prov.get("parameters"))
     identity = {**_dict(prov.get("identity")), **_dict(summary.get("identity"))}
     headline = _dict(summary.get("headline"))
@@ -492,21 +492,3 @@ name as tag, so each job is one row.</p>
 <script>{_INDEX_JS}</script>
 </body></html>
 """
-
-
-def write_index(reports_dir: str | os.PathLike) -> Path:
-    """Rewrite ``<reports_dir>/index.html``: every run, newest first, then one row per notebook+tag.
-
-    Runs table: start (links the report), notebook, tag, model and image set (short names, hash codes),
-    status (with a failed run's error), duration, two or three headline figures (summary.json
-    ``report.key_numbers`` picked by ``report.index_keys``, else the first ``headline`` entries) with
-    their change since the previous *successful* run of the same notebook and tag, and links (report,
-    folder, error.txt). All links are relative to the reports folder. A small inline script (no
-    external resources) filters and sorts the tables; without it the page still reads in order.
-    Written atomically; a corrupt run folder is listed with what could be read.
-    """
-    reports = Path(reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    out = reports / "index.html"
-    _replace_atomically(out, render_index(list_runs(reports)))
-    return out

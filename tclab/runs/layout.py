@@ -4,7 +4,8 @@ The contract shared by the code that writes run folders (:mod:`.folder`, :mod:`.
 code that reads them (:mod:`.index`, ``tclab.inhouse``, ``tclab.jobs``): the folder name
 ``<UTC start>_<stem>_<tag>[_FAILED]``, the staging folder, the file names inside, and JSON files
 written whole or not at all (:func:`_write_json`) and read without ever raising (:func:`read_json`).
-No policy lives here; it imports only :mod:`.parameters` (for :class:`ParameterError`).
+It also says which reports folder a run goes to (:func:`_find_reports_dir`). No policy lives here;
+it imports only :mod:`.parameters` (for :class:`ParameterError`) and ``tclab.env``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..env import REPORTS_DIR_ENV
 from .parameters import ParameterError
 
 
@@ -101,3 +103,16 @@ def _read_json_noting(p: Path, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{p.name} is not a JSON object")
         return {}
     return data
+
+
+def _find_reports_dir(start: Path | None = None) -> Path:
+    """``$TCLAB_REPORTS_DIR`` when set (the test suite points it at a temporary folder, so executing
+    the notebooks there never adds runs to your reports), else ``reports/`` at the project root: the
+    nearest folder up from ``start`` with pyproject.toml or .git."""
+    if os.environ.get(REPORTS_DIR_ENV):
+        return Path(os.environ[REPORTS_DIR_ENV])
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
+            return d / "reports"
+    return here / "reports"
