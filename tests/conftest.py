@@ -152,3 +152,26 @@ def perturbed(p, seed=0):
         for q in p.parameters():
             q.copy_(torch.randn(q.shape, generator=g) * 0.5)
     return p
+
+
+# ---- reference packages of the parity tests (tests/test_metric_parity.py, tests/test_lpips.py) -------------
+
+def in_ci() -> bool:
+    """True where the environment variable ``CI`` is ``true`` (or ``1``), as CI services and ``.ci/run`` set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_reference(module: str, install: str) -> None:
+    """Skip the calling test when the reference package ``module`` is not installed; under ``CI=true`` fail it.
+
+    The message names the package and ``install``, the command that installs it. Only a package that
+    is missing is handled so: one that is installed but fails to import raises as usual.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return
+    msg = f"reference package {module!r} is not installed: {install}"
+    if in_ci():
+        pytest.fail(f"{msg} (CI=true: the parity tests must run there, not skip)", pytrace=False)
+    pytest.skip(msg)

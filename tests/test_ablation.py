@@ -186,7 +186,7 @@ SETTINGS = A.SweepSettings(num_steps=6, quality_samples=3, timing_batch=2, timin
 
 @pytest.fixture(scope="module")
 def sweep():
-    from conftest import tiny_transformer
+    from tests.conftest import tiny_transformer
     from tclab.models import LoadedDiT, PixelSpaceVAE, default_scheduler_config
 
     model = LoadedDiT(name="tiny-pixel", transformer=tiny_transformer(3, 3), vae=PixelSpaceVAE(),

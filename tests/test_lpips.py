@@ -1,9 +1,10 @@
 """LPIPS from local files: the metric's properties, the loader's errors, and parity with the lpips package.
 
 Weight files are random and written to tmp_path by the tests (none are committed). The parity test
-runs the reference ``lpips`` package (skipped where it is not installed) with a stand-in
-``torchvision`` module, so that both implementations use the same random AlexNet backbone and the
-package's real v0.1 lin weights.
+runs the reference ``lpips`` package with a stand-in ``torchvision`` module, so that both
+implementations use the same random AlexNet backbone and the package's real v0.1 lin weights, on
+random tensors and on the stand-in image set ``data/shapes``. Without ``lpips`` installed it is skipped,
+with the install command; under ``CI=true`` it fails (``tests.conftest.require_reference``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch import nn
 
 import tclab
 import tclab.lpips
+from tclab.data import load_image_folder
 from tclab.lpips import LAYER_CHANNELS, LPIPS, MIN_NATIVE_SIZE, load_lpips, lpips_distance
 from tclab.metrics import paired_quality
+from tests.conftest import require_reference
 
 
 def torchvision_alexnet_features() -> nn.Sequential:
@@ -261,7 +264,10 @@ def reference_lpips(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.models", models)
     before = set(sys.modules)
     try:
-        lpips = pytest.importorskip("lpips")
+        require_reference("lpips", "pip install --no-deps lpips==0.1.4  (its torchvision requirement is replaced "
+                                   "by a stand-in here)")
+        import lpips
+
         yield lpips, backbone
     finally:
         for name in set(sys.modules) - before:
@@ -295,3 +301,25 @@ def test_parity_with_the_lpips_package(reference_lpips, tmp_path, monkeypatch):
         up = lambda x: F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
         torch.testing.assert_close(lpips_distance(a, b, ours), ref(up(a), up(b)).flatten().double(),
                                    rtol=1e-5, atol=1e-7)
+
+
+def test_parity_with_the_lpips_package_on_real_images(reference_lpips, tmp_path):
+    """The stand-in image set (data/shapes, 32 px native and resized to 64 px) against noisy, blurred and
+    other images of the set."""
+    lpips, backbone = reference_lpips
+    ref = lpips.LPIPS(net="alex", version="0.1", verbose=False)
+    torch.save({f"features.{k}": v for k, v in backbone.state_dict().items()}, tmp_path / "alexnet.pth")
+    ours = load_lpips(tmp_path / "alexnet.pth", Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth",
+                      upsample_to=None)
+    shapes = Path(__file__).resolve().parents[1] / "data" / "shapes"
+    g = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        for size in (32, 64):
+            x = load_image_folder(shapes, size, limit=1).images                   # one image of each of 6 classes
+            blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+            for name, y in (("noise", (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)),
+                            ("blur", blur), ("other", x.roll(1, dims=0))):
+                expect = ref(x, y).flatten().double()
+                assert (expect > 0).all()
+                torch.testing.assert_close(lpips_distance(x, y, ours), expect, rtol=1e-5, atol=1e-7,
+                                           msg=f"shapes {size} px, {name}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import tiny_transformer
+from tests.conftest import tiny_transformer
 from diffusers.hooks import ModelHook
 
 from tclab.cache import apply_caching, available_methods

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from standins import imagenet_like_labels, make_transformer, write_latent_pipeline, write_transformer_folder
+from tests.standins import imagenet_like_labels, make_transformer, write_latent_pipeline, write_transformer_folder
 
 from tclab.cache import TokenCacheConfig, apply_token_cache, get_token_cache_state, remove_token_cache
 from tclab.metrics import PAPER_GMACS, transformer_forward_flops

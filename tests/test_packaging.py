@@ -42,6 +42,17 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
     assert test.strip() in (ROOT / ".ci" / "run").read_text()
 
 
+def test_ci_installs_every_reference_and_tracker_the_tests_need():
+    """The parity and export tests fail under CI=true when a package is missing: CI must install them all."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("parity", "export"):
+        assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.]*", p) for p in extras[name]), extras[name]
+        assert not any(p.startswith("torchvision") for p in extras[name])
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[parity,export]"' in ci
+    assert "pip install --no-deps torch-fidelity==0.4.0 " in ci and f"{extras['lpips-reference'][0]}" in ci
+
+
 def test_committed_notebooks_carry_no_outputs():
     nbs = list((ROOT / "notebooks").glob("*.ipynb"))
     for nb in nbs:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_transformer
+from tests.conftest import tiny_transformer
 from diffusers import DiTPipeline
 
 from tclab.cache.methods import STATS_KEYS

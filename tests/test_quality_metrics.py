@@ -266,7 +266,7 @@ def test_kid_std_is_non_negative_and_shrinks_with_larger_subsets():
 @pytest.fixture(scope="module")
 def sweep_below_the_floor():
     """A sweep on the tiny DiT with 3 samples and 4-d features (floor 5): FID refused, KID measured."""
-    from conftest import tiny_transformer
+    from tests.conftest import tiny_transformer
     from tclab import ablation as A
     from tclab.models import LoadedDiT, PixelSpaceVAE, default_scheduler_config
 

@@ -124,7 +124,7 @@ def test_the_noise_floor_flags_an_identical_pair_and_not_a_real_speed_up():
 
 
 def test_a_real_sweep_flags_full_compute_against_itself(tmp_path):
-    from conftest import tiny_transformer
+    from tests.conftest import tiny_transformer
     from tclab.models import LoadedDiT, PixelSpaceVAE, default_scheduler_config
 
     model = LoadedDiT(name="tiny", transformer=tiny_transformer(3, 3), vae=PixelSpaceVAE(),
