@@ -130,7 +130,7 @@ def _cmd_runs_compare(a: argparse.Namespace) -> int:
     from .runs.views import compare_text
 
     reports = _reports(a)
-    print(compare_text(find_run(reports, a.run_a), find_run(reports, a.run_b)))
+    print(compare_text(find_run(reports, a.run_a), find_run(reports, a.run_b), every_value=a.all))
     return 0
 
 
@@ -141,6 +141,42 @@ def _cmd_runs_rebuild(a: argparse.Namespace) -> int:
     out = rebuild(reports)
     write_index(reports)
     print(f"{len(rows(reports))} run(s) in {out}; index.html rewritten from it")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .runs import rows
+    from .runs.export import (default_logdir, default_tracking_uri, expand_run_dirs, export_mlflow,
+                              export_tensorboard)
+
+    reports = Path(a.reports) if a.reports else None
+    filtered = any(getattr(a, k) for k in ("notebook", "model", "images", "tag", "status", "since", "until"))
+    if a.runs and filtered:
+        print(f"tclab export {a.tracker}: give run folders or filters (--notebook ...), not both", file=sys.stderr)
+        return 2
+    if filtered or not a.runs:
+        reports = _reports(a)
+        dirs = [reports / r["run"] for r in rows(reports, filter=_run_filter(a))]
+        if not dirs:
+            print(f"tclab export {a.tracker}: no run in {reports} matches; `tclab runs list` shows them",
+                  file=sys.stderr)
+            return 2
+    else:
+        dirs = expand_run_dirs(a.runs)
+        reports = reports or dirs[0].parent
+    if a.tracker == "mlflow":
+        uri = a.tracking_uri or default_tracking_uri(reports)
+        done = export_mlflow(dirs, uri, experiment=a.experiment)
+        new = sum(r.created for r in done)
+        print(f"{new} run(s) exported, {sum(r.replaced for r in done)} of them replacing a changed one, "
+              f"{len(done) - new} already there: {uri} (experiment {a.experiment!r})")
+        print(f"view: mlflow ui --backend-store-uri {uri}   (the UI needs the full mlflow package, in its own "
+              "environment)")
+    else:
+        logdir = Path(a.logdir) if a.logdir else default_logdir(reports)
+        written = export_tensorboard(dirs, logdir)
+        print(f"{len(written)} run(s) in {logdir}")
+        print(f"view: tensorboard --logdir {logdir}")
     return 0
 
 
@@ -560,12 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_runs_parser(sub) -> None:
-    s = sub.add_parser("runs", help="the run table (reports/runs.sqlite): list, show, compare runs; rebuild it; "
-                                    "clean the leftovers of dead runs")
-    rsub = s.add_subparsers(dest="runs_command", required=True)
-    reports_help = "reports folder (default: as `tclab run`: $TCLAB_REPORTS_DIR, else reports/ of this project)"
-    s = rsub.add_parser("list", help="the runs, newest first, with their headline figures (filter with the options)")
+def _add_run_filters(s, reports_help: str) -> None:
     s.add_argument("--reports", help=reports_help)
     s.add_argument("--notebook", help="a notebook's stem or number (01, 05_inhouse_report) or a command (evaluate)")
     s.add_argument("--model", help="part of the model spec, or the start of its weights hash")
@@ -574,6 +605,37 @@ def _add_runs_parser(sub) -> None:
     s.add_argument("--status", choices=("ok", "failed", "running", "unknown"))
     s.add_argument("--since", metavar="DATE", help="started on or after, UTC: YYYY-MM-DD[THH:MM]")
     s.add_argument("--until", metavar="DATE", help="started before (a date: up to its end), UTC")
+
+
+def _add_export_parser(sub, reports_help: str) -> None:
+    s = sub.add_parser("export", help="copy runs into an experiment tracker: a local MLflow store or TensorBoard "
+                                      "event files (pip install 'tclab[export]')")
+    esub = s.add_subparsers(dest="tracker", required=True)
+    for tracker, helptext in (("mlflow", "one MLflow run per run folder (a sweep's variants as child runs), with "
+                                         "parameters, metrics, figures and the report as artefacts"),
+                              ("tensorboard", "event files per run folder: headline scalars, the sweep's points, "
+                                              "figures, parameters")):
+        s = esub.add_parser(tracker, help=helptext)
+        s.add_argument("runs", nargs="*", metavar="RUN_OR_REPORTS",
+                       help="run folders, or reports folders (all their runs); default: every run of --reports, or "
+                            "those the filters keep")
+        _add_run_filters(s, reports_help)
+        if tracker == "mlflow":
+            s.add_argument("--tracking-uri", help="sqlite:///PATH.db (default: <reports>/.mlflow/mlflow.db), "
+                                                  "file:PATH, or an http(s):// server you name")
+            s.add_argument("--experiment", default="tclab", help="MLflow experiment (default: %(default)s)")
+        else:
+            s.add_argument("--logdir", help="event files go to LOGDIR/<run folder>/ (default: <reports>/.tensorboard)")
+        s.set_defaults(func=_cmd_export)
+
+
+def _add_runs_parser(sub) -> None:
+    s = sub.add_parser("runs", help="the run table (reports/runs.sqlite): list, show, compare runs; rebuild it; "
+                                    "clean the leftovers of dead runs")
+    rsub = s.add_subparsers(dest="runs_command", required=True)
+    reports_help = "reports folder (default: as `tclab run`: $TCLAB_REPORTS_DIR, else reports/ of this project)"
+    s = rsub.add_parser("list", help="the runs, newest first, with their headline figures (filter with the options)")
+    _add_run_filters(s, reports_help)
     s.add_argument("--limit", type=int, default=0, help="at most this many (newest first)")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="the rows as JSON")
@@ -589,6 +651,7 @@ def _add_runs_parser(sub) -> None:
     s.add_argument("run_a", help="run A (folder name or a unique part of it)")
     s.add_argument("run_b", help="run B")
     s.add_argument("--reports", help=reports_help)
+    s.add_argument("--all", action="store_true", help="list every headline value, also those equal in both runs")
     s.set_defaults(func=_cmd_runs_compare)
     s = rsub.add_parser("rebuild", help="recreate runs.sqlite from the run folders (and index.html from it)")
     s.add_argument("--reports", help=reports_help)
@@ -597,6 +660,7 @@ def _add_runs_parser(sub) -> None:
                                       "live runs are left alone")
     s.add_argument("--reports", help=reports_help)
     s.set_defaults(func=_cmd_runs_clean)
+    _add_export_parser(sub, reports_help)
 
 
 def _cmd_schedule_run(a: argparse.Namespace) -> int:

@@ -94,8 +94,9 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def compare_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
-    """Two runs side by side: what they ran on, the parameters that differ, their headline figures and B - A;
+def compare_text(a: Mapping[str, Any], b: Mapping[str, Any], every_value: bool = False) -> str:
+    """Two runs side by side: what they ran on, the parameters that differ, their headline figures and B - A
+    (the key figures always; the other headline values where they differ, or all with ``every_value``);
     for two sweeps, their variants matched by name."""
     head = ["", f"A: {a['run']}", f"B: {b['run']}"]
     ident = [["notebook", a["notebook"], b["notebook"]], ["tag", a["tag"], b["tag"]],
@@ -114,7 +115,8 @@ def compare_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     labels = {f.get("key"): f for f in [*b["figures"], *a["figures"]]}   # A's label and unit win
     fig_keys = list(dict.fromkeys([f.get("key") for f in [*a["figures"], *b["figures"]]]
                                   + [k for k in [*a["headline"], *b["headline"]]]))
-    body = []
+    body, same = [], 0
+    key_figures = {f.get("key") for f in [*a["figures"], *b["figures"]]}
     for k in fig_keys:
         f = labels.get(k, {"key": k, "label": k, "unit": ""})
         va = next((x.get("value") for x in a["figures"] if x.get("key") == k), a["headline"].get(k))
@@ -123,9 +125,13 @@ def compare_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
             continue
         unit = f.get("unit") or ""
         delta = _delta(vb, va, unit, k)[0] if va is not None and vb is not None else "(one run only)"
+        if delta == "=" and k not in key_figures and not every_value:
+            same += 1
+            continue
         body.append([f.get("label") or k, format_value(va, unit, k), format_value(vb, unit, k), delta])
-    out.append("headline figures:\n" + (_indent(_table(["figure", "A", "B", "B - A"], body)) if body
-                                        else "  none in either run"))
+    out.append("headline figures (the key figures, then the other values that differ):\n"
+               + (_indent(_table(["figure", "A", "B", "B - A"], body)) if body else "  none in either run")
+               + (f"\n  {same} other value(s) are equal in both (--all lists them)" if same else ""))
     if a["variants"] or b["variants"]:
         va = {v["name"]: v for v in a["variants"]}
         vb = {v["name"]: v for v in b["variants"]}
