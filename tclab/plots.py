@@ -9,10 +9,19 @@ The functions use ``matplotlib.pyplot`` so figures show inline in notebooks; not
 import (no backend, no style, no rc flags). Without a display, matplotlib picks its Agg backend
 by itself; scripts that save many figures should ``plt.close(fig)`` them. Save with
 ``run.save_figure(fig, name)`` (:mod:`tclab.runs`).
+
+Every statistical figure is drawn in one look, :data:`THEME` (a seaborn style, context and
+palette), applied only while that figure is built (``matplotlib.rc_context``): your own rcParams and
+style are the same before and after, and your other figures never take tclab's look. Seaborn draws
+where it computes something for the figure (the step x block heatmap, the histograms and ECDFs);
+curves and Pareto points whose intervals tclab computed itself (bootstrap over samples, paired
+sweeps) are drawn with matplotlib, so the bands shown are exactly the ones the reports quote.
 """
 
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
@@ -31,11 +40,63 @@ CHANGE_LABEL = {
 STEP_LABEL = "step index s (0 = noisiest)"
 T_LABEL = "timestep t (scheduler value)"
 
+#: The one look of tclab's figures: seaborn's ``style`` / ``context`` (fonts scaled by ``font_scale``)
+#: / ``palette`` (the colour cycle: ``C0``, ``C1``, ... and :func:`curve_colors`), then ``rc`` on top
+#: (tick marks kept on the step and timestep axes, where a tick says which step is which ``t``).
+#: ``curve_order``: the palette's colours in the order :func:`curve_colors` hands them to a sweep's
+#: curves, the most distinct first (colorblind's vermilion, next to its orange, comes late).
+#: Applied per figure, never globally: see :func:`theme_rc`.
+THEME = MappingProxyType({
+    "style": "whitegrid",
+    "context": "notebook",
+    "font_scale": 0.85,
+    "palette": "colorblind",
+    "curve_order": (0, 1, 2, 4, 5, 9, 3, 7, 6, 8),
+    "rc": MappingProxyType({"xtick.bottom": True, "ytick.left": True, "xtick.major.size": 3.5,
+                            "ytick.major.size": 3.5, "axes.edgecolor": ".6", "legend.framealpha": 0.85}),
+})
+
 
 def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _sns():
+    import seaborn as sns
+
+    return sns
+
+
+def theme_palette() -> list:
+    """The colours of :data:`THEME`'s palette, in cycle order (RGB tuples)."""
+    return list(_sns().color_palette(THEME["palette"]))
+
+
+def theme_rc() -> dict:
+    """The rcParams of :data:`THEME`, for ``with matplotlib.rc_context(theme_rc()):`` (what every figure
+    function here does around its own drawing; nothing is set globally)."""
+    from cycler import cycler
+
+    sns = _sns()
+    rc = {**sns.axes_style(THEME["style"]), **sns.plotting_context(THEME["context"], THEME["font_scale"])}
+    rc["axes.prop_cycle"] = cycler(color=theme_palette())
+    rc.update(THEME["rc"])
+    return rc
+
+
+def _themed(fn):
+    """Build the figure inside ``rc_context(theme_rc())``: every artist (ticks and their labels included:
+    matplotlib makes later ticks from the first) takes the theme, and the caller's rcParams are restored
+    on the way out, so the figure keeps tclab's look when shown later under the caller's own style."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _plt().rc_context(theme_rc()):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _records(records) -> dict[str, TokenChangeRecord]:
@@ -63,47 +124,57 @@ def _tick_steps(steps: np.ndarray, max_ticks: int = 11) -> np.ndarray:
     return steps[(steps - steps[0]) % stride == 0]
 
 
-def _add_timestep_axis(ax, record: TokenChangeRecord, which: str = "x") -> None:
-    """A second axis (top for x, right for y) labelling the same steps with their timestep ``t``."""
+def _add_timestep_axis(ax, record: TokenChangeRecord, which: str = "x", offset: float = 0.0) -> None:
+    """A second axis (top for x, right for y) labelling the same steps with their timestep ``t``
+    (``offset``: where step s sits is s + offset, e.g. 0.5 for the cell centres of a seaborn heatmap)."""
     t = record.timesteps
     if not np.isfinite(t).all():
         return  # t unknown: leave the step axis alone rather than print NaNs
     ticks = _tick_steps(record.steps)
     sec = ax.secondary_xaxis("top") if which == "x" else ax.secondary_yaxis("right")
-    (sec.set_xticks if which == "x" else sec.set_yticks)(ticks, [f"{t[s]:g}" for s in ticks])
+    (sec.set_xticks if which == "x" else sec.set_yticks)(ticks + offset, [f"{t[s]:g}" for s in ticks])
     (sec.set_xlabel if which == "x" else sec.set_ylabel)(T_LABEL)
 
 
-def _step_ticks(ax, record: TokenChangeRecord, which: str = "x") -> None:
+def _step_ticks(ax, record: TokenChangeRecord, which: str = "x", offset: float = 0.0) -> None:
     ticks = _tick_steps(record.steps)
-    (ax.set_xticks if which == "x" else ax.set_yticks)(ticks)
+    (ax.set_xticks if which == "x" else ax.set_yticks)(ticks + offset, [f"{int(s)}" for s in ticks])
 
 
 # ---- step x block -------------------------------------------------------------------------------
 
+@_themed
 def plot_change_heatmap(record: TokenChangeRecord, measures: Sequence[str] = analysis.CHANGE_MEASURES,
                         branch: str = "cond", title: str | None = None):
-    """Step x block heatmap of the mean change (over samples and tokens), one panel per measure.
+    """Step x block heatmap of the mean change (over samples and tokens), one panel per measure
+    (``seaborn.heatmap``: one cell per (step, block), with thin white lines between cells where the
+    cells are large enough to take them).
 
     Rows are step indices (step 0 is blank: no previous step), columns blocks; the right axis gives
     each step's timestep t. Bright cells are where tokens move most between adjacent steps.
     """
-    plt = _plt()
+    plt, sns = _plt(), _sns()
     measures = [measures] if isinstance(measures, str) else list(measures)
     fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 0.28 * record.num_steps + 2.4),
                              squeeze=False, layout="constrained")
     for ax, m in zip(axes[0], measures):
-        mat = record.mean_over(m, ("sample", "token"), branch)  # (S, L)
-        im = ax.imshow(mat, aspect="auto", cmap="magma", interpolation="nearest",
-                       extent=(-0.5, record.num_blocks - 0.5, record.num_steps - 0.5, -0.5))
+        mat = record.mean_over(m, ("sample", "token"), branch)  # (S, L); NaN rows (step 0) are left blank
+        # the colour bar below its own panel: on the left it sat against the neighbour's timestep axis
+        few = record.num_steps <= 30 and record.num_blocks <= 16  # cells wide enough for separating lines
+        sns.heatmap(mat, ax=ax, cmap="magma", linewidths=0.4 if few else 0, linecolor="white",
+                    xticklabels=False, yticklabels=False, square=False,
+                    cbar_kws=dict(label=f"mean {CHANGE_LABEL.get(m, m)}", shrink=0.9, location="bottom", pad=0.02,
+                                  aspect=30))
+        ax.grid(False)  # the cells are the grid (the theme's lines would show through the blank step-0 row)
         ax.set_xlabel("block index l (0 = first)")
         ax.set_ylabel(STEP_LABEL)
-        ax.set_xticks(range(record.num_blocks))
-        _step_ticks(ax, record, "y")
-        _add_timestep_axis(ax, record, "y")
-        # the colour bar below its own panel: on the left it sat against the neighbour's timestep axis
-        fig.colorbar(im, ax=ax, label=f"mean {CHANGE_LABEL.get(m, m)}", shrink=0.9, location="bottom", pad=0.02,
-                     aspect=30)
+        blocks = _tick_steps(np.arange(record.num_blocks), max_ticks=16)  # every block, or every k-th of many
+        ax.set_xticks(blocks + 0.5, [str(b) for b in blocks])
+        _step_ticks(ax, record, "y", offset=0.5)
+        _add_timestep_axis(ax, record, "y", offset=0.5)
+        for s in np.flatnonzero(~np.isfinite(mat).any(axis=1)):
+            ax.text(record.num_blocks / 2, s + 0.5, "no previous step" if s == 0 else "not recorded",
+                    ha="center", va="center", fontsize=7, color="0.45")
         ax.set_title(m)
     fig.suptitle(title or f"Mean change between adjacent steps, per step and block ({branch} branch)")
     return fig
@@ -111,6 +182,7 @@ def plot_change_heatmap(record: TokenChangeRecord, measures: Sequence[str] = ana
 
 # ---- curves -------------------------------------------------------------------------------------
 
+@_themed
 def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", branch: str = "cond",
                        title: str | None = None):
     """Left: per-step mean change (one thin line per block, bold = all blocks, with its 95 % bootstrap
@@ -149,7 +221,6 @@ def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", b
     ax.set_ylabel(f"mean {CHANGE_LABEL.get(measure, measure)}")
     _step_ticks(ax, record)
     _add_timestep_axis(ax, record, "x")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
 
     imp = analysis.measure_block_importance(record, branch)
@@ -158,7 +229,9 @@ def plot_change_curves(record: TokenChangeRecord, measure: str = "out_change", b
     bx.set_xlabel("block index l (0 = first)")
     bx.set_ylabel("mean update ratio ||u||/||x|| (importance)")
     bx.set_xticks(blocks)
+    bx.grid(False, axis="x")
     cx = bx.twinx()
+    cx.grid(False)  # one grid per panel (the bars' axis), not two that do not line up
     for m, mk in zip(analysis.CHANGE_MEASURES, ("o", "s")):
         cx.plot(blocks, imp[m], marker=mk, lw=1.5, label=f"mean {m} (steps > 0)")
     cx.set_ylabel("mean relative change between steps")
@@ -225,33 +298,34 @@ def plot_token_maps(record: TokenChangeRecord, images, measure: str = "out_chang
 
 # ---- distribution -------------------------------------------------------------------------------
 
+@_themed
 def plot_change_distribution(record: TokenChangeRecord, measures: Sequence[str] = analysis.CHANGE_MEASURES,
                              thresholds: Sequence[float] = analysis.THRESHOLDS, branch: str = "cond",
                              title: str | None = None):
     """Distribution of the per-token change over all (step > 0, block, sample, token): a log-x
     histogram (left) and the cumulative fraction below each value (right) with the 1% / 5% / 10%
-    thresholds marked and the fraction below each written in the legend."""
-    plt = _plt()
+    thresholds marked and the fraction below each written in the legend (``seaborn.histplot`` with
+    log-spaced bins, ``seaborn.ecdfplot``). Values at or below 0 sit in the lowest bin."""
+    plt, sns = _plt(), _sns()
     measures = [measures] if isinstance(measures, str) else list(measures)
     fig, (hx, cx) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for m in measures:
+    for k, m in enumerate(measures):
         vals, _ = analysis.select_change_steps(record, m, branch)
         v = vals[np.isfinite(vals)]
         pos = v[v > 0]
         lo = max(pos.min(), 1e-6) if len(pos) else 1e-6
-        bins = np.geomspace(lo, max(v.max(), lo * 10), 60)
-        hx.hist(np.clip(v, lo, None), bins=bins, histtype="step", lw=1.5, density=False,
-                weights=np.full(len(v), 1 / len(v)), label=m)
-        srt = np.sort(v)
-        cdf = np.arange(1, len(srt) + 1) / len(srt)
+        hi = max(v.max(), lo * 10)
+        x = np.clip(v, lo, None)
+        # 59 log-spaced bins from the smallest positive change; each measure's bars sum to 1
+        sns.histplot(x=x, ax=hx, bins=59, binrange=(np.log10(lo), np.log10(hi)), log_scale=True, stat="probability",
+                     element="step", fill=False, lw=1.5, color=f"C{k}", label=m)
         fr = ", ".join(f"<{th:.0%}: {np.mean(v < th):.1%}" for th in thresholds)
-        cx.plot(np.clip(srt, lo, None), cdf, lw=1.5, label=f"{m} ({fr})")
+        sns.ecdfplot(x=x, ax=cx, log_scale=True, lw=1.5, color=f"C{k}", label=f"{m} ({fr})")
     for ax in (hx, cx):
         ax.set_xscale("log")
         for th, ls in zip(thresholds, (":", "--", "-.")):
             ax.axvline(th, color="0.4", ls=ls, lw=1)
         ax.set_xlabel("relative change between adjacent steps (log scale; 0.05 = 5%)")
-        ax.grid(alpha=0.3)
     hx.set_ylabel("fraction of (step, block, sample, token) entries")
     cx.set_ylabel("cumulative fraction below x")
     cx.set_ylim(0, 1)
@@ -265,6 +339,7 @@ def plot_change_distribution(record: TokenChangeRecord, measures: Sequence[str] 
 
 # ---- rank correlation ---------------------------------------------------------------------------
 
+@_themed
 def plot_rank_correlation(records, measure: str = "out_change", branch: str = "cond", title: str | None = None):
     """Left: Spearman rank correlation of per-token change maps at steps s and s + d vs the step
     distance d (mean over blocks, samples and s, with its 95 % bootstrap band over samples; thin
@@ -302,7 +377,6 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
         a.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
         a.xaxis.set_minor_locator(NullLocator())
         a.set_xlabel("step distance d (steps s and s + d)")
-        a.grid(alpha=0.3)
     ax.axhline(0, color="0.4", lw=1)
     ax.set_ylabel("Spearman rank correlation of token change maps")
     ax.set_ylim(-0.2, 1.0)
@@ -320,13 +394,14 @@ def plot_rank_correlation(records, measure: str = "out_change", branch: str = "c
 
 # ---- pure samples vs SDEdit ---------------------------------------------------------------------
 
+@_themed
 def plot_trace_comparison(records, measure: str = "out_change", branch: str = "cond",
                           threshold: float = 0.05, title: str | None = None):
     """Several recordings side by side (e.g. pure samples vs SDEdit traces of in-house images), on a
     shared **timestep t** axis (step indices differ: an SDEdit trace starts part-way down):
     mean change per step (with its 95 % bootstrap band over samples), the fraction of tokens below
     ``threshold`` per step, and the CDF."""
-    plt = _plt()
+    plt, sns = _plt(), _sns()
     recs = _records(records)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     for k, (label, rec) in enumerate(recs.items()):
@@ -341,14 +416,13 @@ def plot_trace_comparison(records, measure: str = "out_change", branch: str = "c
             axes[0].fill_between(t, band["low"], band["high"], color=color, alpha=0.2, lw=0)
         axes[1].plot(ps["t"], ps[f"below_{analysis.pct_label(threshold)}"], marker="o", ms=3, color=color, label=name)
         vals, _ = analysis.select_change_steps(rec, measure, branch)
-        v = np.sort(vals[np.isfinite(vals)])
-        axes[2].plot(np.clip(v, 1e-6, None), np.arange(1, len(v) + 1) / len(v), color=color,
+        v = vals[np.isfinite(vals)]
+        sns.ecdfplot(x=np.clip(v, 1e-6, None), ax=axes[2], log_scale=True, color=color,
                      label=f"{name} ({np.mean(v < threshold):.1%} < {threshold:.0%})")
     for ax in axes[:2]:
         ax.set_xlabel(f"{T_LABEL}; noisy (left) to clean (right)")
         if not ax.xaxis_inverted():
             ax.invert_xaxis()
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel(f"mean {CHANGE_LABEL.get(measure, measure)}")
     axes[1].set_ylabel(f"fraction of tokens changing < {threshold:.0%}")
@@ -357,7 +431,6 @@ def plot_trace_comparison(records, measure: str = "out_change", branch: str = "c
     axes[2].axvline(threshold, color="0.4", ls="--", lw=1)
     axes[2].set_xlabel("relative change between adjacent steps (log scale)")
     axes[2].set_ylabel("cumulative fraction below x")
-    axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     axes[0].set_title("mean change per step (bands: 95% over samples)")
     axes[1].set_title(f"tokens that barely change (< {threshold:.0%})")
@@ -396,21 +469,18 @@ PSNR_DISPLAY_CAP = 60.0  # dB; paired PSNR of identical images is 100 (metrics.p
 
 
 def curve_colors(frame) -> dict[str, object]:
-    """One colour per curve of a sweep, fixed for every panel of a figure (ablated curves first, from
-    the default cycle; baselines and peers from a second palette so they never share a colour)."""
-    import matplotlib
-
-    plt = _plt()
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    other = matplotlib.colormaps["Dark2"].colors
-    out: dict[str, object] = {}
+    """One colour per curve of a sweep, fixed for every panel of a figure, all different: ablated curves
+    first, then baselines and peers, from :data:`THEME`'s palette (the same whatever style is active);
+    more curves than the palette has colours get evenly spaced hues (``husl``) instead."""
     abl = [c for c in dict.fromkeys(frame.loc[frame["family"] == "ablation", "curve"])]
     rest = [c for c in dict.fromkeys(frame.loc[~frame["family"].isin(["ablation", "reference"]), "curve"])]
-    for i, c in enumerate(abl):
-        out[c] = cycle[i % len(cycle)] if len(abl) <= len(cycle) else matplotlib.colormaps["tab20"](i % 20)
-    for i, c in enumerate(rest):
-        out[c] = other[i % len(other)]
-    return out
+    names = abl + rest
+    palette = theme_palette()
+    order = [i for i in THEME["curve_order"] if i < len(palette)]
+    palette = [palette[i] for i in order] + [c for i, c in enumerate(palette) if i not in order]
+    if len(names) > len(palette):
+        palette = list(_sns().color_palette("husl", len(names)))
+    return dict(zip(names, palette))
 
 
 def distribution_caption(frame) -> str | None:
@@ -441,6 +511,7 @@ def _errors(sub, column: str) -> np.ndarray | None:
     return err if err.any() else None
 
 
+@_themed
 def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: float | None = None, ax=None,
                 title: str | None = None, legend: bool = True, colors: Mapping[str, object] | None = None,
                 ties: Mapping[str, str] | None = None):
@@ -528,7 +599,6 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     if capped:
         ax.annotate(f"points on the top line: >= {PSNR_DISPLAY_CAP:g} dB (output ~identical to full compute)",
                     (0.01, 0.99), xycoords="axes fraction", va="top", fontsize=7, color="gray")
-    ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
     if legend:
@@ -536,6 +606,7 @@ def plot_pareto(frame, cost: str = "flop_ratio", quality: str = "psnr", budget: 
     return fig
 
 
+@_themed
 def plot_pareto_grid(sweep, budget: float | None = None, qualities: Sequence[str] = ("psnr", "class_consistency"),
                      title: str | None = None):
     """Quality against FLOPs (left) and against wall-clock (right), one row per quality measure:
