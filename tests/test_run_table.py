@@ -227,3 +227,29 @@ def test_runs_list_writes_csv_and_parquet_and_rebuild_reports_the_count(reports,
     capsys.readouterr()
     assert cli.main(["runs", "rebuild", "--reports", str(reports)]) == 0
     assert "4 run(s)" in capsys.readouterr().out
+
+
+def test_a_command_run_that_fails_publishes_nothing_and_one_that_ends_is_in_the_table(tmp_path):
+    reports = tmp_path / "reports"
+    write_run(reports, "20261201T100000Z_01_token_redundancy_smoke")
+    runs.sync(reports)
+
+    def broken(run):
+        (run.dir / "half.txt").write_text("half a result")
+        raise RuntimeError("the sampler ran out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runs.command_run("evaluate", {"model": "m"}, broken, reports_dir=reports, tag="m")
+    assert sorted(p.name for p in reports.iterdir() if p.is_dir()) == ["20261201T100000Z_01_token_redundancy_smoke"]
+    assert len(runs.rows(reports)) == 1
+
+    def good(run):
+        run.write_summary({"headline": {"fid": 12.5}, "identity": {"model_weights_sha256": SHA_B}})
+        return {"fid": 12.5}
+
+    folder, result = runs.command_run("evaluate-fid", {"samples": "a.npz"}, good, reports_dir=reports, tag="inception")
+    assert result == {"fid": 12.5} and folder.name.endswith("_evaluate-fid_inception")
+    row = runs.find_run(reports, folder.name)
+    assert row["kind"] == "command" and row["status"] == "ok" and row["model_sha256"] == SHA_B
+    assert row["parameters"] == {"samples": "a.npz"} and row["headline"] == {"fid": 12.5}
+    assert folder.name in (reports / "index.html").read_text()

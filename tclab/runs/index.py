@@ -473,7 +473,9 @@ def render_index(runs: list[RunInfo], now: _dt.datetime | None = None) -> str:
 </tbody>
 </table>
 </div>
-<p class="note">Headline figures come from each run's summary.json. The small mark after a figure is its change
+<p class="note">This page is rendered from the run table <code>runs.sqlite</code> beside it (one row per run, one per
+variant of a sweep), which <code>tclab runs list|show|compare</code> and <code>tclab.runs.table()</code> query.
+Headline figures come from each run's summary.json. The small mark after a figure is its change
 since the previous successful run of the same notebook and tag, named under the figures (hover for the old value; a
 change there means the code, data or settings changed the answer). Model and image-set codes are the {code} the weights and of the
 image-set manifest: the same name with another code is another model or image set.</p>
