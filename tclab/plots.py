@@ -11,7 +11,7 @@ by itself; scripts that save many figures should ``plt.close(fig)`` them. Save w
 ``run.save_figure(fig, name)`` (:mod:`tclab.runs`).
 
 Every statistical figure is drawn in one look, :data:`THEME` (a seaborn style, context and
-palette), applied only while that figure is built (``matplotlib.rc_context``): your own rcParams and
+palette), applied only while that figure is built (its own keys set and put back): your own rcParams and
 style are the same before and after, and your other figures never take tclab's look. Seaborn draws
 where it computes something for the figure (the step x block heatmap, the histograms and ECDFs);
 curves and Pareto points whose intervals tclab computed itself (bootstrap over samples, paired
@@ -75,8 +75,8 @@ def theme_palette() -> list:
 
 
 def theme_rc() -> dict:
-    """The rcParams of :data:`THEME`, for ``with matplotlib.rc_context(theme_rc()):`` (what every figure
-    function here does around its own drawing; nothing is set globally)."""
+    """The rcParams of :data:`THEME`, e.g. for ``with matplotlib.rc_context(theme_rc()):`` in your own code.
+    Every figure function here sets them around its own drawing and puts them back; nothing stays set."""
     from cycler import cycler
 
     sns = _sns()
@@ -87,14 +87,26 @@ def theme_rc() -> dict:
 
 
 def _themed(fn):
-    """Build the figure inside ``rc_context(theme_rc())``: every artist (ticks and their labels included:
+    """Build the figure with :func:`theme_rc` set: every artist (ticks and their labels included:
     matplotlib makes later ticks from the first) takes the theme, and the caller's rcParams are restored
     on the way out, so the figure keeps tclab's look when shown later under the caller's own style."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _plt().rc_context(theme_rc()):
+        import matplotlib as mpl
+
+        # Not matplotlib.rc_context: it restores *every* rcParam, the backend too, and entered before pyplot
+        # has resolved its backend (the first figure of a kernel), it puts back the "not yet chosen" marker,
+        # so Jupyter's inline backend is dropped and the next figures of the notebook are never shown.
+        # Only the theme's own keys are set, and put back.
+        rc = theme_rc()
+        _plt()
+        saved = {k: mpl.rcParams[k] for k in rc}
+        mpl.rcParams.update(rc)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            mpl.rcParams.update(saved)
 
     return wrapper
 

@@ -253,3 +253,22 @@ def test_a_command_run_that_fails_publishes_nothing_and_one_that_ends_is_in_the_
     assert row["kind"] == "command" and row["status"] == "ok" and row["model_sha256"] == SHA_B
     assert row["parameters"] == {"samples": "a.npz"} and row["headline"] == {"fid": 12.5}
     assert folder.name in (reports / "index.html").read_text()
+
+
+def test_a_failed_gate_is_marked_in_the_table_and_on_the_index(reports):
+    """gates.json (written after the run by its job's quality gates, tclab.gates) is read like the rest."""
+    d = reports / "20261201T110000Z_01_token_redundancy_smoke"
+    runs.write_index(reports)
+    assert "GATE FAILED" not in (reports / "index.html").read_text()
+    (d / "gates.json").write_text(json.dumps({"version": 1, "job": "smoke", "status": "failed", "gates": [
+        {"name": "min.rank_corr", "figure": "rank_corr", "threshold": 0.5, "value": 0.4, "interval": [0.35, 0.45],
+         "passed": False, "by": 0.05, "note": "0.4 < 0.5 and the whole interval [0.35, 0.45] is below"},
+        {"name": "max.top10_share", "figure": "top10_share", "threshold": 0.5, "value": 0.31, "interval": None,
+         "passed": True, "by": 0.19, "note": ""}]}))
+    runs.write_index(reports)   # the new file is seen: the row is re-read
+    row = runs.find_run(reports, d.name)
+    assert row["gate_status"] == "failed" and row["gates"]["gates"][0]["passed"] is False
+    assert list(runs.table(reports, status="ok")["gate_status"].fillna("-")) == ["-", "failed", "-"]
+    page = (reports / "index.html").read_text()
+    cell = page[page.index(d.name):][:4000]
+    assert "GATE FAILED" in cell and "min.rank_corr: 0.4 &lt; 0.5 and the whole interval" in cell

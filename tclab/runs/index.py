@@ -54,6 +54,13 @@ class RunInfo:
     duration_s: float | None = None
     figures: list[KeyNumber] = field(default_factory=list)   # what the index shows, in order
     problems: list[str] = field(default_factory=list)        # e.g. "summary.json is not valid JSON"
+    gate_status: str | None = None   # gates.json of a scheduled job's quality gates: "passed", "failed"; None: none
+    gate_notes: list[str] = field(default_factory=list)      # one line per failed gate
+    human: dict[str, Any] | None = None   # ratings_summary.json: the blind A/B human verdict (tclab.rating)
+
+    @property
+    def gate_failed(self) -> bool:
+        return self.gate_status == "failed"
 
     @property
     def group(self) -> tuple[str, str]:
@@ -148,7 +155,24 @@ def read_run(d: Path) -> RunInfo:
         model=_text(params.get("model")) or _text(identity.get("model")),
         model_sha256=_text(identity.get("model_weights_sha256")),
         images=_text(params.get("images")), images_sha256=_text(identity.get("images_manifest_sha256")),
-        duration_s=duration, figures=_key_figures(summary, headline), problems=problems)
+        duration_s=duration, figures=_key_figures(summary, headline), problems=problems,
+        **_gates_of(_read_json_noting(d / GATES_FILE, problems)),
+        human=_read_json_noting(d / HUMAN_VERDICT_FILE, problems) or None)
+
+
+#: A scheduled job's gate verdict inside its run folder (``tclab.gates``), and the human verdict (``tclab.rating``).
+GATES_FILE = "gates.json"
+HUMAN_VERDICT_FILE = "ratings_summary.json"
+
+
+def _gates_of(gates: dict[str, Any]) -> dict[str, Any]:
+    """gates.json as RunInfo's ``gate_status`` and ``gate_notes`` (a line per failed gate)."""
+    status = _text(gates.get("status"))
+    if status not in ("passed", "failed"):
+        return {}
+    rows = [g for g in gates.get("gates") or [] if isinstance(g, dict)]
+    notes = [f"{g.get('name')}: {_text(g.get('note')) or 'failed'}" for g in rows if g.get("passed") is False]
+    return {"gate_status": status, "gate_notes": notes}
 
 
 def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
@@ -210,7 +234,8 @@ td.nowrap, .nowrap { white-space: nowrap; } td.num { text-align: right; white-sp
 #jobs td:nth-child(3), #jobs td:nth-child(4), #jobs td:nth-child(5) { text-align: right; }
 .status { display: inline-block; padding: 0 .55em; border-radius: 1em; font-size: .85em; font-weight: 600; }
 .status.ok { background: #dcf3e3; color: #116329; } .status.failed { background: #ffe3e6; color: #a40e26; }
-.status.running { background: #fff1c2; color: #7a5c00; } .status.unknown { background: #eaeef2; color: #57606a; }
+.status.running { background: #fff1c2; color: #7a5c00; }
+.status.gate { background: #a40e26; color: #fff; margin-top: .25em; } .status.unknown { background: #eaeef2; color: #57606a; }
 .err { color: #a40e26; font-size: .85em; max-width: 24em; overflow-wrap: anywhere; margin-top: .2em; }
 .warn { color: #7a5c00; font-size: .85em; max-width: 24em; margin-top: .2em; }
 .hash { color: #6e7781; font-size: .85em; }
@@ -382,6 +407,11 @@ def _run_row(run: RunInfo, prev: RunInfo | None) -> str:
     e = html.escape
     status = _status_class(run)
     notes = f'<div class="err" title="{e(run.error)}">{e(_clip(run.error, 160))}</div>' if run.error else ""
+    if run.gate_failed:   # the run finished, and a quality gate of its job failed: kept, and marked
+        notes += '<div><span class="status gate">GATE FAILED</span></div>' + "".join(
+            f'<div class="err" title="{e(n)}">{e(_clip(n, 160))}</div>' for n in run.gate_notes)
+    elif run.gate_status == "passed":
+        notes += '<div class="vs">gates passed</div>'
     notes += "".join(f'<div class="warn">{e(p)}</div>' for p in run.problems)
     started = _a(run, run.report, _when(run.start_utc), "open the report" if run.report else "open the run folder")
     if prev is not None:   # what the changes after the figures compare with

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 from ..report import KeyNumber
 from ..sweep_summary import SweepSummary, SweepSummaryError
-from .index import RunInfo, _replace_atomically, list_runs, read_run, render_index
+from .index import GATES_FILE, HUMAN_VERDICT_FILE, RunInfo, _replace_atomically, list_runs, read_run, render_index
 from .layout import _find_reports_dir, _read_json_noting
 from .origin import _iso
 
@@ -73,6 +73,9 @@ RUN_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("report", "TEXT", "the report's file name inside the folder"),
     ("error", "TEXT", "a failed run's one-line error"),
     ("problems", "TEXT", "JSON: what could not be read from the folder"),
+    ("gate_status", "TEXT", "a scheduled job's quality gates (gates.json): 'passed', 'failed' (GATE FAILED), else null"),
+    ("gates", "TEXT", "JSON: gates.json, each gate with its figure, threshold, value, interval and note"),
+    ("human_verdict", "TEXT", "JSON: ratings_summary.json, the blind A/B human verdict (tclab.rating), else null"),
     ("git_commit", "TEXT", "the tclab checkout's commit"),
     ("hostname", "TEXT", "where it ran"),
     ("tclab_version", "TEXT", ""),
@@ -113,9 +116,10 @@ def table_path(reports_dir: str | os.PathLike) -> Path:
 # ---- reading a run folder into rows ----------------------------------------------------------------
 
 def _stamp(d: Path) -> str:
-    """What changes when a run folder's record changes: provenance.json's and summary.json's size and time."""
+    """What changes when a run folder's record changes: the size and time of provenance.json, summary.json,
+    gates.json (written after the run by its job's gates) and ratings_summary.json (after people rated it)."""
     parts = []
-    for name in ("provenance.json", "summary.json"):
+    for name in ("provenance.json", "summary.json", GATES_FILE, HUMAN_VERDICT_FILE):
         try:
             st = (d / name).stat()
             parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
@@ -171,6 +175,9 @@ def run_rows(d: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]
         "settings": _json(settings) if settings is not None else None, "summary_error": summary_error,
         "best_under_budget": _json(best_point) if best_point is not None else None,
         "report": info.report, "error": info.error, "problems": _json(info.problems),
+        "gate_status": info.gate_status,
+        "gates": _json(gates) if (gates := _read_json_noting(d / GATES_FILE, [])) else None,
+        "human_verdict": _json(info.human) if info.human else None,
         "git_commit": git.get("commit") if isinstance(git.get("commit"), str) else None,
         "hostname": prov.get("hostname") if isinstance(prov.get("hostname"), str) else None,
         "tclab_version": prov.get("tclab_version") if isinstance(prov.get("tclab_version"), str) else None,
@@ -316,6 +323,8 @@ def _open(reports: Path, only: Sequence[Path] | None = None) -> sqlite3.Connecti
                     raise sqlite3.DatabaseError("no tclab tables")
                 if version not in (None, TABLE_VERSION):
                     raise sqlite3.DatabaseError(f"layout version {version}, this tclab writes {TABLE_VERSION}")
+                if version is not None and _columns(con) != [n for n, _, _ in RUN_COLUMNS]:
+                    raise sqlite3.DatabaseError("its runs table has other columns than this tclab writes")
                 _schema(con)
                 _fill(con, reports, only)
                 return con
@@ -332,6 +341,10 @@ def _open(reports: Path, only: Sequence[Path] | None = None) -> sqlite3.Connecti
             _warn(f"{path} could not be used ({e}); rebuilding it from the run folders")
             rebuild(reports)
     raise AssertionError("unreachable")
+
+
+def _columns(con: sqlite3.Connection) -> list[str]:
+    return [r[1] for r in con.execute("PRAGMA table_info(runs)")]
 
 
 def _has_tables(con: sqlite3.Connection) -> bool:
@@ -387,7 +400,10 @@ def _info_from_row(reports: Path, r: sqlite3.Row) -> RunInfo:
                    tag=r["tag"] or "", start_utc=r["start_utc"] or "", headline=_loads(r["headline"], {}),
                    report=r["report"], error=r["error"], model=r["model"], model_sha256=r["model_sha256"],
                    images=r["images"], images_sha256=r["images_sha256"], duration_s=r["duration_s"],
-                   figures=figures, problems=_loads(r["problems"], []))
+                   figures=figures, problems=_loads(r["problems"], []), gate_status=r["gate_status"],
+                   gate_notes=[f"{g.get('name')}: {g.get('note') or 'failed'}" for g in (_loads(r["gates"], {}) or {}).get(
+                       "gates", []) if isinstance(g, dict) and g.get("passed") is False],
+                   human=_loads(r["human_verdict"], None))
 
 
 # ---- querying ------------------------------------------------------------------------------------
@@ -462,8 +478,8 @@ def table(reports_dir: str | os.PathLike | None = None, *, variants: bool = Fals
     """The run table of ``reports_dir`` (default: where ``tclab run`` writes) as a pandas DataFrame, newest first.
 
     One row per run: the columns of :data:`RUN_COLUMNS` (without the JSON text of ``parameters`` and
-    ``headline``), then one column per parameter (``param.<name>``) and per headline figure
-    (``headline.<name>``). With ``variants=True``: one row per variant of the sweeps (:data:`VARIANT_COLUMNS`,
+    ``headline``), then one column per parameter (``param.<name>``), per headline figure
+    (``headline.<name>``) and per figure of the human verdict, where people rated it (``human.<name>``). With ``variants=True``: one row per variant of the sweeps (:data:`VARIANT_COLUMNS`,
     ``config`` parsed), with its run's notebook, tag, model and start. Keep runs with :class:`RunFilter`'s
     fields as keywords: ``table(notebook="01", model="shapes-dit")``.
     """
@@ -489,9 +505,11 @@ def table(reports_dir: str | os.PathLike | None = None, *, variants: bool = Fals
     params = pd.json_normalize([_loads(p, {}) for p in frame["parameters"]], max_level=0).add_prefix("param.")
     heads = pd.json_normalize([_loads(h, {}) for h in frame["headline"]], max_level=0).add_prefix("headline.")
     frame = frame.drop(columns=["parameters", "headline"])
-    for col in ("figures", "problems", "settings", "best_under_budget"):
+    for col in ("figures", "problems", "settings", "best_under_budget", "gates", "human_verdict"):
         frame[col] = [_loads(v, None) for v in frame[col]]
-    return pd.concat([frame, params, heads], axis=1)
+    human = pd.json_normalize([{k: v for k, v in (h or {}).items() if not isinstance(v, (dict, list))}
+                               for h in frame["human_verdict"]], max_level=0).add_prefix("human.")
+    return pd.concat([frame, params, heads, human], axis=1)
 
 
 def rows(reports_dir: str | os.PathLike, *, filter: RunFilter | None = None, **where: Any) -> list[dict[str, Any]]:
@@ -539,7 +557,7 @@ def find_run(reports_dir: str | os.PathLike, name: str) -> dict[str, Any]:
 def _row_dict(con: sqlite3.Connection, r: sqlite3.Row) -> dict[str, Any]:
     row = dict(r)
     for col, default in (("parameters", {}), ("headline", {}), ("figures", []), ("problems", []), ("settings", None),
-                         ("best_under_budget", None)):
+                         ("best_under_budget", None), ("gates", None), ("human_verdict", None)):
         row[col] = _loads(row[col], default)
     vs = [dict(v) for v in con.execute("SELECT * FROM variants WHERE run = ? ORDER BY point", (row["run"],))]
     for v in vs:
