@@ -186,7 +186,7 @@ def test_one_row_per_run_newest_first_with_the_columns_a_team_needs(site):
     assert starts == sorted(starts, reverse=True)
     assert site.order[0] == site.no_prov.name   # unreadable provenance: the start comes from the folder name
     assert starts[0] == "2026-01-14T09:00:00.000Z"
-    assert "7 runs of 4 notebooks in this folder, newest first (5 ok, 1 failed, 1 unknown)" in site.page
+    assert "7 runs of 4 notebooks or commands in this folder, newest first (5 ok, 1 failed, 1 unknown)" in site.page
 
 
 def test_model_and_image_set_show_short_names_full_values_and_hash_codes(site):

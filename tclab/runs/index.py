@@ -471,7 +471,7 @@ def render_index(runs: list[RunInfo], now: _dt.datetime | None = None) -> str:
 
     tally = ", ".join(f"{n} {s}" for s in RUN_STATUSES if (n := sum(_status_class(r) == s for r in runs)))
     notebooks = sorted({r.notebook for r in runs})
-    lead = (f"{_plural(len(runs), 'run')} of {_plural(len(notebooks), 'notebook')} in this folder, newest first"
+    lead = (f"{_plural(len(runs), 'run')} of {len(notebooks)} {'notebook or command' if len(notebooks) == 1 else 'notebooks or commands'} in this folder, newest first"
             f"{f' ({tally})' if tally else ''}. Rewritten after every run; this copy {_when(_iso(now))} UTC.")
     status_options = "".join(f'<option value="{s}">{s}</option>' for s in RUN_STATUSES
                              if any(_status_class(r) == s for r in runs))
