@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 from ..report import KeyNumber
 from ..sweep_summary import SweepSummary, SweepSummaryError
-from .index import GATES_FILE, HUMAN_VERDICT_FILE, RunInfo, _replace_atomically, list_runs, read_run, render_index
+from .index import GATES_FILE, HUMAN_VERDICT_FILE, RunInfo, _replace_atomically, read_run, render_index
 from .layout import _find_reports_dir, _read_json_noting
 from .origin import _iso
 
@@ -198,8 +198,12 @@ def _variant_row(run: str, i: int, p: Any, best: str | None) -> dict[str, Any]:
 
 
 def _run_folders(reports: Path) -> list[Path]:
-    """The run folders of ``reports`` (those :func:`tclab.runs.list_runs` lists)."""
-    return [r.path for r in list_runs(reports)]
+    """The run folders of ``reports``, as :func:`tclab.runs.list_runs` finds them (a folder, not hidden, with
+    provenance.json or summary.json), without reading them: a sync reads only the folders that changed."""
+    if not reports.is_dir():
+        return []
+    return [d for d in reports.iterdir() if d.is_dir() and not d.name.startswith(".")
+            and ((d / "provenance.json").exists() or (d / "summary.json").exists())]
 
 
 # ---- the SQLite file -----------------------------------------------------------------------------
