@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tclab", description="Token caching workbench for diffusion transformers.",
         epilog="Exit status: 0 done; 1 it ran and failed (e.g. a notebook raised: see the run's error.txt); 2 nothing "
-               "could run (a bad model, image folder, parameter or file; the message names it and the fix). "
+               "could run (a bad model, image folder, parameter or file; the message names it and the fix); `schedule run`: 3 "
+               "when every job ran but a quality gate failed. "
                "--debug (or TCLAB_DEBUG=1) also prints the traceback.")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     sub = p.add_subparsers(dest="command", required=True)
@@ -672,8 +673,18 @@ def _cmd_schedule_run(a: argparse.Namespace) -> int:
 def _add_schedule_parser(sub) -> None:
     s = sub.add_parser("schedule", help="scheduled reports: run the jobs of a YAML jobs file (for cron/systemd)")
     ssub = s.add_subparsers(dest="schedule_command", required=True)
-    s = ssub.add_parser("run", help="run every job in order into the file's reports folder; exit 1 if any job "
-                                    "failed, 2 if the file is invalid or another schedule run holds the folder")
+    s = ssub.add_parser("run", help="run every job in order into the file's reports folder; exit 0 if every job ran "
+                                    "and passed its gates, 1 if a job failed to run, 3 if a quality gate failed, 2 if "
+                                    "the file is invalid or another schedule run holds the folder",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""exit status:
+  0      every job ran and passed its quality gates
+  1      a job failed to run (raised, timed out, gates could not be checked); wins over 3
+  2      nothing ran: invalid jobs file, or the reports folder is locked or unwritable
+  3      every job ran, but a quality gate failed (runs kept, marked GATE FAILED;
+         the recommended setting stays the last one that passed)
+  128+N  stopped by signal N (143: SIGTERM, 129: SIGHUP)
+per job in the jobs file: gates: {psnr_min: 30, flop_speedup_min: 1.8, psnr_drop_max: 1.0, ...};
+on_failure: COMMAND (per job or for the whole file) gets the summary as JSON on stdin and in TCLAB_ALERT_JSON""")
     s.add_argument("jobs_file", help="YAML jobs file (see jobs/example.yaml); paths in it are relative to its folder")
     s.add_argument("--dry-run", action="store_true", help="check the file and print the plan; run nothing")
     s.set_defaults(func=_cmd_schedule_run)
