@@ -30,7 +30,8 @@ LAYERS = [
     ("measurement", ["tclab.metrics", "tclab.features", "tclab.lpips", "tclab.cache.train"]),
     ("run folders", ["tclab.runs", "tclab.runs.*"]),
     ("studies", ["tclab.analysis", "tclab.prepare", "tclab.evaluate", "tclab.ablation",
-                 "tclab.inhouse", "tclab.plots", "tclab.explore"]),
+                 "tclab.inhouse", "tclab.plots", "tclab.explore", "tclab.gates",
+                 "tclab.rating", "tclab.rating_widget"]),
     ("front ends", ["tclab.jobs", "tclab.cli", "tclab.__main__"]),
 ]
 
