@@ -180,6 +180,19 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ratings_import(a: argparse.Namespace) -> int:
+    from .rating import import_ratings, read_verdict
+
+    run = Path(a.run)
+    out = import_ratings(run, a.file)
+    verdict = read_verdict(run)
+    print(f"ratings added to {run.name}: {out}")
+    if verdict is not None:
+        print(verdict.sentence)
+    print(f"report: {run / 'report.html'}")
+    return 0
+
+
 def _cmd_artefacts(a: argparse.Namespace) -> int:
     from .artefacts import list_artefacts, tclab_home
 
@@ -662,6 +675,13 @@ def _add_runs_parser(sub) -> None:
     s.add_argument("--reports", help=reports_help)
     s.set_defaults(func=_cmd_runs_clean)
     _add_export_parser(sub, reports_help)
+    s = sub.add_parser("ratings", help="blind A/B ratings of an in-house report's images by people (tclab.rating)")
+    rsub = s.add_subparsers(dest="ratings_command", required=True)
+    s = rsub.add_parser("import", help="add a file exported from a run's rating/rate.html page to that run: its "
+                                       "ratings/, ratings_summary.json, the report's human verdict, the run table")
+    s.add_argument("file", help="the .json or .csv the page exported")
+    s.add_argument("--run", required=True, help="the run folder the rating set belongs to")
+    s.set_defaults(func=_cmd_ratings_import)
 
 
 def _cmd_schedule_run(a: argparse.Namespace) -> int:

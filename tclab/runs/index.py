@@ -403,6 +403,28 @@ def _figures_html(run: RunInfo, prev: RunInfo | None) -> str:
     return f'<ul class="figs">{"".join(items)}</ul>' if items else '<span class="muted">-</span>'
 
 
+def _human_html(run: RunInfo) -> str:
+    """The blind A/B human verdict beside the metrics (ratings_summary.json, tclab.rating), or nothing."""
+    h = run.human or {}
+    share, lo, hi = (_number(h.get(k)) for k in ("preference_full", "preference_full_ci_low", "preference_full_ci_high"))
+    if share is None:
+        return ""
+    e = html.escape
+    raters = h.get("raters")
+    n_raters = len(raters) if isinstance(raters, list) else _number(raters)
+    interval = f" [{lo:.0%}, {hi:.0%}]" if lo is not None and hi is not None else ""
+    full, cached, same = (_number(h.get(k)) for k in ("full_preferred", "cached_preferred", "same"))
+    counts = (f" ({full:.0f} of {full + cached:.0f} choices" + (f", {same:.0f} same" if same else "")
+              + (f"; {n_raters:.0f} rater{'s' if n_raters != 1 else ''}" if n_raters is not None else "") + ")"
+              if full is not None and cached is not None else "")
+    text = f"people (blind A/B) prefer full compute in {share:.0%}{interval}{counts}"
+    # the verdict is on the claim "people do not see the cached images as worse" (tclab.rating)
+    verdict = {"holds": "no loss seen", "does not hold": "people see a loss", "within noise": "undecided"}.get(
+        _text(h.get("verdict")) or "", _text(h.get("verdict")))
+    badge = f' <span class="delta{" moved" if verdict == "people see a loss" else ""}">{e(verdict)}</span>' if verdict else ""
+    return f'<div class="vs human" title="{e(_text(h.get("sentence")) or "")}">{e(text)}{badge}</div>'
+
+
 def _run_row(run: RunInfo, prev: RunInfo | None) -> str:
     e = html.escape
     status = _status_class(run)
@@ -434,7 +456,7 @@ def _run_row(run: RunInfo, prev: RunInfo | None) -> str:
             f'{_spec_cell(run.images, run.images_sha256, "image manifest")}'
             f'<td data-sort="{status}"><span class="status {status}">{e(run.status)}</span>{notes}</td>'
             f'<td class="num" data-sort="{duration}">{e(format_duration(run.duration_s))}</td>'
-            f'<td>{_figures_html(run, prev)}{vs}</td>'
+            f'<td>{_figures_html(run, prev)}{_human_html(run)}{vs}</td>'
             f'<td class="links nowrap">{"".join(links)}</td></tr>')
 
 
