@@ -184,6 +184,11 @@ def _cmd_ratings_import(a: argparse.Namespace) -> int:
     from .rating import import_ratings, read_verdict
 
     run = Path(a.run)
+    if not run.is_dir():   # a run's name (or a unique part of it) in the reports folder, as the page prints it
+        from .runs import find_run
+
+        reports = _reports(a)
+        run = reports / find_run(reports, a.run)["run"]
     out = import_ratings(run, a.file)
     verdict = read_verdict(run)
     print(f"ratings added to {run.name}: {out}")
@@ -680,7 +685,9 @@ def _add_runs_parser(sub) -> None:
     s = rsub.add_parser("import", help="add a file exported from a run's rating/rate.html page to that run: its "
                                        "ratings/, ratings_summary.json, the report's human verdict, the run table")
     s.add_argument("file", help="the .json or .csv the page exported")
-    s.add_argument("--run", required=True, help="the run folder the rating set belongs to")
+    s.add_argument("--run", required=True, help="the run the rating set belongs to: its folder, or its name (or a "
+                                                "unique part of it) in --reports")
+    s.add_argument("--reports", help="reports folder of --run given by name (default: as `tclab run`)")
     s.set_defaults(func=_cmd_ratings_import)
 
 

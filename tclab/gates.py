@@ -95,7 +95,7 @@ __all__ = ["GATES_VERSION", "GATES_FILE", "RECOMMENDED_VERSION", "RECOMMENDED_DI
 #: The layout of ``gates.json``; bump it when a field changes meaning.
 GATES_VERSION = 1
 #: The verdict's file inside a run folder.
-GATES_FILE = "gates.json"
+GATES_FILE = runs.GATES_FILE   # the file index.html and the run table read (tclab.runs.index)
 #: The layout of the recommended-setting file.
 RECOMMENDED_VERSION = 1
 #: Where the recommended-setting files go inside the reports folder, one per gated job.

@@ -51,7 +51,7 @@ from .prepare import select_images  # noqa: F401 (re-exported: its home was here
 from .report import (DOES_NOT_HOLD, HOLDS, NOT_MEASURED, WITHIN_NOISE, Finding, KeyNumber, ReportSummary,
                      key_numbers_from, verdict_of)
 from .stats import paired_proportion_difference, samples_needed
-from .sweep_summary import SweepSettingsRecord
+from .sweep_summary import SweepSettingsRecord, SweepSummaryError
 
 #: The ablation notebooks whose ``summary.json["best_under_budget"]`` the "auto" recommendation reads.
 ABLATION_NOTEBOOKS = ("02_ablation_predictor", "03_ablation_block_selection", "04_ablation_tprr")
@@ -318,6 +318,9 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
         if info["summary_error"]:
             row["verdict"] = f"ignored: {info['summary_error']}"
             continue
+        if info["gate_status"] == "failed":   # it ran, but its scheduled job's quality gates refused it
+            row["verdict"] = "ignored: GATE FAILED (its job's quality gates refused this run; see its gates.json)"
+            continue
         if weights_sha256 is None:
             row["verdict"] = "ignored: this model has no weights hash (an untrained preset), so no run can be matched"
             continue
@@ -327,7 +330,11 @@ def find_ablation_recommendation(reports_dir: str | Path, weights_sha256: str | 
         if sha != weights_sha256:
             row["verdict"] = f"ignored: another model (weights {_short(sha)}, this model {_short(weights_sha256)})"
             continue
-        settings = SweepSettingsRecord.from_dict(info["settings"], complete=False) if info["settings"] else None
+        try:
+            settings = SweepSettingsRecord.from_dict(info["settings"], complete=False) if info["settings"] else None
+        except SweepSummaryError as e:   # a row written by another tclab version
+            row["verdict"] = f"ignored: its sweep settings cannot be read ({e})"
+            continue
         run_steps = settings.num_steps if settings else None
         if num_steps is not None and run_steps is not None and run_steps != num_steps:
             # a setting's cost and quality depend on the step count: a quick run at other settings

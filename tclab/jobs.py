@@ -467,7 +467,7 @@ def run_jobs(jobs_file: str | os.PathLike | JobsFile, *, echo: Callable[[str], N
                 except runs.RunStopped as e:   # stopped while the alert ran: its process group is gone
                     result.alert = f"interrupted: {e}"
                     stopped = stopped or e
-        runs.write_index(plan.reports)
+        runs.refresh_index(plan.reports)
     if stopped is not None:
         raise SchedulerStopped(results, stopped)
     return results
@@ -521,7 +521,7 @@ def _judge(plan: JobsFile, job: Job, result: JobResult) -> JobResult:
                         f"passed its gates, but the recommended setting could not be written to "
                         f"{job.recommended_file}: {type(e).__name__}: {e}")
             with contextlib.suppress(Exception):   # the index shows the mark now (and again at the end)
-                runs.write_index(plan.reports)
+                runs.refresh_index(plan.reports)
     try:
         current = _gates.read_recommended(job.recommended_file)
         result.recommended_from = current.from_run if current is not None else None

@@ -19,7 +19,7 @@ that difference is *worse*. This module turns an in-house report's images into a
 2. Raters judge each pair "left better", "same" or "right better", optionally with a score (how
    clear the difference is, 1 = barely visible ... 5 = obvious) and a note: in JupyterLab with the
    widget (``tclab.rate(run_folder)``, :mod:`tclab.rating_widget`), which appends every judgement to
-   ``<run>/ratings/widget_<rater>.jsonl`` as it is made; or on the page, whose export
+   ``<run>/ratings/widget_<rater>_<hash>.jsonl`` as it is made; or on the page, whose export
    :func:`import_ratings` (``tclab ratings import FILE --run RUN``) checks and adds to
    ``<run>/ratings/``. One record per judgement (:class:`Judgement`); a rater who changes a
    judgement appends a new record, and the latest one per (rater, pair) counts.
@@ -282,14 +282,16 @@ def write_rating_set(run, measured, *, seed: int | None = None, max_pairs: int |
                     "cached_image": names[cached_side]}
         uris.append(shown)
     rs = RatingSet(run_dir, set_id, run_name, pairs)
-    _write_json(folder / PAIRS_NAME, {"version": FORMAT_VERSION, "set_id": set_id, "run": run_name,
-                                      "pairs": [p.to_dict() for p in pairs]})
+    # the key first: a set (pairs.json, with its new set id) never exists without its own key, and a key of
+    # another set is refused by its set id (human_verdict), so a write cut short cannot unblind with an old key
     _write_json(folder / KEY_NAME, {
         "version": FORMAT_VERSION, "set_id": set_id, "run": run_name, "seed": seed,
         "order": ("balanced: full compute on the left in a random half of the pairs (n // 2, plus one more on a "
                   "random side for odd n), the half chosen by numpy.random.default_rng(seed).permutation(n) "
                   "(tclab.rating.balanced_order)"),
         "full": "full compute", "cached": images.cached_name, "pairs": key})
+    _write_json(folder / PAIRS_NAME, {"version": FORMAT_VERSION, "set_id": set_id, "run": run_name,
+                                      "pairs": [p.to_dict() for p in pairs]})
     page = rating_page_html(rs, uris)
     write_atomic(folder / PAGE_NAME, lambda f: f.write(page.encode("utf-8")))
     return rs
@@ -326,10 +328,14 @@ def read_rating_set(run_dir: str | os.PathLike) -> RatingSet:
                          "tclab.rating.write_rating_set") from None
 
 
-def read_key(run_dir: str | os.PathLike) -> dict[str, dict]:
-    """The unblinding key of the run's rating set: ``{pair: {"full": side, "cached": side, ...}}``."""
+def read_key(run_dir: str | os.PathLike, set_id: str | None = None) -> dict[str, dict]:
+    """The unblinding key of the run's rating set: ``{pair: {"full": side, "cached": side, ...}}``; with
+    ``set_id``, a key written for another set is refused (ValueError)."""
     p = Path(run_dir) / RATING_DIR / KEY_NAME
     d = _read_json(p, "the rating key")
+    if set_id is not None and isinstance(d, Mapping) and str(d.get("set_id")) != set_id:
+        raise ValueError(f"{p} is the key of rating set {d.get('set_id')!r}, not of this run's set {set_id!r}: the set "
+                         "was written again without its key (a write cut short); write the rating set again")
     pairs = d.get("pairs") if isinstance(d, Mapping) else None
     if not isinstance(pairs, Mapping) or any(v.get("full") not in ("left", "right") for v in pairs.values()):
         raise ValueError(f"{p} is not a tclab rating key (per pair, which side is full compute)")
@@ -705,7 +711,7 @@ def human_verdict(run_dir: str | os.PathLike, confidence: float = 0.95, worst_k:
     """The raters' verdict on run ``run_dir``'s rating set (see :class:`HumanVerdict` and the module docstring)."""
     run_dir = Path(run_dir)
     rs = read_rating_set(run_dir)
-    key = read_key(run_dir)
+    key = read_key(run_dir, rs.set_id)
     missing = [p for p in rs.pair_ids() if p not in key]
     if missing:
         raise ValueError(f"the rating key {RATING_DIR}/{KEY_NAME} lacks pairs {missing}: the set and its key do not "
@@ -725,7 +731,7 @@ def human_verdict(run_dir: str | os.PathLike, confidence: float = 0.95, worst_k:
         if j.score is not None and o != SAME:
             scores[o].append(j.score)
     v.judgements = len(js)
-    v.raters = sorted({j.rater for j in js}, key=str.casefold)
+    v.raters = sorted({j.rater.casefold(): j.rater for j in js}.values(), key=str.casefold)   # one per name, any case
     v.pairs_rated = sum(1 for c in per_pair.values() if sum(c.values()))
     v.full_preferred, v.same, v.cached_preferred = outcome[FULL], outcome[SAME], outcome[CACHED]
     v.scored = sum(1 for j in js if j.score is not None)
@@ -995,10 +1001,22 @@ def write_verdict(run_dir: str | os.PathLike, confidence: float = 0.95, worst_k:
     """:func:`human_verdict` of the run, written to ``<run>/ratings_summary.json`` (atomically), and the run's
     report.html re-rendered with the "Human rating (blind A/B)" section (:func:`render_report_with_verdict`).
     Returns the verdict. Called by :func:`import_ratings` and by the widget's "finish" button."""
+    import fcntl
+
     run_dir = Path(run_dir)
-    v = human_verdict(run_dir, confidence, worst_k)
-    _write_json(run_dir / SUMMARY_NAME, v.to_dict())
-    render_report_with_verdict(run_dir, v)
+    # one writer at a time (two imports, an import and the widget's finish): each reads every judgement and
+    # writes the summary and report from them, so the last one to finish has seen all the others
+    lock = os.open(run_dir / ".ratings.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        v = human_verdict(run_dir, confidence, worst_k)
+        _write_json(run_dir / SUMMARY_NAME, v.to_dict())
+        render_report_with_verdict(run_dir, v)
+    finally:
+        os.close(lock)
+    from . import runs
+
+    runs.refresh_index(run_dir.parent)   # the verdict shows on index.html and in the run table at once
     return v
 
 
@@ -1155,7 +1173,7 @@ def rating_page_html(rating_set: RatingSet, images: Sequence[Mapping[str, str]])
         w, h = im.size
     dw, dh, pixelated = _display_size(h, w)
     data = {"version": FORMAT_VERSION, "set_id": rating_set.set_id, "run": rating_set.run, "display": [dw, dh],
-            "pairs": [{"pair": p.pair, "file": p.file, "class": p.cls, "left": im_["left"], "right": im_["right"]}
+            "pairs": [{"pair": p.pair, "class": p.cls, "left": im_["left"], "right": im_["right"]}
                       for p, im_ in zip(rating_set.pairs, images)]}
     text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     e = html.escape

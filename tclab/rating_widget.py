@@ -4,7 +4,7 @@ The same rating as the kernel-free page ``<run>/rating/rate.html`` (:mod:`tclab.
 kernel: a rater name field, a pair counter, the two images of a pair side by side (labelled left and
 right only), the buttons "left better", "same" and "right better", an optional score (how clear the
 difference is, 1-5) and note, previous / next. Every judgement is appended to
-``<run>/ratings/widget_<rater>.jsonl`` the moment it is made (:func:`tclab.rating.append_judgement`),
+``<run>/ratings/widget_<rater>_<hash>.jsonl`` the moment it is made (:func:`tclab.rating.append_judgement`),
 so nothing is lost when the kernel dies, and a rater who comes back continues where they were (their
 earlier judgements are shown and count until changed). The key is read only by "finish", which
 writes the verdict (:func:`tclab.rating.write_verdict`: ratings_summary.json and the report) and

@@ -134,7 +134,7 @@ def test_neither_the_page_nor_pairs_json_tell_which_side_is_which(tmp_path):
                                 re.S).group(1).replace("<\\/", "</"))
     assert data["set_id"] == rs.set_id and data["run"] == run.name and set(data) >= {"pairs", "display"}
     for shown, p in zip(data["pairs"], rs.pairs):
-        assert set(shown) == {"pair", "file", "class", "left", "right"}
+        assert set(shown) == {"pair", "class", "left", "right"}   # not the source file: the report names it
         for side in ("left", "right"):
             b = base64.b64decode(shown[side].split(",", 1)[1])
             assert b == (run / "rating" / "images" / getattr(p, side)).read_bytes()

@@ -81,9 +81,10 @@ from .origin import KEY_PACKAGES, environment, git_state, parameters_hash, prove
 from .layout import (  # noqa: F401
     FAILED_SUFFIX, KERNEL_LOG, PROGRESS_LOG, REPORT_NAME, STAGING_DIRNAME, _safe_name, read_json)
 from .index import (  # noqa: F401
-    INDEX_FIGURES, RUN_STATUSES, RunInfo, _href, format_duration, format_figure, list_runs, read_run, render_index)
+    GATES_FILE, HUMAN_VERDICT_FILE, INDEX_FIGURES, RUN_STATUSES, RunInfo, _href, format_duration, format_figure, list_runs, read_run, render_index)
 from .run_table import (  # noqa: F401
-    TABLE_NAME, RunFilter, RunTableError, find_run, rebuild, rows, run_rows, sync, table, table_path, write_index)
+    TABLE_NAME, RunFilter, RunTableError, find_run, rebuild, refresh_index, rows, run_rows, sync, table, table_path,
+    write_index)
 from .folder import (  # noqa: F401
     MIN_FREE_BYTES, REPORTS_DIR_ENV, STAGING_GRACE_S, RunContext, _find_reports_dir, check_reports_writable,
     clean_dead_runs, command_run, open_run)

@@ -28,7 +28,7 @@ import yaml
 from ..paths import PROJECT_ROOT
 from ..report import render_report
 from .folder import _find_reports_dir, check_reports_writable, clean_dead_runs
-from .run_table import write_index
+from .run_table import refresh_index
 from .layout import (_KERNEL_ENV_FILE, _PID_FILE, _TIME_FORMAT, FAILED_SUFFIX, KERNEL_LOG, PROGRESS_LOG, REPORT_NAME,
                      STAGING_DIRNAME, _safe_name, _unique_path, _write_json, read_json)
 from .origin import _iso, _utc_now, parameters_hash, provenance
@@ -372,7 +372,7 @@ def _finish_run(notebook: Path, reports: Path, staging: Path, executed: Path, na
                              "it there yourself once the folder is writable", staging) from e
     with contextlib.suppress(OSError):
         (reports / STAGING_DIRNAME).rmdir()    # only if empty: another run may be staging
-    write_index(reports)
+    refresh_index(reports)
 
     if error is not None:
         if not isinstance(error, Exception):   # KeyboardInterrupt, SystemExit: keep their meaning

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .run_table import write_index
+from .run_table import refresh_index
 from .layout import (_KERNEL_ENV_FILE, _PID_FILE, _TIME_FORMAT, FAILED_SUFFIX, STAGING_DIRNAME, _safe_name,
                      _unique_path, _write_json, read_json)
 from .origin import _iso, _utc_now, environment, provenance
@@ -110,7 +110,7 @@ class RunContext:
             prov.update(status="ok", end_utc=_iso(end), identity=summary.get("identity", {}))
             _write_json(prov_path, prov)
             if self.reports_dir is not None:
-                write_index(self.reports_dir)
+                refresh_index(self.reports_dir)
         return out
 
 
@@ -218,7 +218,7 @@ def command_run(command: str, parameters: Mapping[str, Any], fill, *, reports_di
     finally:
         with contextlib.suppress(OSError):
             (reports / STAGING_DIRNAME).rmdir()   # only if empty: another run may be staging
-    write_index(reports)
+    refresh_index(reports)
     return final, result
 
 
@@ -284,7 +284,7 @@ def clean_dead_runs(reports_dir: str | os.PathLike, echo: Any = print) -> list[P
     if marked:
         with contextlib.suppress(OSError):
             staging_root.rmdir()
-        write_index(reports)
+        refresh_index(reports)
     return marked
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..report import KeyNumber, format_duration, format_number, unit_suffix
 from ..report import format_value as format_figure  # the index's name for it
-from .layout import FAILED_SUFFIX, REPORT_NAME, _TIME_FORMAT, _read_json_noting
+from .layout import FAILED_SUFFIX, REPORT_NAME, _TIME_FORMAT, _read_json_noting, is_run_folder
 from .origin import _iso, _utc_now
 
 
@@ -187,8 +187,8 @@ def list_runs(reports_dir: str | os.PathLike) -> list[RunInfo]:
     for d in reports.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        if not ((d / "provenance.json").exists() or (d / "summary.json").exists()):
-            continue   # not a run folder
+        if not is_run_folder(d):
+            continue
         runs.append(read_run(d))
     runs.sort(key=lambda r: (r.start_utc, r.path.name), reverse=True)
     return runs
@@ -323,15 +323,26 @@ _INDEX_JS = """
 """
 
 
-def _replace_atomically(out: Path, text: str) -> None:
-    """Write ``out`` through a unique temporary file in its folder, under a lock: concurrent writers
-    (two runs ending together) never tear the file nor trip over each other's temporary file."""
+@contextlib.contextmanager
+def index_lock(reports: Path):
+    """The reports folder's index lock (``.index.lock``): held by whoever reads the runs and rewrites the page, so
+    of two runs ending together the one that writes last has read both."""
     import fcntl
-    import tempfile
 
-    lock = os.open(out.parent / ".index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(reports / ".index.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def _replace_atomically(out: Path, text: str, locked: bool = False) -> None:
+    """Write ``out`` through a unique temporary file in its folder, under the index lock (``locked``: the caller
+    holds it): concurrent writers never tear the file nor trip over each other's temporary file."""
+    import tempfile
+
+    with contextlib.nullcontext() if locked else index_lock(out.parent):
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -342,8 +353,6 @@ def _replace_atomically(out: Path, text: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-    finally:
-        os.close(lock)
 
 
 def _href(run: RunInfo, file: str | None = None) -> str:
@@ -407,9 +416,11 @@ def _human_html(run: RunInfo) -> str:
     """The blind A/B human verdict beside the metrics (ratings_summary.json, tclab.rating), or nothing."""
     h = run.human or {}
     share, lo, hi = (_number(h.get(k)) for k in ("preference_full", "preference_full_ci_low", "preference_full_ci_high"))
-    if share is None:
-        return ""
     e = html.escape
+    if share is None:   # nobody rated yet, or every judgement was "same"
+        n = _number(h.get("judgements"))
+        return (f'<div class="vs human" title="{e(_text(h.get("sentence")) or "")}">people (blind A/B): all {n:.0f} '
+                "judgements 'same', neither image preferred</div>" if n else "")
     raters = h.get("raters")
     n_raters = len(raters) if isinstance(raters, list) else _number(raters)
     interval = f" [{lo:.0%}, {hi:.0%}]" if lo is not None and hi is not None else ""
@@ -469,6 +480,11 @@ def _job_cell(run: RunInfo | None, figures: bool = False) -> str:
     return f'<td data-sort="{e(run.start_utc)}">{_a(run, run.report, _when(run.start_utc))}{badge}{figs}</td>'
 
 
+def _good(run: RunInfo) -> bool:
+    """A good run to compare with: it finished, and no quality gate of its job refused it."""
+    return run.status == "ok" and not run.gate_failed
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -479,7 +495,7 @@ def render_index(runs: list[RunInfo], now: _dt.datetime | None = None) -> str:
     now = now or _utc_now()
     rows = []
     for i, run in enumerate(runs):
-        prev = next((r for r in runs[i + 1:] if r.group == run.group and r.status == "ok"), None)
+        prev = next((r for r in runs[i + 1:] if r.group == run.group and _good(r)), None)
         rows.append(_run_row(run, prev))
 
     groups: dict[tuple[str, str], list[RunInfo]] = {}
@@ -488,7 +504,7 @@ def render_index(runs: list[RunInfo], now: _dt.datetime | None = None) -> str:
     group_rows = "".join(
         f"<tr><td>{e(nb)}</td><td><code>{e(tag)}</code></td><td>{len(rs)}</td>"
         f"<td>{sum(r.status == 'ok' for r in rs)}</td><td>{sum(r.status == 'failed' for r in rs)}</td>"
-        f"{_job_cell(rs[0])}{_job_cell(next((r for r in rs if r.status == 'ok'), None), figures=True)}</tr>"
+        f"{_job_cell(rs[0])}{_job_cell(next((r for r in rs if _good(r)), None), figures=True)}</tr>"
         for (nb, tag), rs in sorted(groups.items()))
 
     tally = ", ".join(f"{n} {s}" for s in RUN_STATUSES if (n := sum(_status_class(r) == s for r in runs)))

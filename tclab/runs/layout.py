@@ -40,6 +40,12 @@ KERNEL_LOG = "kernel.log"
 PROGRESS_LOG = "progress.log"
 
 
+def is_run_folder(d: Path) -> bool:
+    """A run folder is a folder holding provenance.json or summary.json (readable or not): what the index, the
+    run table and the exports count as a run."""
+    return d.is_dir() and ((d / "provenance.json").exists() or (d / "summary.json").exists())
+
+
 def _safe_name(text: str, what: str, max_len: int = 40) -> str:
     clean = _NAME_UNSAFE.sub("-", str(text)).strip("-._")[:max_len]
     if not clean:

@@ -39,8 +39,9 @@ from typing import Any, Iterator, Sequence
 
 from ..report import KeyNumber
 from ..sweep_summary import SweepSummary, SweepSummaryError
-from .index import GATES_FILE, HUMAN_VERDICT_FILE, RunInfo, _replace_atomically, read_run, render_index
-from .layout import _find_reports_dir, _read_json_noting
+from .index import (GATES_FILE, HUMAN_VERDICT_FILE, RunInfo, _gates_of, _replace_atomically, index_lock, read_run,
+                    render_index)
+from .layout import _find_reports_dir, _read_json_noting, is_run_folder
 from .origin import _iso
 
 #: The table's file inside the reports folder.
@@ -202,8 +203,7 @@ def _run_folders(reports: Path) -> list[Path]:
     provenance.json or summary.json), without reading them: a sync reads only the folders that changed."""
     if not reports.is_dir():
         return []
-    return [d for d in reports.iterdir() if d.is_dir() and not d.name.startswith(".")
-            and ((d / "provenance.json").exists() or (d / "summary.json").exists())]
+    return [d for d in reports.iterdir() if not d.name.startswith(".") and is_run_folder(d)]
 
 
 # ---- the SQLite file -----------------------------------------------------------------------------
@@ -258,10 +258,11 @@ def _transaction(con: sqlite3.Connection) -> Iterator[None]:
 
 def _fill(con: sqlite3.Connection, reports: Path, only: Sequence[Path] | None = None) -> int:
     """Bring the table in ``con`` up to date with the folders (``only``: just these); returns rows written."""
-    folders = {p.name: p for p in (only if only is not None else _run_folders(reports))}
-    known = {r["run"]: r["stamp"] for r in con.execute("SELECT run, stamp FROM runs")}
     written = 0
-    with _transaction(con):
+    with _transaction(con):   # the folders are listed and the rows read under the write lock: no row a writer
+        # added meanwhile is taken for a removed folder
+        folders = {p.name: p for p in (only if only is not None else _run_folders(reports))}
+        known = {r["run"]: r["stamp"] for r in con.execute("SELECT run, stamp FROM runs")}
         if only is None:   # folders removed (or renamed) since: their rows go
             for gone in set(known) - set(folders):
                 con.execute("DELETE FROM runs WHERE run = ?", (gone,))
@@ -288,12 +289,26 @@ def _warn(message: str) -> None:
 
 
 def rebuild(reports_dir: str | os.PathLike) -> Path:
-    """Recreate ``<reports>/runs.sqlite`` from the run folders: built aside, then renamed over the old file,
-    so a reader never sees a half-built table and a failed rebuild leaves the old one."""
+    """Recreate ``<reports>/runs.sqlite`` from the run folders. A table that is a usable database is emptied and
+    refilled in one transaction (readers see the old rows or the new ones; other processes keep writing to the
+    same file); one that is not (garbage, another layout) is built aside and renamed over it, with the mode of
+    the old file (a group-shared folder stays shared). A failed rebuild leaves the old table."""
     reports = Path(reports_dir)
     if not reports.is_dir():
         raise FileNotFoundError(f"reports folder {reports} does not exist; pass the folder your runs are in "
                                 "(--reports DIR)")
+    path = table_path(reports)
+    if path.is_file() and _usable(path):
+        con = _connect(path)
+        try:
+            with _transaction(con):
+                con.execute("DELETE FROM runs")
+                con.execute("DELETE FROM variants")
+            _fill(con, reports)
+        finally:
+            con.close()
+        return path
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=reports, prefix=f".{TABLE_NAME}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -303,13 +318,31 @@ def rebuild(reports_dir: str | os.PathLike) -> Path:
             _fill(con, reports)
         finally:
             con.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, table_path(reports))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return table_path(reports)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usable(path: Path) -> bool:
+    """Whether ``path`` is a run table of this layout (then it is refilled in place, never replaced)."""
+    try:
+        con = _connect(path)
+        try:
+            return _version(con) == TABLE_VERSION and _columns(con) == [n for n, _, _ in RUN_COLUMNS]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError:
+        return False
 
 
 def _open(reports: Path, only: Sequence[Path] | None = None) -> sqlite3.Connection:
@@ -337,8 +370,11 @@ def _open(reports: Path, only: Sequence[Path] | None = None) -> sqlite3.Connecti
                 raise
         except sqlite3.OperationalError as e:
             if "readonly" in str(e) or "unable to open" in str(e) or not os.access(reports, os.W_OK):
-                return _in_memory(reports)   # a read-only copy of someone's reports: read, do not write
-            raise
+                # a read-only copy of someone's reports: read the folders, write nothing
+                _warn(f"{path} cannot be written here ({e}); reading the run folders into memory instead")
+                return _in_memory(reports)
+            raise RunTableError(f"the run table {path} is busy or unusable ({e}; a writer waits {BUSY_TIMEOUT_S:g} s "
+                                "for another): try again, or recreate it with `tclab runs rebuild`") from e
         except sqlite3.DatabaseError as e:
             if attempt:
                 raise
@@ -378,13 +414,26 @@ def write_index(reports_dir: str | os.PathLike) -> Path:
     reports = Path(reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     out = reports / "index.html"
-    con = _open(reports)
-    try:
-        infos = [_info_from_row(reports, r) for r in con.execute("SELECT * FROM runs ORDER BY start_utc DESC, run DESC")]
-    finally:
-        con.close()
-    _replace_atomically(out, render_index(infos))
+    with index_lock(reports):   # read and write as one: the last writer has read every run that ended before it
+        con = _open(reports)
+        try:
+            infos = [_info_from_row(reports, r)
+                     for r in con.execute("SELECT * FROM runs ORDER BY start_utc DESC, run DESC")]
+        finally:
+            con.close()
+        _replace_atomically(out, render_index(infos), locked=True)
     return out
+
+
+def refresh_index(reports_dir: str | os.PathLike) -> Path | None:
+    """:func:`write_index` after a run was published: a problem with the table or the page (a locked or broken
+    runs.sqlite, a full disk) is a warning naming the fix, never a failure of the run that just ended."""
+    try:
+        return write_index(reports_dir)
+    except (sqlite3.Error, OSError, RunTableError) as e:
+        _warn(f"the run is complete, but index.html and the run table of {reports_dir} could not be updated "
+              f"({type(e).__name__}: {e}); `tclab runs rebuild --reports {reports_dir}` brings them up to date")
+        return None
 
 
 def _loads(text: Any, default: Any) -> Any:
@@ -404,9 +453,8 @@ def _info_from_row(reports: Path, r: sqlite3.Row) -> RunInfo:
                    tag=r["tag"] or "", start_utc=r["start_utc"] or "", headline=_loads(r["headline"], {}),
                    report=r["report"], error=r["error"], model=r["model"], model_sha256=r["model_sha256"],
                    images=r["images"], images_sha256=r["images_sha256"], duration_s=r["duration_s"],
-                   figures=figures, problems=_loads(r["problems"], []), gate_status=r["gate_status"],
-                   gate_notes=[f"{g.get('name')}: {g.get('note') or 'failed'}" for g in (_loads(r["gates"], {}) or {}).get(
-                       "gates", []) if isinstance(g, dict) and g.get("passed") is False],
+                   figures=figures, problems=_loads(r["problems"], []),
+                   **_gates_of(gates if isinstance(gates := _loads(r["gates"], {}), dict) else {}),
                    human=_loads(r["human_verdict"], None))
 
 
@@ -432,8 +480,9 @@ class RunFilter:
     def where(self) -> tuple[str, list[Any]]:
         clauses, args = [], []
         if self.notebook:
+            stem = Path(self.notebook).name.removesuffix(".ipynb")   # 01, 01_token_redundancy(.ipynb), a path
             clauses.append("(notebook = ? OR notebook LIKE ? ESCAPE '\\')")
-            args += [self.notebook, _like_prefix(self.notebook.removesuffix(".ipynb")) + "\\_%"]
+            args += [stem, _like_prefix(stem) + "\\_%"]
         if self.model:
             clauses.append("(instr(model, ?) > 0 OR model_sha256 LIKE ? ESCAPE '\\')")
             args += [self.model, _like_prefix(self.model) + "%"]
@@ -530,6 +579,8 @@ def rows(reports_dir: str | os.PathLike, *, filter: RunFilter | None = None, **w
 
 
 def _filter(flt: RunFilter | None, where: dict[str, Any]) -> RunFilter:
+    if flt is not None and where:
+        raise RunTableError(f"give filter=RunFilter(...) or the filters {sorted(where)} as keywords, not both")
     try:
         return flt or RunFilter(**where)
     except TypeError:

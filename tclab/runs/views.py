@@ -46,7 +46,8 @@ def list_text(rows: Sequence[Mapping[str, Any]], where: str) -> str:
     if not rows:
         return f"no runs match in {where}"
     body = [[(r["start_utc"] or "?").replace("T", " ")[:19], r["notebook"], r["tag"],
-             r["status"] + (" !" if r["problems"] else ""), _short(r["model"]), _short(r["images"]),
+             r["status"] + (" GATE FAILED" if r["gate_status"] == "failed" else "") + (" !" if r["problems"] else ""),
+             _short(r["model"]), _short(r["images"]),
              format_duration(r["duration_s"]),
              "; ".join(_figure_text(f) for f in r["figures"][:LIST_FIGURES]) or "-"] for r in rows]
     names = "\n".join(f"  {i + 1:>3}. {r['run']}" for i, r in enumerate(rows))
@@ -67,6 +68,14 @@ def show_text(r: Mapping[str, Any], where: str) -> str:
              f"  model:  {_spec(r['model'], r['model_sha256'])}", f"  images: {_spec(r['images'], r['images_sha256'])}"]
     if r["error"]:
         lines.append(f"  error: {r['error']}")
+    if r["gate_status"]:
+        gates = (r["gates"] or {}).get("gates") or []
+        lines.append(f"  quality gates of job {(r['gates'] or {}).get('job')!r}: "
+                     f"{'GATE FAILED' if r['gate_status'] == 'failed' else r['gate_status']}")
+        lines += [f"    {'ok  ' if g.get('passed') else 'FAIL'} {g.get('name')}: {g.get('note')}"
+                  for g in gates if isinstance(g, dict)]
+    if r["human_verdict"]:
+        lines.append(f"  people (blind A/B): {r['human_verdict'].get('sentence')}")
     for p in r["problems"]:
         lines.append(f"  could not read: {p}")
     if r["summary_error"]:
@@ -100,7 +109,7 @@ def compare_text(a: Mapping[str, Any], b: Mapping[str, Any], every_value: bool =
     for two sweeps, their variants matched by name."""
     head = ["", f"A: {a['run']}", f"B: {b['run']}"]
     ident = [["notebook", a["notebook"], b["notebook"]], ["tag", a["tag"], b["tag"]],
-             ["status", a["status"], b["status"]],
+             ["status", *(r["status"] + (" GATE FAILED" if r["gate_status"] == "failed" else "") for r in (a, b))],
              ["model", _spec(a["model"], a["model_sha256"]), _spec(b["model"], b["model_sha256"])],
              ["images", _spec(a["images"], a["images_sha256"]), _spec(b["images"], b["images_sha256"])],
              ["started", a["start_utc"] or "?", b["start_utc"] or "?"],
