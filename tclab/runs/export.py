@@ -70,7 +70,7 @@ from typing import Any, Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
 from .index import RunInfo, _parse_iso, list_runs, read_run
-from .layout import REPORT_NAME, read_json
+from .layout import REPORT_NAME, is_run_folder, read_json
 
 #: What ``pip install 'tclab[export]'`` brings (pyproject.toml's ``export`` extra).
 EXPORT_PINS = ("mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1", "tensorboard==2.21.0")
@@ -133,11 +133,6 @@ def default_tracking_uri(reports_dir: str | os.PathLike) -> str:
 def default_logdir(reports_dir: str | os.PathLike) -> Path:
     """``<reports>/.tensorboard``: the logdir ``tclab export tensorboard`` uses unless told."""
     return Path(reports_dir) / TENSORBOARD_DIRNAME
-
-
-def is_run_folder(d: Path) -> bool:
-    """A run folder holds provenance.json or summary.json (as :func:`list_runs` counts them)."""
-    return d.is_dir() and ((d / "provenance.json").exists() or (d / "summary.json").exists())
 
 
 def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
