@@ -184,12 +184,11 @@ class RatingSet:
 
 
 def _rgb_uint8(images) -> np.ndarray:
-    """(N, 3 or 1, H, W) in [-1, 1] (torch or numpy) -> (N, H, W, 3) uint8."""
-    a = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
-    if a.ndim != 4 or a.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got shape {a.shape}")
-    a = np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a
-    return np.rint(np.clip((a.transpose(0, 2, 3, 1) + 1) * 127.5, 0, 255)).astype(np.uint8)
+    """(N, 3 or 1, H, W) in [-1, 1] (torch or numpy) -> (N, H, W, 3) uint8: the explorer's conversion, so the
+    rated images are the pixels the report's explorer shows."""
+    from .explore import _rgb_uint8 as to_uint8
+
+    return to_uint8(images)
 
 
 def _png(rgb: np.ndarray) -> bytes:
