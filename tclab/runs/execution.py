@@ -96,6 +96,23 @@ def _papermill_quiet() -> Iterator[None]:
         log.removeFilter(f)
 
 
+class _DeadKernelTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for nbclient's DeadKernelError: after a run was
+    stopped (a signal, a timeout) its kernel is killed on purpose, and an nbclient task still waiting on it
+    ends with that error when it is garbage-collected, at a moment that depends on timing (often at exit).
+    That traceback says nothing the run's error.txt does not; every other asyncio message still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (type(exc).__name__ == "DeadKernelError" or "DeadKernelError" in record.getMessage())
+
+
+def _quiet_dead_kernel_tasks() -> None:
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DeadKernelTaskFilter) for f in log.filters):
+        log.addFilter(_DeadKernelTaskFilter())
+
+
 @contextlib.contextmanager
 def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
     """Set (or, for None, remove) environment variables for the kernel about to start; restore after."""
@@ -314,6 +331,8 @@ def run_notebook(notebook: str | os.PathLike, params: Mapping[str, Any] | None =
                                 kernel_manager_class=_kernel_manager_logging_to(staging / KERNEL_LOG))
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: the folder must still be marked failed
         error = e
+        if isinstance(e, (RunStopped, RunTimeout, KeyboardInterrupt)):
+            _quiet_dead_kernel_tasks()
     end = _utc_now()
     with _signals_deferred() as received:  # a signal while the folder is finished must not strand it
         final = _finish_run(notebook, reports, staging, executed, name, used, params, prov, start, end, error)
