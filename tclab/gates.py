@@ -559,6 +559,16 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
+def _read_json_file(path: Path, error: type[Exception]) -> Any:
+    """The JSON in ``path``; None when there is no file; ``error`` naming the file when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+
+
 def write_gate_report(run_dir: str | os.PathLike, report: GateReport) -> Path:
     """Write ``<run_dir>/gates.json`` atomically (a reader sees the old file, the new one, or none)."""
     data = _dump(report.to_dict())
@@ -568,13 +578,8 @@ def write_gate_report(run_dir: str | os.PathLike, report: GateReport) -> Path:
 def read_gate_report(run_dir: str | os.PathLike) -> GateReport | None:
     """A run folder's gates.json; None when it has none. A corrupt one raises :class:`GateReportError`."""
     path = Path(run_dir) / GATES_FILE
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GateReportError(f"{path}: cannot be read ({e})") from None
-    return GateReport.from_dict(data, str(path))
+    data = _read_json_file(path, GateReportError)
+    return None if data is None else GateReport.from_dict(data, str(path))
 
 
 def last_good_run(reports_dir: str | os.PathLike, notebook: str, tag: str, exclude: str | None = None) -> Path | None:
@@ -694,13 +699,8 @@ def read_recommended(path: str | os.PathLike) -> RecommendedSetting | None:
     """The recommended-setting file at ``path``; None when there is none yet. A file that cannot be read
     as one raises :class:`RecommendedFileError` (it is never overwritten by a failing run either way)."""
     path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RecommendedFileError(f"{path}: cannot be read ({e})") from None
-    return RecommendedSetting.from_dict(data, str(path))
+    data = _read_json_file(path, RecommendedFileError)
+    return None if data is None else RecommendedSetting.from_dict(data, str(path))
 
 
 def write_recommended(path: str | os.PathLike, job: str, run_dir: str | os.PathLike, summary: Mapping[str, Any],
